@@ -1,0 +1,87 @@
+"""rlhfkit command line: `rlhfkit <stage> [<verb>] CONFIG [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .errors import RlhfkitError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_seq_len=256")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def cmd_data_prepare(args) -> None:
+    from .config import load_config
+    from .data.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    manifest = prepare(cfg, show_progress=not args.no_progress)
+    took = time.perf_counter() - start
+    counts = {p: {s: sum(e["records"] for e in es) for s, es in splits.items()} for p, splits in manifest["phases"].items()}
+    print(f"prepared {cfg.output_dir / 'data'} in {took:.1f}s "
+          f"(cache: {manifest['cache_hits']} hit, {manifest['cache_misses']} built)")
+    for phase, c in counts.items():
+        print(f"  phase {phase}: train {c['train']}, eval {c['eval']}")
+
+
+def cmd_data_inspect(args) -> None:
+    from .config import load_config
+    from .data.inspect import format_report
+    from .data.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    prepare(cfg, show_progress=not args.no_progress)  # a cache hit when `data prepare` already ran
+    print(format_report(cfg.output_dir / "data", examples=not args.no_examples))
+
+
+def cmd_model_fetch(args) -> None:
+    from .config import ModelConfig
+    from .models.loading import resolve_model_dir
+
+    print(resolve_model_dir(args.name, ModelConfig(name_or_path=args.name)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    stages = parser.add_subparsers(dest="stage", required=True)
+
+    data = stages.add_parser("data", help="prepare and inspect the three-phase data").add_subparsers(dest="verb", required=True)
+    p = data.add_parser("prepare", help="read, split, tokenize and cache every dataset of the config")
+    _config_args(p)
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("inspect", help="per dataset and phase: counts, drops, token lengths, examples")
+    _config_args(p)
+    p.add_argument("--no-examples", action="store_true", help="leave out the rendered examples")
+    p.set_defaults(func=cmd_data_inspect)
+
+    model = stages.add_parser("model", help="model utilities").add_subparsers(dest="verb", required=True)
+    p = model.add_parser("fetch", help="materialise a built-in model (e.g. convert the GGUF once) and print its dir")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_model_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except RlhfkitError as e:
+        print(f"rlhfkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlhfkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

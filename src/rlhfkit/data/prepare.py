@@ -1,0 +1,267 @@
+"""Data preparation (pipeline step 1): datasets → three phases × {train, eval} → tokenized tables.
+
+For each dataset: read and validate its records, carve an eval split when it ships none, cut train and
+eval into the phases by `phase_ratios`, then render and tokenize each (split, phase) chunk. Each chunk is
+cached under the SHA-256 of everything that changes its tokens, built under a lock and published by
+rename, so a second run (or a second process) reuses it. The run dir gets a copy (hard link where
+possible) of every chunk plus manifest.json, which later stages read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from ..config import Config, DataConfig, DatasetConfig, save_resolved_config
+from ..errors import DataError
+from ..paths import cache_root, file_sha256, make_temp_dir, publish_dir, write_text_atomic
+from . import registry
+from .readers import iter_file_records
+from .records import BadRecord, Example, detect_format, to_example
+from .render import BUILDERS, MAX_REPORTED, Renderer
+from .split import carve_eval, split_phases
+from .table import TokenTable
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the tokenized layout changes, so old cache entries are never read
+PHASE_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
+FORMAT_PHASES = {"preference": [1, 2, 3], "sft": [1], "prompt": [3]}
+SPLITS = ("train", "eval")
+
+
+@dataclass
+class LoadReport:
+    """What happened to one dataset's raw records before splitting."""
+
+    read: int = 0
+    valid: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: list[dict] = field(default_factory=list)
+
+    def skip(self, bad: BadRecord) -> None:
+        self.skipped[bad.reason] += 1
+        if self.skipped[bad.reason] <= MAX_REPORTED:
+            self.skipped_examples.append({"reason": bad.reason, "where": bad.where, "detail": bad.detail})
+
+    def to_dict(self) -> dict:
+        return {"read": self.read, "valid": self.valid, "skipped": dict(self.skipped),
+                "skipped_examples": self.skipped_examples}
+
+
+class Source:
+    """One dataset of the blend: where its records come from and a fingerprint of their content."""
+
+    def __init__(self, ds: DatasetConfig):
+        self.ds = ds
+        self.hub = ds.path is None
+        if self.hub:
+            if ds.name not in registry.REGISTRY:
+                known = ", ".join(sorted(registry.REGISTRY))
+                raise DataError(f"dataset {ds.name!r} has no `path:` and is not a known hub dataset ({known})")
+            spec = registry.REGISTRY[ds.name]
+            self.format = ds.format or spec.format
+            self.has_eval = spec.eval_split is not None
+        else:
+            for label, path in (("path", ds.path), ("eval_path", ds.eval_path)):
+                if path is not None and not Path(path).is_file():
+                    raise DataError(f"dataset {ds.name!r}: {label}: data file not found: {path}")
+            self.format = ds.format or self._detect_local_format()
+            self.has_eval = ds.eval_path is not None
+
+    def _detect_local_format(self) -> str:
+        for where, raw in iter_file_records(self.ds.path):
+            if isinstance(raw, dict):
+                try:
+                    return detect_format(raw)
+                except BadRecord as e:
+                    raise DataError(f"dataset {self.ds.name!r}, {where}: {e.detail}") from None
+        raise DataError(f"dataset {self.ds.name!r}: {self.ds.path} holds no JSON object to detect the format from")
+
+    def identity(self) -> dict:
+        if self.hub:
+            spec = registry.REGISTRY[self.ds.name]
+            splits = [spec.train_split] + ([spec.eval_split] if spec.eval_split else [])
+            content = {s: registry.hub_fingerprint(self.ds.name, s) for s in splits}
+        else:
+            content = {"train": file_sha256(self.ds.path)}
+            if self.ds.eval_path:
+                content["eval"] = file_sha256(self.ds.eval_path)
+        return {"name": self.ds.name, "format": self.format, "content": content,
+                "phases": self.phases, "max_records": self.ds.max_records}
+
+    @property
+    def phases(self) -> list[int]:
+        return sorted(self.ds.phases or FORMAT_PHASES[self.format])
+
+    def iter_raw(self, split: str):
+        if self.hub:
+            spec = registry.REGISTRY[self.ds.name]
+            return registry.iter_hub_records(self.ds.name, spec.train_split if split == "train" else spec.eval_split)
+        return iter_file_records(self.ds.path if split == "train" else self.ds.eval_path)
+
+
+def load_examples(src: Source, split: str, on_bad: str, limit: int | None) -> tuple[list[Example], LoadReport]:
+    report, examples = LoadReport(), []
+    for index, (where, raw) in enumerate(src.iter_raw(split)):
+        report.read += 1
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            examples.append(to_example(raw, src.format, where, index))
+        except BadRecord as bad:
+            if on_bad == "error":
+                raise DataError(f"dataset {src.ds.name!r}, {bad.where or where}: {bad.detail} "
+                                f"(set data.on_bad_record=skip to count and skip such records)") from None
+            report.skip(bad)
+            continue
+        if limit is not None and len(examples) >= limit:
+            break
+    report.valid = len(examples)
+    if not examples:
+        raise DataError(f"dataset {src.ds.name!r} ({split}): no valid records; skipped: {dict(report.skipped)}")
+    return examples, report
+
+
+def split_dataset(src: Source, cfg: DataConfig) -> tuple[dict[tuple[str, int], list[Example]], dict]:
+    """All (split, phase) chunks of one dataset, plus a report of its loading."""
+    train, train_report = load_examples(src, "train", cfg.on_bad_record, src.ds.max_records)
+    reports = {"train": train_report.to_dict()}
+    key = src.ds.name
+    if src.has_eval:
+        evals, eval_report = load_examples(src, "eval", cfg.on_bad_record, cfg.max_eval_records)
+        reports["eval"] = eval_report.to_dict()
+    else:
+        if len(train) < 2:
+            raise DataError(f"dataset {key!r}: {len(train)} valid record(s), too few to carve out an eval split")
+        tr_idx, ev_idx = carve_eval(len(train), cfg.eval_fraction, cfg.seed, key, cfg.max_eval_records)
+        train, evals = [train[i] for i in tr_idx], [train[i] for i in ev_idx]
+        reports["eval"] = {"carved_from_train": len(evals)}
+    phases = src.phases
+    ratios = [cfg.phase_ratios[p - 1] for p in phases]
+    if len(phases) > 1 and sum(ratios) == 0:
+        raise DataError(f"dataset {key!r} feeds phases {phases}, but their phase_ratios are all zero")
+    if len(phases) == 1:
+        ratios = [1.0]  # a single-phase dataset (SFT-only, prompt-only) gives all its records to that phase
+    chunks = {}
+    for split, records in (("train", train), ("eval", evals)):
+        for phase, idx in zip(phases, split_phases(len(records), ratios, cfg.seed, f"{key}:{split}")):
+            chunks[(split, phase)] = [records[i] for i in idx]
+    return chunks, reports
+
+
+def chunk_key(identity: dict, renderer_fp: dict, cfg: DataConfig, split: str, phase: int) -> str:
+    material = {
+        "cache_format": CACHE_FORMAT,
+        "dataset": identity,
+        "split": split,
+        "phase": phase,
+        "phase_ratios": list(cfg.phase_ratios),
+        "eval_fraction": cfg.eval_fraction,
+        "max_eval_records": cfg.max_eval_records,
+        "seed": cfg.seed,
+        "tokenizer": renderer_fp,
+        "max_seq_len": cfg.max_seq_len,
+        "max_prompt_len": cfg.max_prompt_len,
+        "overlong": cfg.overlong,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def data_cache_dir(cfg: DataConfig) -> Path:
+    path = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def prepare_dataset(src: Source, renderer: Renderer, cfg: DataConfig, show_progress: bool) -> dict:
+    """Make sure every chunk of one dataset is in the cache. Returns {(split, phase): (dir, hit)}."""
+    cache = data_cache_dir(cfg)
+    identity = src.identity()
+    fp = renderer.fingerprint()
+    keys = {(s, p): chunk_key(identity, fp, cfg, s, p) for s in SPLITS for p in src.phases}
+    done = {sp: cache / k for sp, k in keys.items() if (cache / k / "stats.json").is_file()}
+    if len(done) == len(keys):
+        return {sp: (d, True) for sp, d in done.items()}
+    lock_key = hashlib.sha256("".join(sorted(keys.values())).encode()).hexdigest()
+    with FileLock(str(cache / f"{lock_key}.lock")):
+        missing = {sp: k for sp, k in keys.items() if not (cache / k / "stats.json").is_file()}
+        if missing:  # another process may have built them while we waited for the lock
+            chunks, reports = split_dataset(src, cfg)
+            for (split, phase), key in sorted(missing.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                _build_chunk(cache / key, chunks[(split, phase)], renderer, phase,
+                             {"dataset": src.ds.name, "split": split, "phase": phase, "load": reports[split]},
+                             desc=f"phase {phase} {split} {src.ds.name}", show_progress=show_progress)
+    return {sp: (cache / k, sp not in missing) for sp, k in keys.items()}
+
+
+def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase: int, header: dict,
+                 desc: str, show_progress: bool) -> None:
+    with tqdm(total=len(examples), desc=desc, unit="rec", disable=not show_progress, leave=False) as bar:
+        table, stats = BUILDERS[phase](examples, renderer, progress=bar.update)
+    tmp = make_temp_dir(final)
+    try:
+        table.save(tmp / "table.npz")
+        (tmp / "stats.json").write_text(json.dumps({**header, **stats.to_dict(table)}, indent=1, ensure_ascii=False))
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def prepare(cfg: Config, tokenizer=None, show_progress: bool = True) -> dict:
+    """Prepare every dataset of the config; write run_dir/data/{manifest.json, phase*/...}. Returns the manifest."""
+    from ..models.loading import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    renderer = Renderer(tokenizer, cfg.data)
+    out = cfg.output_dir / "data"
+    manifest = {"tokenizer": renderer.fingerprint() | {"pad_id": int(tokenizer.pad_token_id)},
+                "phases": {str(p): {s: [] for s in SPLITS} for p in PHASE_NAMES}, "cache_hits": 0, "cache_misses": 0}
+    manifest["tokenizer"].pop("chat_template", None)
+    for ds in cfg.data.datasets:
+        src = Source(ds)
+        for (split, phase), (entry, hit) in sorted(prepare_dataset(src, renderer, cfg.data, show_progress).items()):
+            rel = Path(f"phase{phase}") / split / f"{_slug(ds.name)}.npz"
+            _link_or_copy(entry / "table.npz", out / rel)
+            _link_or_copy(entry / "stats.json", (out / rel).with_suffix(".stats.json"))
+            stats = json.loads((entry / "stats.json").read_text())
+            manifest["phases"][str(phase)][split].append(
+                {"dataset": ds.name, "format": src.format, "file": str(rel), "records": stats["kept"], "cache_key": entry.name})
+            manifest["cache_hits" if hit else "cache_misses"] += 1
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
+    save_resolved_config(cfg, out)
+    return manifest
+
+
+def load_phase(data_dir: str | Path, phase: int, split: str) -> list[tuple[str, TokenTable]]:
+    """The prepared tables of one phase and split, one per dataset, as later stages read them."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path} not found: run `rlhfkit data prepare CONFIG` first")
+    manifest = json.loads(manifest_path.read_text())
+    return [(e["dataset"], TokenTable.load(data_dir / e["file"])) for e in manifest["phases"][str(phase)][split]]

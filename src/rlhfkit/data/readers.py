@@ -1,0 +1,93 @@
+"""Read local files (json, jsonl, jsonl.gz, parquet) record by record, each with its location.
+
+A record that cannot be decoded comes back as a BadRecord naming file and line, so the caller can
+count and report it (or stop, under on_bad_record=error). A file that cannot be read at all is a
+DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import DataError
+from .records import BadRecord
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def iter_file_records(path: str | Path) -> Iterator[tuple[str, dict | BadRecord]]:
+    """Yield (location, record or BadRecord). Raises DataError for a missing, empty or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    name = path.name
+    if not name.endswith(SUFFIXES):
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    count = 0
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            records = _iter_jsonl(path)
+        elif name.endswith(".parquet"):
+            records = _iter_parquet(path)
+        else:
+            records = _iter_json_array(path)
+        for item in records:
+            count += 1
+            yield item
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read the file after {count} records: {e}") from None
+    if count == 0:
+        raise DataError(f"{path}: the file holds no records")
+
+
+def _iter_jsonl(path: Path):
+    with _open_binary(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue  # blank lines are not records
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, BadRecord("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line", where)
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, BadRecord("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}", where)
+
+
+def _iter_json_array(path: Path):
+    with _open_binary(path) as f:
+        raw = f.read()
+    if not raw.strip():
+        return
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json file must hold a list of records (use .jsonl for one record per line)")
+    for i, item in enumerate(data):
+        yield f"{path}:item {i}", item
+
+
+def _iter_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: cannot read parquet: {e}") from None
+    for i, item in enumerate(table.to_pylist()):
+        yield f"{path}:row {i}", item

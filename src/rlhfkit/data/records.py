@@ -1,0 +1,137 @@
+"""Typed records: every source is normalised into an `Example` (chat turns + responses) or a `BadRecord`.
+
+Three formats:
+  preference  {prompt, chosen, rejected}  feeds phases 1 (prompt + chosen), 2 (pairs) and 3 (prompt)
+  sft         {prompt, response}          feeds phase 1
+  prompt      {prompt}                    feeds phase 3
+`prompt` is a plain string, an hh-rlhf transcript ("\\n\\nHuman: ...\\n\\nAssistant:"), or a list of
+{role, content} messages. Anthropic's raw hh-rlhf ({chosen, rejected} full transcripts) is read as
+preference pairs by splitting the two transcripts at their common prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ROLES = {"Human": "user", "Assistant": "assistant"}
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+@dataclass
+class Example:
+    id: str
+    where: str  # "file:line", for messages about this record
+    prompt: list[dict]  # chat turns; the last one is the user's
+    chosen: str | None = None  # the preferred response (or the only one, for SFT)
+    rejected: str | None = None
+
+
+class BadRecord(Exception):
+    """A record that cannot be used. `reason` is a short code for counting, `detail` says what is wrong."""
+
+    def __init__(self, reason: str, detail: str, where: str = ""):
+        super().__init__(f"{where}: {detail}" if where else detail)
+        self.reason, self.detail, self.where = reason, detail, where
+
+
+REQUIRED = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response"), "prompt": ("prompt",)}
+
+
+def detect_format(raw: dict) -> str:
+    if {"prompt", "chosen", "rejected"} <= raw.keys() or {"chosen", "rejected"} <= raw.keys():
+        return "preference"
+    if {"prompt", "response"} <= raw.keys():
+        return "sft"
+    if "prompt" in raw:
+        return "prompt"
+    raise BadRecord("unknown_format", f"cannot tell the format from fields {sorted(raw)}; set `format:`")
+
+
+def is_hh_transcript(text: str) -> bool:
+    return text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
+
+
+def parse_hh_transcript(text: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user/assistant turns (a, b, c).
+
+    The trailing empty "Assistant:" marks where the reply goes and is not a turn.
+    """
+    text = "\n\n" + text.lstrip()
+    parts = _TURN.split(text)
+    if parts[0].strip():
+        raise BadRecord("bad_transcript", "text before the first 'Human:' turn")
+    turns = [{"role": ROLES[role], "content": body.strip()} for role, body in zip(parts[1::2], parts[2::2])]
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    return turns
+
+
+def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic's raw format: two full transcripts that share the prompt. Cut the common prefix back to
+    its last "\\n\\nAssistant:" (not just the last "Assistant:", which some replies contain)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    cut = chosen.rfind("\n\nAssistant:", 0, n)  # the last marker that lies wholly in the common prefix
+    if cut < 0:
+        raise BadRecord("bad_transcript", "no '\\n\\nAssistant:' in the common prefix of chosen and rejected")
+    end = cut + len("\n\nAssistant:")
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def prompt_turns(prompt, where: str) -> list[dict]:
+    if isinstance(prompt, list):
+        turns = []
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise BadRecord("wrong_type", f"prompt[{i}] must be {{role, content}} with string values", where)
+            turns.append({"role": m["role"], "content": m["content"]})
+    elif isinstance(prompt, str):
+        turns = parse_hh_transcript(prompt) if is_hh_transcript(prompt) else [{"role": "user", "content": prompt.strip()}]
+    else:
+        raise BadRecord("wrong_type", f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}", where)
+    if not turns or not any(t["content"].strip() for t in turns):
+        raise BadRecord("empty_prompt", "the prompt is empty", where)
+    if turns[-1]["role"] == "assistant":
+        raise BadRecord("bad_transcript", "the prompt ends with an assistant turn, so there is no reply to write", where)
+    return turns
+
+
+def _response(raw: dict, field: str, where: str) -> str:
+    value = raw[field]
+    if not isinstance(value, str):
+        raise BadRecord("wrong_type", f"field {field!r} must be a string, got {type(value).__name__}", where)
+    if not value.strip():
+        raise BadRecord("empty_response", f"field {field!r} is empty or whitespace only", where)
+    return value.strip()
+
+
+def to_example(raw, fmt: str, where: str, index: int) -> Example:
+    """Validate one raw record of a known format and normalise it. Raises BadRecord."""
+    if not isinstance(raw, dict):
+        raise BadRecord("not_an_object", f"expected a JSON object, got {type(raw).__name__}", where)
+    if fmt == "preference" and "prompt" not in raw and {"chosen", "rejected"} <= raw.keys():
+        for field in ("chosen", "rejected"):
+            if not isinstance(raw[field], str):
+                raise BadRecord("wrong_type", f"field {field!r} must be a string", where)
+        try:
+            prompt, chosen, rejected = split_hh_pair(raw["chosen"], raw["rejected"])
+        except BadRecord as e:
+            raise BadRecord(e.reason, e.detail, where) from None
+        raw = {**raw, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    missing = [f for f in REQUIRED[fmt] if f not in raw or raw[f] is None]
+    if missing:
+        raise BadRecord("missing_field", f"missing field {missing[0]!r} (a {fmt} record needs {list(REQUIRED[fmt])})", where)
+    try:
+        turns = prompt_turns(raw["prompt"], where)
+    except BadRecord as e:
+        raise BadRecord(e.reason, e.detail, where) from None
+    rid = str(raw.get("id", index))
+    if fmt == "preference":
+        return Example(rid, where, turns, _response(raw, "chosen", where), _response(raw, "rejected", where))
+    if fmt == "sft":
+        return Example(rid, where, turns, _response(raw, "response", where))
+    return Example(rid, where, turns)

@@ -1,0 +1,17 @@
+"""The one error type users see: a message that names the file, line or field at fault."""
+
+
+class RlhfkitError(Exception):
+    """A problem with the user's input (config, data, model path). The CLI prints it without a traceback."""
+
+
+class ConfigError(RlhfkitError):
+    pass
+
+
+class DataError(RlhfkitError):
+    pass
+
+
+class ModelLoadError(RlhfkitError):
+    pass

@@ -1,0 +1,100 @@
+"""One way to get a causal LM and its tokenizer: local HF dir, hub id, or built-in name.
+
+Only safetensors weights are loaded, and remote code runs only when the config says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from .builtin import BUILTIN_NAMES, materialize_builtin
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_HOST = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_model_dir(name_or_path: str, cfg: ModelConfig | None = None, revision: str | None = None) -> str:
+    """A local directory (or, for a reachable hub, the hub id itself) that from_pretrained can read."""
+    if name_or_path in BUILTIN_NAMES:
+        return str(materialize_builtin(name_or_path, cfg.tiny if cfg else None))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory but holds no config.json or tokenizer_config.json")
+        return str(path)
+    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path not found: {name_or_path} (not a directory, a built-in {BUILTIN_NAMES}, or a hub id)")
+    if _in_hub_cache(name_or_path, revision):
+        return name_or_path
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise ModelLoadError(
+            f"cannot load {name_or_path!r}: it is not a local directory, not in the Hugging Face cache, and the hub "
+            f"({_HUB_HOST}) is unreachable. On a machine with access run "
+            f"`huggingface-cli download {name_or_path} --local-dir DIR`, copy DIR here and set "
+            f"model.name_or_path to DIR (or use the built-in 'smollm2-135m-instruct')."
+        )
+    return name_or_path
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        return isinstance(hit, str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick DNS + TCP probe, so an offline machine fails in seconds instead of a minute of retries."""
+    try:
+        with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_dir(cfg.tokenizer or cfg.name_or_path, cfg, cfg.revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer from {source}: {e}") from None
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"the tokenizer from {source} has no EOS token; set data.eos_token")
+    if tok.pad_token_id is None:
+        # Masks come from lengths, never from pad ids, so any id works as padding; EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig, dtype: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_dir(cfg.name_or_path, cfg, cfg.revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=cfg.revision,
+            dtype=getattr(torch, DTYPES[dtype or cfg.dtype]),
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a causal LM from {source}: {e}") from None
+    return model
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, dtype: str | None = None):
+    return load_causal_lm(cfg, dtype), load_tokenizer(cfg)

@@ -1,0 +1,52 @@
+"""Where rlhfkit keeps things that outlive a run, and how files are written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import platformdirs
+
+
+def cache_root() -> Path:
+    """User cache for converted models and tokenized data; RLHFKIT_CACHE overrides it."""
+    root = os.environ.get("RLHFKIT_CACHE") or platformdirs.user_cache_dir("rlhfkit")
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written temp dir into place. Readers see the old dir or the new one, never half of one."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def make_temp_dir(final: Path) -> Path:
+    """A temp dir beside `final` (same filesystem, so publish_dir's rename is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhfkit.config import load_config, save_resolved_config
+from rlhfkit.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = {"data": {"datasets": [{"name": "a", "path": "a.jsonl"}]}}
+
+
+def write(tmp_path, raw) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_quickstart_loads_with_overrides():
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["data.max_seq_len=300", "data.phase_ratios=[1,1,1]"])
+    assert cfg.data.max_seq_len == 300
+    assert cfg.data.phase_ratios == (1.0, 1.0, 1.0)
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert cfg.data.datasets[0].path.endswith("hh_harmless_base_test.shared.jsonl.gz")
+
+
+def test_override_into_list_item(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["data.datasets.0.max_records=7"])
+    assert cfg.data.datasets[0].max_records == 7
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("data.max_seqlen=256", "data.max_seqlen", "unknown key"),
+        ("data.max_seq_len=abc", "data.max_seq_len", "integer"),
+        ("data.max_seq_len=4", "data.max_seq_len", "greater than or equal to 8"),
+        ("data.phase_ratios=[1,-1,1]", "data.phase_ratios", "negative"),
+        ("data.phase_ratios=[0,0,0]", "data.phase_ratios", "positive"),
+        ("data.eval_fraction=1.5", "data.eval_fraction", "less than 1"),
+        ("model.dtype=fp8", "model.dtype", "float32"),
+        ("data.overlong=cut", "data.overlong", "truncate"),
+    ],
+)
+def test_bad_values_name_key_and_file(tmp_path, override, key, words):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    msg = str(err.value)
+    assert str(path) in msg and key in msg and words in msg
+    assert "[from command line]" in msg
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    raw = {"data": {"datasets": [{"name": "a", "path": "a.jsonl", "fromat": "sft"}]}}
+    path = write(tmp_path, raw)
+    with pytest.raises(ConfigError, match=r"data\.datasets\.0\.fromat: unknown key") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_prompt_len_must_leave_room_for_response(tmp_path):
+    with pytest.raises(ConfigError, match="max_prompt_len"):
+        load_config(write(tmp_path, MINIMAL), ["data.max_seq_len=64", "data.max_prompt_len=64"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(write(tmp_path, MINIMAL), ["data.max_seq_len"])
+
+
+def test_env_vars_with_default(tmp_path, monkeypatch):
+    raw = {"data": {"datasets": [{"name": "a", "path": "${MY_DATA:-/default}/a.jsonl"}]}}
+    monkeypatch.delenv("MY_DATA", raising=False)
+    assert load_config(write(tmp_path, raw)).data.datasets[0].path == "/default/a.jsonl"
+    monkeypatch.setenv("MY_DATA", "/mine")
+    assert load_config(write(tmp_path, raw)).data.datasets[0].path == "/mine/a.jsonl"
+    raw["data"]["datasets"][0]["path"] = "${UNSET_VAR_XYZ}/a.jsonl"
+    with pytest.raises(ConfigError, match="UNSET_VAR_XYZ is not set"):
+        load_config(write(tmp_path, raw))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["data.seed=7"])
+    out = save_resolved_config(cfg, tmp_path / "out")
+    again = load_config(out)
+    assert again == cfg and again.data.seed == 7

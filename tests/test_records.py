@@ -1,0 +1,52 @@
+import pytest
+
+from rlhfkit.data.records import BadRecord, detect_format, parse_hh_transcript, split_hh_pair, to_example
+
+
+def test_multi_turn_hh_transcript_becomes_turns():
+    text = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant:"
+    assert parse_hh_transcript(text) == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke."},
+    ]
+
+
+def test_split_raw_hh_pair_at_last_shared_assistant_marker():
+    prompt = "\n\nHuman: Say something\n\nAssistant:"
+    # The rejected reply itself contains "Assistant:" text; the split must not be fooled by it.
+    chosen, rejected = prompt + " Sure.", prompt + " Human: no. Assistant: yes"
+    assert split_hh_pair(chosen, rejected) == (prompt, " Sure.", " Human: no. Assistant: yes")
+
+
+def test_raw_hh_record_is_read_as_preference():
+    raw = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"}
+    assert detect_format(raw) == "preference"
+    ex = to_example(raw, "preference", "f:1", 0)
+    assert ex.prompt == [{"role": "user", "content": "Hi"}] and ex.chosen == "Hello" and ex.rejected == "Go away"
+
+
+def test_plain_prompt_and_message_list():
+    ex = to_example({"prompt": "What is 2+2?", "response": " 4 "}, "sft", "f:1", 0)
+    assert ex.prompt == [{"role": "user", "content": "What is 2+2?"}] and ex.chosen == "4"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert to_example({"prompt": msgs}, "prompt", "f:1", 0).prompt == msgs
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ({"prompt": "q", "chosen": "a"}, "missing_field"),
+        ({"prompt": "q", "chosen": "a", "rejected": "   \n"}, "empty_response"),
+        ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty_prompt"),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "wrong_type"),
+        ({"prompt": "q", "chosen": ["a"], "rejected": "b"}, "wrong_type"),
+        ({"prompt": "\n\nHuman: q\n\nAssistant: a", "chosen": "a", "rejected": "b"}, "bad_transcript"),
+        (["not", "an", "object"], "not_an_object"),
+    ],
+)
+def test_bad_records_say_why_and_where(raw, reason):
+    with pytest.raises(BadRecord) as err:
+        to_example(raw, "preference", "data.jsonl:12", 0)
+    assert err.value.reason == reason
+    assert "data.jsonl:12" in str(err.value)
