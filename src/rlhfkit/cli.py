@@ -41,6 +41,23 @@ def cmd_data_inspect(args) -> None:
     print(format_report(cfg.output_dir / "data", examples=not args.no_examples))
 
 
+def cmd_train_stage(args) -> None:
+    from .config import load_config
+    from .train.dpo import run_dpo
+    from .train.reward import run_rm
+    from .train.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    runner = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo}[args.stage]
+    start = time.perf_counter()
+    final = runner(cfg, show_progress=not args.no_progress)
+    from .engine.distributed import is_main
+
+    if is_main():
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in final.items())
+        print(f"{args.stage}: done in {time.perf_counter() - start:.1f}s → {cfg.output_dir / args.stage / 'final'}  {shown}")
+
+
 def cmd_model_fetch(args) -> None:
     from .config import ModelConfig
     from .models.loading import resolve_model_dir
@@ -61,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--no-examples", action="store_true", help="leave out the rendered examples")
     p.set_defaults(func=cmd_data_inspect)
+
+    helps = {"sft": "supervised fine-tuning on phase-1 data",
+             "rm": "reward model (Bradley–Terry) on phase-2 pairs",
+             "dpo": "DPO on phase-2 pairs (instead of RM + PPO)"}
+    for name, text in helps.items():
+        p = stages.add_parser(name, help=text)
+        _config_args(p)
+        p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by some launchers
+        p.set_defaults(func=cmd_train_stage)
 
     model = stages.add_parser("model", help="model utilities").add_subparsers(dest="verb", required=True)
     p = model.add_parser("fetch", help="materialise a built-in model (e.g. convert the GGUF once) and print its dir")

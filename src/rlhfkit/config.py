@@ -107,6 +107,81 @@ class DataConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA / QLoRA through peft. r = 0 turns it off."""
+
+    r: int = Field(0, ge=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    learning_rate: float | None = Field(None, gt=0)  # LoRA weights' own LR; default: the stage's LR
+    only_optimize_lora: bool = True  # False: the rest of the model trains too (at the stage's LR)
+    quantize_4bit: bool = False  # QLoRA: NF4 base weights through bitsandbytes
+    save: Literal["merged", "adapter"] = "merged"
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+class TrainConfig(Section):
+    """How a stage steps its optimizer: the same keys for SFT, RM, DPO (and the PPO actor/critic)."""
+
+    micro_batch_size: int = Field(4, ge=1)  # rows per forward pass on each process
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # used when warmup_steps is 0
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    dropout: float | None = Field(None, ge=0, lt=1)  # override the model's dropout (None: keep it)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    eval_every: int = Field(0, ge=0)  # steps; 0: only before and after training
+    max_eval_batches: int | None = Field(None, ge=1)
+    save_every: int = Field(0, ge=0)  # steps; 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete checkpoint
+    seed: int = 42
+    wandb_project: str | None = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class SFTConfig(TrainConfig):
+    loss_on: Literal["response", "all"] = "response"  # response: prompt tokens are masked out of the loss
+    learning_rate: float = Field(2e-5, gt=0)
+
+
+class RewardConfig(TrainConfig):
+    model: str | None = None  # backbone to start from; default: model.name_or_path
+    margin: float = 0.0  # Bradley–Terry margin
+    center_coef: float = Field(0.0, ge=0)  # weight of mean((r_c + r_r)^2), keeps scores centred
+    learning_rate: float = Field(1e-5, gt=0)
+
+
+class DPOConfig(TrainConfig):
+    model: str | None = None  # policy to start from; default: the SFT stage's output, else model.name_or_path
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # > 0: conservative DPO
+    learning_rate: float = Field(1e-6, gt=0)
+
+
 class RunConfig(Section):
     output_dir: str = "runs/default"
     seed: int = 42
@@ -116,6 +191,9 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rm: RewardConfig = Field(default_factory=RewardConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @property
     def output_dir(self) -> Path:

@@ -78,7 +78,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, dtype: str | None = None):
+def load_causal_lm(cfg: ModelConfig, dtype: str | None = None, **extra):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,6 +90,7 @@ def load_causal_lm(cfg: ModelConfig, dtype: str | None = None):
             dtype=getattr(torch, DTYPES[dtype or cfg.dtype]),
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
+            **extra,
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {source}: {e}") from None
@@ -98,3 +99,19 @@ def load_causal_lm(cfg: ModelConfig, dtype: str | None = None):
 
 def load_model_and_tokenizer(cfg: ModelConfig, dtype: str | None = None):
     return load_causal_lm(cfg, dtype), load_tokenizer(cfg)
+
+
+def set_dropout(model, p: float) -> None:
+    """Override every dropout of a model (config fields and nn.Dropout modules), e.g. 0 for RLHF stages."""
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key in list(vars(config)):
+            if "dropout" in key and isinstance(getattr(config, key), float):
+                setattr(config, key, p)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = p

@@ -1,0 +1,204 @@
+"""The one training backend: a model stepped by DeepSpeed (ZeRO 0-3, offload, bf16/fp16/fp32).
+
+SFT, RM, DPO (and later the PPO actor and critic) all step through this class; they differ only in their
+loss and data. A plain single process is a world of one (no launcher needed); under torchrun or the
+`deepspeed` launcher the same code runs data-parallel over gloo (CPU) or NCCL (GPU).
+
+Loss scaling contract: each micro-batch passes `loss_sum / global_units` — its summed loss divided by
+the number of units (target tokens, pairs) in the whole optimizer step over all ranks. DeepSpeed divides
+by gradient_accumulation_steps and averages over ranks, so `backward` multiplies both back: the step's
+gradient is then exactly that of the global mean, however the step was cut into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import TrainConfig
+from ..paths import publish_dir
+from . import distributed as D
+
+
+def deepspeed_config(t: TrainConfig, world: int) -> dict:
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # we gather fp32 weights ourselves
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "fp16": {"enabled": t.dtype == "float16", "initial_scale_power": 16},
+        # A torch AdamW is our client optimizer on every stage, offload included.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(param_groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
+    fused = torch.cuda.is_available() and not t.offload_optimizer
+    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=1e-8,
+                             weight_decay=t.weight_decay, fused=fused or None)
+
+
+def build_scheduler(optimizer, t: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class TrainEngine:
+    def __init__(self, model: torch.nn.Module, t: TrainConfig, total_steps: int, param_groups: list[dict]):
+        import deepspeed
+
+        self.rank, self.world = D.init_distributed()
+        self.cfg = t
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "config"):
+                model.config.use_cache = False
+        optimizer = build_optimizer(param_groups, t)
+        scheduler = build_scheduler(optimizer, t, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, self.world))
+        self._scale = t.gradient_accumulation_steps * self.world
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def backward(self, normalized_loss: torch.Tensor) -> None:
+        """Backward one micro-batch, then let DeepSpeed step the optimizer at the accumulation boundary."""
+        self.engine.backward(normalized_loss * self._scale)
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    # --- weights -----------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights on rank 0 (None elsewhere), gathered one parameter at a time under ZeRO-3."""
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        zero3 = self.cfg.zero_stage == 3
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero3):
+                if self.rank == 0:
+                    out[name] = p.detach().to("cpu", torch.float32, copy=True)
+        if self.rank == 0:
+            for name, b in self.module.named_buffers():
+                if name in self.module.state_dict():
+                    out[name] = b.detach().to("cpu", copy=True)
+        return out if self.rank == 0 else None
+
+    # --- training state --------------------------------------------------------------------------
+    def save_state(self, ckpt_dir: Path, client_state: dict) -> None:
+        """Optimizer, scheduler, weights (DeepSpeed's own format, all ranks) and per-rank RNG states."""
+        self.engine.save_checkpoint(str(ckpt_dir / "engine"), tag="state", client_state=client_state,
+                                    save_latest=False)
+        torch.save(_rng_state(), ckpt_dir / f"rng_rank{self.rank}.pt")
+
+    def load_state(self, ckpt_dir: Path) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(ckpt_dir / "engine"), tag="state",
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        rng = ckpt_dir / f"rng_rank{self.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return client_state or {}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- checkpoint directories ------------------------------------------------------------------------
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under root/checkpoints, oldest first."""
+    base = Path(root) / "checkpoints"
+    if not base.is_dir():
+        return []
+    done = [d for d in base.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / COMPLETE).is_file()]
+    return sorted(done, key=lambda d: int(d.name.split("-")[1]))
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """A temp dir every rank writes into; `finish_checkpoint` renames it into place on rank 0."""
+    tmp = Path(root) / "checkpoints" / f".tmp-step-{step:07d}"
+    if D.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    return tmp
+
+
+def finish_checkpoint(tmp: Path, step: int, keep: int, meta: dict) -> Path:
+    final = tmp.parent / f"step-{step:07d}"
+    D.barrier()  # every rank has written its part
+    if D.is_main():
+        (tmp / COMPLETE).write_text(json.dumps(meta))
+        os.sync() if hasattr(os, "sync") else None
+        publish_dir(tmp, final)
+        for old in checkpoint_dirs(tmp.parent.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+    return final
+
+
+def is_distributed_run() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1

@@ -1,0 +1,110 @@
+"""What SFT, RM and DPO share around the loop: loading their data, building a trainable model, exporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ModelConfig, TrainConfig, save_resolved_config
+from ..data.prepare import load_phase, prepare
+from ..engine import distributed as D
+from ..engine.backend import TrainEngine
+from ..models.lora import apply_lora, lora_param_groups, merge_lora_state_dict
+from ..models.loading import load_causal_lm, set_dropout
+from .batching import Blend
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Blend, int]:
+    """The phase's train and eval rows, preparing the data first if needed (a cache hit normally).
+
+    Rank 0 prepares; the others wait, then read the same files.
+    """
+    data_dir = cfg.output_dir / "data"
+    D.init_distributed()
+    if D.is_main():
+        manifest = prepare(cfg, show_progress=show_progress)
+    D.barrier()
+    if not D.is_main():
+        manifest = prepare(cfg, show_progress=False)  # all cache hits now
+    train = Blend([t for _, t in load_phase(data_dir, phase, "train")])
+    evals = Blend([t for _, t in load_phase(data_dir, phase, "eval")])
+    return train, evals, int(manifest["tokenizer"]["pad_id"])
+
+
+def begin_stage(cfg: Config, out_dir: Path) -> None:
+    D.init_distributed()
+    if D.is_main():
+        save_resolved_config(cfg, out_dir)
+
+
+def model_config_for(cfg: Config, name_or_path: str | None) -> ModelConfig:
+    return cfg.model if name_or_path is None else cfg.model.model_copy(update={"name_or_path": name_or_path})
+
+
+def quantization_kwargs(t: TrainConfig) -> dict:
+    if not t.lora.quantize_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=DTYPES[t.dtype])}
+
+
+def trainable_causal_lm(mcfg: ModelConfig, t: TrainConfig):
+    """Load the causal LM a stage trains (fp32 master weights; DeepSpeed casts for bf16), LoRA applied."""
+    model = load_causal_lm(mcfg, dtype="float32", **quantization_kwargs(t))
+    return prepare_trainable(model, t)
+
+
+def prepare_trainable(model, t: TrainConfig):
+    if t.dropout is not None:
+        set_dropout(model, t.dropout)
+    if t.lora.enabled:
+        model = apply_lora(model, t.lora)
+    groups = lora_param_groups(model, t.learning_rate, t.lora.learning_rate, t.weight_decay)
+    return model, groups
+
+
+def gathered_weights(engine: TrainEngine, t: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0, LoRA merged in (when it is on and saved merged)."""
+    sd = engine.full_state_dict()
+    if sd is not None and t.lora.enabled and t.lora.save == "merged":
+        sd = merge_lora_state_dict(sd, t.lora.alpha / t.lora.r)
+    return sd
+
+
+def base_config(module):
+    """The transformers config of a model, through a peft wrapper if there is one."""
+    inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return inner.config
+
+
+def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) -> None:
+    """HF directory: safetensors (LoRA merged, or the adapter alone), tokenizer, generation config."""
+    from transformers import AutoModelForCausalLM
+
+    sd = gathered_weights(engine, t)
+    if not D.is_main():
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    module = engine.module
+    if t.lora.enabled and t.lora.save == "adapter":
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        adapter = get_peft_model_state_dict(module, state_dict=sd)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"))
+        module.peft_config["default"].save_pretrained(str(out))
+    else:
+        config = base_config(module)
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config)
+        shell.save_pretrained(out, state_dict=sd, safe_serialization=True)
+        gen = getattr(module, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(out)
+    tokenizer.save_pretrained(out)

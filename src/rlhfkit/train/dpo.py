@@ -1,0 +1,80 @@
+"""DPO, the single-step alternative to RM + PPO: the policy learns from phase-2 pairs directly against a
+frozen reference (a frozen copy of the starting model, or, under LoRA, the same model with its adapter off).
+Eval reports the DPO loss and implicit-reward accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..models.loading import load_causal_lm, load_tokenizer
+from .batching import collate_pairs
+from .common import begin_stage, model_config_for, save_causal_lm, stage_data, trainable_causal_lm
+from .loop import Stage, run_stage
+from .losses import dpo_loss, length_mask, sequence_logprob
+from .sft import sft_stage_dir
+
+
+def dpo_stage_dir(cfg: Config) -> Path:
+    return cfg.output_dir / "dpo"
+
+
+def dpo_start_model(cfg: Config) -> str:
+    """dpo.model if given, else the SFT stage's final model when it exists, else the base model."""
+    if cfg.dpo.model:
+        return cfg.dpo.model
+    sft_final = sft_stage_dir(cfg) / "final"
+    return str(sft_final) if (sft_final / "config.json").is_file() else cfg.model.name_or_path
+
+
+def pair_logprobs(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, lengths = batch["input_ids"].to(device), batch["lengths"].to(device)
+    logits = model(input_ids=ids, attention_mask=length_mask(lengths, ids.shape[1]).long()).logits
+    lp = sequence_logprob(logits, ids, batch["prompt_lens"].to(device), lengths)
+    half = ids.shape[0] // 2
+    return lp[:half], lp[half:]
+
+
+def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
+    t = cfg.dpo
+    out_dir = dpo_stage_dir(cfg)
+    begin_stage(cfg, out_dir)
+    train, evals, pad_id = stage_data(cfg, 2, show_progress)
+    mcfg = model_config_for(cfg, dpo_start_model(cfg))
+    tokenizer = load_tokenizer(mcfg)
+    model, groups = trainable_causal_lm(mcfg, t)
+    reference = None
+    if not t.lora.enabled:
+        reference = load_causal_lm(mcfg, dtype=t.dtype).eval().requires_grad_(False)
+
+    def reference_logprobs(engine, batch):
+        with torch.no_grad():
+            if reference is not None:
+                return pair_logprobs(reference.to(engine.device), batch, engine.device)
+            with engine.module.disable_adapter():
+                return pair_logprobs(engine, batch, engine.device)
+
+    def loss(engine, batch):
+        ref_c, ref_r = reference_logprobs(engine, batch)
+        pol_c, pol_r = pair_logprobs(engine, batch, engine.device)
+        mean, stats = dpo_loss(pol_c, pol_r, ref_c, ref_r, t.beta, t.label_smoothing)
+        n = pol_c.shape[0]
+        return mean * n, {k: v * n for k, v in stats.items()}
+
+    stage = Stage(
+        name="dpo",
+        train=train,
+        eval=evals,
+        collate=lambda rows: collate_pairs(rows, pad_id),
+        units=len,
+        loss=loss,
+        export=lambda engine, out: save_causal_lm(engine, tokenizer, out, t),
+        eval_metrics=lambda s: {f"eval/{k}": s[k] / max(s["units"], 1)
+                                for k in ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")},
+        tokens=lambda rows: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+    )
+    return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"))
+
+

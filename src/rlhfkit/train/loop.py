@@ -1,0 +1,157 @@
+"""The training loop every supervised stage (SFT, RM, DPO) shares: schedule, micro-batches, eval,
+checkpoints, exact resume, metrics. A stage supplies a `Stage`: its data, collate, loss and export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from ..engine import distributed as D
+from ..engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, finish_checkpoint, seed_everything
+from ..paths import make_temp_dir, publish_dir
+from ..tracking import Tracker
+from .batching import Blend, StepSchedule, rank_micro_batches
+
+
+@dataclass
+class Stage:
+    name: str
+    train: Blend
+    eval: Blend
+    collate: Callable[[list[dict]], dict]
+    units: Callable[[list[dict]], int]  # what the loss averages over: target tokens, pairs …
+    # (engine, batch) -> (summed loss over the batch's units, {metric: summed value})
+    loss: Callable[[TrainEngine, dict], tuple[torch.Tensor, dict]]
+    # (engine, out_dir): write the model in its final, loadable form (all ranks call it; rank 0 writes)
+    export: Callable[[TrainEngine, Path], None]
+    # metrics computed at eval time from the summed metrics: {name: fn(sums) -> value}
+    eval_metrics: Callable[[dict], dict] | None = None
+    tokens: Callable[[list[dict]], int] = lambda rows: 0
+
+
+def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups: list[dict], out_dir: Path,
+              show_progress: bool = True, config_dump: dict | None = None) -> dict:
+    """Train, evaluating before/during/after, checkpointing and resuming. Returns the final eval metrics."""
+    out_dir = Path(out_dir)
+    rank, world = D.init_distributed()
+    seed_everything(t.seed)
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
+    schedule = StepSchedule(len(stage.train), global_batch, t.seed, t.epochs, t.max_steps)
+    engine = TrainEngine(model, t, schedule.total_steps, param_groups)
+
+    start = 0
+    ckpts = checkpoint_dirs(out_dir) if t.resume == "auto" else []
+    if ckpts:
+        state = engine.load_state(ckpts[-1])
+        start = int(state["step"])
+        if D.is_main():
+            _truncate_metrics(out_dir / "metrics.jsonl", start)
+    tracker = Tracker(out_dir, schedule.total_steps, start, desc=stage.name, enabled=D.is_main(),
+                      show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
+                      config=config_dump)
+    if ckpts:
+        tracker.write(f"{stage.name}: resumed from {ckpts[-1]} at step {start}/{schedule.total_steps}")
+
+    if start == 0:
+        tracker.log(0, evaluate(stage, engine, t))
+    for step in range(start, schedule.total_steps):
+        t0 = time.perf_counter()
+        engine.train()
+        rows_idx = schedule.rows_for_step(step)
+        all_rows = [stage.train.row(int(i)) for i in rows_idx]
+        n_units = stage.units(all_rows)
+        sums: Counter = Counter()
+        for mb in rank_micro_batches(rows_idx, rank, world, t.micro_batch_size):
+            rows = [stage.train.row(int(i)) for i in mb]
+            loss_sum, metrics = stage.loss(engine, stage.collate(rows))
+            engine.backward(loss_sum / n_units)
+            sums.update({"loss": loss_sum.item(), **metrics})
+        keys = sorted(sums)
+        totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
+        took = time.perf_counter() - t0
+        done = step + 1
+        logged = {"train/loss": totals.pop("loss") / n_units, "train/lr": engine.lr,
+                  "train/grad_norm": engine.grad_norm(), "train/step_time_s": took,
+                  "train/tokens_per_s": stage.tokens(all_rows) / took}
+        logged.update({f"train/{k}": v / n_units for k, v in totals.items()})
+        tracker.log(done, logged if done % t.log_every == 0 or done == schedule.total_steps else {}, advance=True)
+        if t.eval_every and done % t.eval_every == 0 and done < schedule.total_steps:
+            tracker.log(done, evaluate(stage, engine, t))
+        if t.save_every and done % t.save_every == 0 and done < schedule.total_steps:
+            save_checkpoint(engine, stage, out_dir, done, t.keep_checkpoints)
+
+    final = evaluate(stage, engine, t)
+    tracker.log(schedule.total_steps, final)
+    export_final(engine, stage, out_dir)
+    save_checkpoint(engine, stage, out_dir, schedule.total_steps, t.keep_checkpoints)
+    tracker.close()
+    if D.is_main():
+        (out_dir / "final" / "eval.json").write_text(json.dumps(final, indent=1))
+    return final
+
+
+@torch.no_grad()
+def evaluate(stage: Stage, engine: TrainEngine, t: TrainConfig) -> dict:
+    """Summed metrics over the eval split (sharded over ranks), turned into means by stage.eval_metrics."""
+    if len(stage.eval) == 0:
+        return {}
+    engine.eval()
+    rank, world = D.init_distributed()
+    idx = np.array_split(np.arange(len(stage.eval)), world)[rank]
+    batches = [idx[i:i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
+    if t.max_eval_batches:
+        batches = batches[: t.max_eval_batches]
+    sums: Counter = Counter()
+    for mb in batches:
+        rows = [stage.eval.row(int(i)) for i in mb]
+        loss_sum, metrics = stage.loss(engine, stage.collate(rows))
+        sums.update({"loss": loss_sum.item(), "units": stage.units(rows), **metrics})
+    keys = ["loss", "units"] + sorted(k for k in sums if k not in ("loss", "units"))
+    totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
+    out = {"eval/loss": totals["loss"] / max(totals["units"], 1)}
+    if stage.eval_metrics:
+        out.update(stage.eval_metrics(totals))
+    engine.train()
+    return out
+
+
+def save_checkpoint(engine: TrainEngine, stage: Stage, out_dir: Path, step: int, keep: int) -> Path:
+    tmp = begin_checkpoint(out_dir, step)
+    engine.save_state(tmp, {"step": step})
+    stage.export(engine, tmp / "model")
+    return finish_checkpoint(tmp, step, keep, {"step": step, "stage": stage.name})
+
+
+def export_final(engine: TrainEngine, stage: Stage, out_dir: Path) -> None:
+    final = out_dir / "final"
+    tmp = make_temp_dir(final) if D.is_main() else None
+    D.barrier()
+    # every rank joins the gather; only rank 0 writes
+    stage.export(engine, tmp if tmp is not None else out_dir / ".unused")
+    D.barrier()
+    if D.is_main():
+        publish_dir(tmp, final)
+    D.barrier()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, forget metrics the interrupted run logged past the checkpoint (they are redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def clear_stage_output(out_dir: Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)

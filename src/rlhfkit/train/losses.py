@@ -1,0 +1,100 @@
+"""Loss functions as pure functions over tensors, each unit-tested against hand-computed numbers.
+
+Conventions: batches are right-padded; `lengths[i]` is the number of real tokens in row i; masks are
+built from lengths (never from pad ids, which often equal EOS).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] bool: True on the first lengths[i] positions of row i."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def last_token_index(lengths: torch.Tensor) -> torch.Tensor:
+    """Where the score is read: the last real token of each row (its EOS when the response has one).
+
+    The one definition used by RM training, RM evaluation, PPO rewards and the critic (GUIDE §2).
+    """
+    if (lengths < 1).any():
+        raise ValueError("every sequence needs at least one token")
+    return lengths - 1
+
+
+def gather_last(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """values [B, T] → [B]: the value at each row's last real token."""
+    return values.gather(1, last_token_index(lengths)[:, None]).squeeze(1)
+
+
+def response_token_mask(prompt_lens: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] bool: True on response tokens [prompt_len, length) of each row."""
+    pos = torch.arange(width, device=lengths.device)[None, :]
+    return (pos >= prompt_lens[:, None]) & (pos < lengths[:, None])
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | ..t) for t in [0, T-1): [B, T-1], computed in fp32."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(2, input_ids[:, 1:, None]).squeeze(2)
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token NLL over the tokens where loss_mask is True (targets, i.e. positions 1..T-1).
+
+    Returns (mean loss, number of target tokens). loss_mask is [B, T] over *target* positions.
+    """
+    nll = -token_logprobs(logits, input_ids)
+    mask = loss_mask[:, 1:].to(nll.dtype)
+    n = mask.sum()
+    return (nll * mask).sum() / n.clamp(min=1), n
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """-log σ(r_c - r_r - margin), averaged; plus center_coef·mean((r_c + r_r)²) to keep scores near zero."""
+    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    diff = (chosen - rejected).float()
+    return {
+        "accuracy": (diff > 0).float().mean().item(),
+        "margin": diff.mean().item(),
+        "chosen_score": chosen.float().mean().item(),
+        "rejected_score": rejected.float().mean().item(),
+    }
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DPO (Rafailov et al.) on summed response log-probs; label_smoothing > 0 is conservative DPO (cDPO).
+
+    logits = β·[(π_c − ref_c) − (π_r − ref_r)];
+    loss = −(1−ε)·log σ(logits) − ε·log σ(−logits).
+    """
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    logits = chosen_reward - rejected_reward
+    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    stats = {
+        "rewards/chosen": chosen_reward.mean().item(),
+        "rewards/rejected": rejected_reward.mean().item(),
+        "rewards/accuracy": (logits > 0).float().mean().item(),
+        "rewards/margin": logits.mean().item(),
+    }
+    return loss.mean(), stats
+
+
+def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probs of the response tokens of each row: [B]."""
+    lp = token_logprobs(logits, input_ids)
+    mask = response_token_mask(prompt_lens, lengths, input_ids.shape[1])[:, 1:]
+    return (lp * mask).sum(1)

@@ -1,0 +1,110 @@
+"""Stage 2, reward model: backbone + scalar head, Bradley–Terry loss on phase-2 pairs.
+
+The score is read at the last response token (models.reward.RewardModel.score → losses.gather_last).
+Eval reports accuracy, mean margin and chosen/rejected score means before, during and after training.
+At the end the score mean/std over (a sample of) the training pairs is stored for PPO normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..engine import distributed as D
+from ..models.lora import apply_lora, lora_param_groups
+from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
+from ..models.reward import STATS_FILE, RewardModel
+from .batching import collate_pairs
+from .common import base_config, begin_stage, gathered_weights, model_config_for, stage_data
+from .loop import Stage, run_stage
+from .losses import bradley_terry_loss
+
+STATS_ROWS = 256  # training pairs scored for the stored mean/std
+
+
+def rm_stage_dir(cfg: Config) -> Path:
+    return cfg.output_dir / "rm"
+
+
+def build_reward_model(cfg: Config) -> tuple[RewardModel, list[dict]]:
+    t = cfg.rm
+    mcfg = model_config_for(cfg, t.model)
+    path = resolve_model_dir(mcfg.name_or_path, mcfg, mcfg.revision)
+    model = RewardModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
+    if t.dropout is not None:
+        set_dropout(model.backbone, t.dropout)
+    if t.lora.enabled:
+        model.backbone = apply_lora(model.backbone, t.lora)  # the head stays fully trainable
+    return model, lora_param_groups(model, t.learning_rate, t.lora.learning_rate, t.weight_decay)
+
+
+def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, lengths = batch["input_ids"].to(engine.device), batch["lengths"].to(engine.device)
+    scores = engine(ids, lengths).float()
+    half = ids.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def run_rm(cfg: Config, show_progress: bool = True) -> dict:
+    t = cfg.rm
+    out_dir = rm_stage_dir(cfg)
+    begin_stage(cfg, out_dir)
+    train, evals, pad_id = stage_data(cfg, 2, show_progress)
+    tokenizer = load_tokenizer(model_config_for(cfg, t.model))
+    model, groups = build_reward_model(cfg)
+
+    def loss(engine, batch):
+        chosen, rejected = pair_scores(engine, batch)
+        n = chosen.shape[0]
+        bt = bradley_terry_loss(chosen, rejected, t.margin, t.center_coef) * n
+        diff = (chosen - rejected).detach()
+        return bt, {"accuracy": (diff > 0).sum().item(), "margin": diff.sum().item(),
+                    "chosen_score": chosen.detach().sum().item(), "rejected_score": rejected.detach().sum().item()}
+
+    def export(engine, out):
+        mean, std = score_stats(engine, train, pad_id, t.micro_batch_size)
+        sd = gathered_weights(engine, t)
+        if D.is_main():
+            RewardModel.save(out, sd, base_config(engine.module.backbone), mean, std)
+            tokenizer.save_pretrained(out)
+
+    stage = Stage(
+        name="rm",
+        train=train,
+        eval=evals,
+        collate=lambda rows: collate_pairs(rows, pad_id),
+        units=len,
+        loss=loss,
+        export=export,
+        eval_metrics=lambda s: {f"eval/{k}": s[k] / max(s["units"], 1)
+                                for k in ("accuracy", "margin", "chosen_score", "rejected_score")},
+        tokens=lambda rows: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+    )
+    return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"))
+
+
+@torch.no_grad()
+def score_stats(engine, train, pad_id: int, micro: int) -> tuple[float, float]:
+    """Mean and std of the scores of chosen and rejected responses over the first STATS_ROWS training pairs."""
+    import numpy as np
+
+    engine.eval()
+    rank, world = D.init_distributed()
+    idx = np.array_split(np.arange(min(len(train), STATS_ROWS)), world)[rank]
+    s = s2 = n = 0.0
+    for i in range(0, len(idx), micro):
+        rows = [train.row(int(j)) for j in idx[i:i + micro]]
+        chosen, rejected = pair_scores(engine, collate_pairs(rows, pad_id))
+        both = torch.cat([chosen, rejected]).double()
+        s, s2, n = s + both.sum().item(), s2 + (both ** 2).sum().item(), n + both.numel()
+    s, s2, n = D.all_reduce_sum([s, s2, n])
+    engine.train()
+    mean = s / max(n, 1)
+    return mean, max(s2 / max(n, 1) - mean ** 2, 0.0) ** 0.5
+
+
+def read_reward_stats(path: Path) -> dict:
+    return json.loads((Path(path) / STATS_FILE).read_text())

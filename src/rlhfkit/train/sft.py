@@ -1,0 +1,51 @@
+"""Stage 1, supervised fine-tuning: next-token loss on response tokens (prompt masked) of phase-1 data.
+
+Eval reports the loss and perplexity on the phase-1 eval split before, during and after training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..models.loading import load_tokenizer
+from .batching import collate_sft, count_sft_targets
+from .common import begin_stage, save_causal_lm, stage_data, trainable_causal_lm
+from .loop import Stage, run_stage
+from .losses import length_mask, sft_loss
+
+
+def sft_stage_dir(cfg: Config) -> Path:
+    return cfg.output_dir / "sft"
+
+
+def run_sft(cfg: Config, show_progress: bool = True) -> dict:
+    t = cfg.sft
+    begin_stage(cfg, sft_stage_dir(cfg))
+    train, evals, pad_id = stage_data(cfg, 1, show_progress)
+    tokenizer = load_tokenizer(cfg.model)
+    model, groups = trainable_causal_lm(cfg.model, t)
+    response_only = t.loss_on == "response"
+
+    def loss(engine, batch):
+        ids = batch["input_ids"].to(engine.device)
+        lengths = batch["lengths"].to(engine.device)
+        logits = engine(input_ids=ids, attention_mask=length_mask(lengths, ids.shape[1]).long()).logits
+        mean, n = sft_loss(logits, ids, batch["loss_mask"].to(engine.device))
+        return mean * n, {}
+
+    stage = Stage(
+        name="sft",
+        train=train,
+        eval=evals,
+        collate=lambda rows: collate_sft(rows, pad_id, response_only),
+        units=lambda rows: count_sft_targets(rows, response_only),
+        loss=loss,
+        export=lambda engine, out: save_causal_lm(engine, tokenizer, out, t),
+        eval_metrics=lambda s: {"eval/perplexity": math.exp(min(s["loss"] / max(s["units"], 1), 50.0))},
+        tokens=lambda rows: sum(len(r["input_ids"]) for r in rows),
+    )
+    return run_stage(stage, t, model, groups, sft_stage_dir(cfg), show_progress, cfg.model_dump(mode="json"))
