@@ -9,7 +9,7 @@ import torch
 from ..config import Config, ModelConfig, TrainConfig, save_resolved_config
 from ..data.prepare import load_phase, prepare
 from ..engine import distributed as D
-from ..engine.backend import TrainEngine
+from ..engine.backend import TrainEngine, seed_everything
 from ..models.lora import apply_lora, lora_param_groups, merge_lora_state_dict
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend
@@ -34,8 +34,10 @@ def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Ble
     return train, evals, int(manifest["tokenizer"]["pad_id"])
 
 
-def begin_stage(cfg: Config, out_dir: Path) -> None:
+def begin_stage(cfg: Config, out_dir: Path, t: TrainConfig) -> None:
+    """Every stage starts here: process group, seeds (before any model is built), resolved config."""
     D.init_distributed()
+    seed_everything(t.seed)
     if D.is_main():
         save_resolved_config(cfg, out_dir)
 

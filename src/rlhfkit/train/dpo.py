@@ -40,7 +40,7 @@ def pair_logprobs(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
 def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
     t = cfg.dpo
     out_dir = dpo_stage_dir(cfg)
-    begin_stage(cfg, out_dir)
+    begin_stage(cfg, out_dir, t)
     train, evals, pad_id = stage_data(cfg, 2, show_progress)
     mcfg = model_config_for(cfg, dpo_start_model(cfg))
     tokenizer = load_tokenizer(mcfg)
