@@ -84,3 +84,24 @@ def test_pairs_collate_chosen_then_rejected():
     b = collate_pairs(rows, pad_id=EOS)
     assert b["input_ids"].tolist() == [[1, 2, EOS, EOS], [1, 3, 4, EOS]]
     assert b["lengths"].tolist() == [3, 4] and b["prompt_lens"].tolist() == [1, 1]
+
+
+def test_selected_logprobs_equal_full_logits_path():
+    """The fast path (LM head only on selected positions) equals log-softmax over full logits."""
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.train.losses import length_mask, selected_token_logprobs
+
+    model = load_causal_lm(ModelConfig(name_or_path="tiny-random"))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 900, (3, 10))
+    lengths, prompt_lens = torch.tensor([10, 6, 8]), torch.tensor([3, 2, 5])
+    mask = response_token_mask(prompt_lens, lengths, 10)
+    with torch.no_grad():
+        logprobs, rows = selected_token_logprobs(model, ids, lengths, mask)
+        logits = model(input_ids=ids, attention_mask=length_mask(lengths, 10).long()).logits
+    mean, n = sft_loss(logits, ids, mask)
+    assert logprobs.numel() == n.item() == 7 + 4 + 3
+    assert math.isclose(-logprobs.sum().item() / n.item(), mean.item(), rel_tol=1e-5)
+    per_row = torch.zeros(3).index_add_(0, rows, logprobs)
+    assert torch.allclose(per_row, sequence_logprob(logits, ids, prompt_lens, lengths), atol=1e-5)

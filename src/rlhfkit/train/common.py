@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import Config, ModelConfig, TrainConfig, save_resolved_config
 from ..data.prepare import load_phase, prepare
@@ -13,6 +14,7 @@ from ..engine.backend import TrainEngine, seed_everything
 from ..models.lora import apply_lora, lora_param_groups, merge_lora_state_dict
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend
+from .losses import selected_token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,24 +57,50 @@ def quantization_kwargs(t: TrainConfig) -> dict:
                                                       bnb_4bit_compute_dtype=DTYPES[t.dtype])}
 
 
-def trainable_causal_lm(mcfg: ModelConfig, t: TrainConfig):
+class TokenLogprobLM(nn.Module):
+    """A causal LM whose forward returns the log-probs of selected target tokens (see
+    losses.selected_token_logprobs). The loss computation goes through forward() so that DeepSpeed's
+    engine, and with it ZeRO-3's parameter and gradient hooks, sees the whole computation."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, lengths, target_mask):
+        return selected_token_logprobs(self.lm, input_ids, lengths, target_mask)
+
+    def gradient_checkpointing_enable(self, **kw):
+        self.lm.gradient_checkpointing_enable(**kw)
+
+
+def trainable_causal_lm(mcfg: ModelConfig, t: TrainConfig) -> tuple[TokenLogprobLM, list[dict]]:
     """Load the causal LM a stage trains (fp32 master weights; DeepSpeed casts for bf16), LoRA applied."""
     model = load_causal_lm(mcfg, dtype="float32", **quantization_kwargs(t))
-    return prepare_trainable(model, t)
-
-
-def prepare_trainable(model, t: TrainConfig):
+    if t.lora.quantize_4bit:
+        disable_cpu_4bit_repacking(model)
     if t.dropout is not None:
         set_dropout(model, t.dropout)
     if t.lora.enabled:
         model = apply_lora(model, t.lora)
-    groups = lora_param_groups(model, t.learning_rate, t.lora.learning_rate, t.weight_decay)
-    return model, groups
+    wrapped = TokenLogprobLM(model)
+    return wrapped, lora_param_groups(wrapped, t.learning_rate, t.lora.learning_rate, t.weight_decay)
 
 
-def gathered_weights(engine: TrainEngine, t: TrainConfig) -> dict[str, torch.Tensor] | None:
-    """Full weights on rank 0, LoRA merged in (when it is on and saved merged)."""
+def disable_cpu_4bit_repacking(model) -> None:
+    """bitsandbytes repacks 4-bit weights into an inference-only layout on the first no-grad eval forward on
+    CPUs with AVX512-BF16; afterwards LoRA gets no gradient at all. Keep the trainable layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def gathered_weights(engine: TrainEngine, t: TrainConfig, prefix: str = "") -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0 (names under `prefix`, prefix removed), LoRA merged in when saved merged."""
     sd = engine.full_state_dict()
+    if sd is not None and prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if sd is not None and t.lora.enabled and t.lora.save == "merged":
         sd = merge_lora_state_dict(sd, t.lora.alpha / t.lora.r)
     return sd
@@ -88,12 +116,12 @@ def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) ->
     """HF directory: safetensors (LoRA merged, or the adapter alone), tokenizer, generation config."""
     from transformers import AutoModelForCausalLM
 
-    sd = gathered_weights(engine, t)
+    sd = gathered_weights(engine, t, prefix="lm.")
     if not D.is_main():
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    module = engine.module
+    module = engine.module.lm
     if t.lora.enabled and t.lora.save == "adapter":
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file

@@ -11,9 +11,10 @@ import torch
 from ..config import Config
 from ..models.loading import load_causal_lm, load_tokenizer
 from .batching import collate_pairs
-from .common import begin_stage, model_config_for, save_causal_lm, stage_data, trainable_causal_lm
+from .common import (TokenLogprobLM, begin_stage, model_config_for, save_causal_lm, stage_data,
+                     trainable_causal_lm)
 from .loop import Stage, run_stage
-from .losses import dpo_loss, length_mask, sequence_logprob
+from .losses import dpo_loss, response_token_mask
 from .sft import sft_stage_dir
 
 
@@ -29,12 +30,17 @@ def dpo_start_model(cfg: Config) -> str:
     return str(sft_final) if (sft_final / "config.json").is_file() else cfg.model.name_or_path
 
 
-def pair_logprobs(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen rows and of the rejected rows.
+
+    forward(input_ids, lengths, target_mask) -> (logprobs, rows): the engine, or a frozen TokenLogprobLM.
+    """
     ids, lengths = batch["input_ids"].to(device), batch["lengths"].to(device)
-    logits = model(input_ids=ids, attention_mask=length_mask(lengths, ids.shape[1]).long()).logits
-    lp = sequence_logprob(logits, ids, batch["prompt_lens"].to(device), lengths)
+    mask = response_token_mask(batch["prompt_lens"].to(device), lengths, ids.shape[1])
+    logprobs, rows = forward(ids, lengths, mask)
+    per_row = torch.zeros(ids.shape[0], device=device, dtype=logprobs.dtype).index_add_(0, rows, logprobs)
     half = ids.shape[0] // 2
-    return lp[:half], lp[half:]
+    return per_row[:half], per_row[half:]
 
 
 def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
@@ -47,13 +53,13 @@ def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
     model, groups = trainable_causal_lm(mcfg, t)
     reference = None
     if not t.lora.enabled:
-        reference = load_causal_lm(mcfg, dtype=t.dtype).eval().requires_grad_(False)
+        reference = TokenLogprobLM(load_causal_lm(mcfg, dtype=t.dtype)).eval().requires_grad_(False)
 
     def reference_logprobs(engine, batch):
         with torch.no_grad():
             if reference is not None:
                 return pair_logprobs(reference.to(engine.device), batch, engine.device)
-            with engine.module.disable_adapter():
+            with engine.module.lm.disable_adapter():
                 return pair_logprobs(engine, batch, engine.device)
 
     def loss(engine, batch):

@@ -98,3 +98,23 @@ def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens:
     lp = token_logprobs(logits, input_ids)
     mask = response_token_mask(prompt_lens, lengths, input_ids.shape[1])[:, 1:]
     return (lp * mask).sum(1)
+
+
+def selected_token_logprobs(model, input_ids: torch.Tensor, lengths: torch.Tensor,
+                            target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of the selected target tokens, computing vocabulary logits only where they are needed.
+
+    target_mask [B, T] marks target positions (1..T-1). The backbone runs on the whole batch, but the
+    LM head and log-softmax run only on the hidden states that predict a selected token: prompt and
+    padding positions never pay for a vocabulary-sized projection. Returns (logprobs [N], row of each [N]).
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone, head = inner.base_model, inner.get_output_embeddings()
+    hidden = backbone(input_ids=input_ids, attention_mask=length_mask(lengths, input_ids.shape[1]).long()).last_hidden_state
+    select = target_mask[:, 1:]
+    h = hidden[:, :-1][select]
+    targets = input_ids[:, 1:][select]
+    logits = head(h).float()
+    logprobs = -F.cross_entropy(logits, targets, reduction="none")
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(select)[select]
+    return logprobs, rows

@@ -15,7 +15,6 @@ from ..models.loading import load_tokenizer
 from .batching import collate_sft, count_sft_targets
 from .common import begin_stage, save_causal_lm, stage_data, trainable_causal_lm
 from .loop import Stage, run_stage
-from .losses import length_mask, sft_loss
 
 
 def sft_stage_dir(cfg: Config) -> Path:
@@ -31,11 +30,9 @@ def run_sft(cfg: Config, show_progress: bool = True) -> dict:
     response_only = t.loss_on == "response"
 
     def loss(engine, batch):
-        ids = batch["input_ids"].to(engine.device)
-        lengths = batch["lengths"].to(engine.device)
-        logits = engine(input_ids=ids, attention_mask=length_mask(lengths, ids.shape[1]).long()).logits
-        mean, n = sft_loss(logits, ids, batch["loss_mask"].to(engine.device))
-        return mean * n, {}
+        ids, lengths = batch["input_ids"].to(engine.device), batch["lengths"].to(engine.device)
+        logprobs, _ = engine(ids, lengths, batch["loss_mask"].to(engine.device))
+        return -logprobs.sum(), {}
 
     stage = Stage(
         name="sft",
