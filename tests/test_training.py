@@ -241,3 +241,18 @@ def test_reward_score_is_the_last_real_token_under_right_padding_with_pad_eq_eos
     assert scores.tolist() == pytest.approx(alone, abs=1e-5)  # padding does not change the score
     assert scores[1].item() == pytest.approx(values[1, len(b) - 1].item())  # read at b's own EOS
     assert scores[1].item() != pytest.approx(values[1, -1].item())  # not at the last (padding) position
+
+
+def test_qlora_sft_trains_lora_on_4bit_base(tmp_path, pairs_file):
+    """QLoRA on CPU: NF4 base weights through bitsandbytes, LoRA trained, loss falls, merged export loads."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    cfg_path = write_config(tmp_path, pairs_file, data={"phase_ratios": [1, 0, 0]},
+                            sft={"max_steps": 8, "micro_batch_size": 8, "learning_rate": 1e-3, "eval_every": 4,
+                                 "lora": {"r": 8, "alpha": 16, "quantize_4bit": True, "learning_rate": 1e-2}})
+    run_ok(["sft", str(cfg_path), "--no-progress"])
+    curve = evals(tmp_path / "run", "sft", "eval/loss")
+    assert curve[-1] < curve[0] - 0.1, curve  # the eval passes in between (no-grad) did not freeze LoRA
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "sft" / "final")
+    assert model.config.num_hidden_layers == 2 and "quantization_config" not in model.config.to_dict()

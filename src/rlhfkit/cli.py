@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .engine.distributed import use_cpu_accelerator_without_gpu
+
+    use_cpu_accelerator_without_gpu()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also come after options (`CONFIG --no-progress a.b=1`)
@@ -112,7 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlhfkit: interrupted", file=sys.stderr)
         return 130
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """After a multi-process run: sync, then exit without interpreter teardown, where gloo's threads
+    occasionally abort a process that has already finished ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        dist.barrier()
+        dist.destroy_process_group()
+        if world > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,14 @@ from ..paths import publish_dir
 from . import distributed as D
 
 
+def effective_zero_stage(t: TrainConfig) -> int:
+    """bf16/fp16 at ZeRO-0 would keep gradients in half precision (DeepSpeed's unfused fp16 optimizer);
+    ZeRO-1 keeps fp32 master weights and gradients at the same cost on one process, so use it."""
+    return 1 if t.zero_stage == 0 and t.dtype != "float32" else t.zero_stage
+
+
 def deepspeed_config(t: TrainConfig, world: int) -> dict:
-    zero: dict = {"stage": t.zero_stage}
+    zero: dict = {"stage": effective_zero_stage(t)}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if t.offload_param:
@@ -79,6 +85,8 @@ class TrainEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, self.world))
         self._scale = t.gradient_accumulation_steps * self.world
+        self._zero_stage = effective_zero_stage(t)
+        self._grad_norm: float | None = None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -100,6 +108,10 @@ class TrainEngine:
     def backward(self, normalized_loss: torch.Tensor) -> None:
         """Backward one micro-batch, then let DeepSpeed step the optimizer at the accumulation boundary."""
         self.engine.backward(normalized_loss * self._scale)
+        if self._zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed reports no grad norm at ZeRO-0; the gradients are plain .grad tensors here.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
         self.engine.step()
 
     @property
@@ -107,6 +119,9 @@ class TrainEngine:
         return float(self.engine.get_lr()[0])
 
     def grad_norm(self) -> float | None:
+        """Global gradient norm (before clipping) of the last optimizer step."""
+        if self._zero_stage == 0:
+            return self._grad_norm
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
@@ -116,11 +131,11 @@ class TrainEngine:
         import deepspeed
 
         out: dict[str, torch.Tensor] = {}
-        zero3 = self.cfg.zero_stage == 3
+        zero3 = self._zero_stage == 3
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero3):
                 if self.rank == 0:
-                    out[name] = p.detach().to("cpu", torch.float32, copy=True)
+                    out[name] = _dense(p).to("cpu", torch.float32, copy=True)
         if self.rank == 0:
             for name, b in self.module.named_buffers():
                 if name in self.module.state_dict():
@@ -141,6 +156,15 @@ class TrainEngine:
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
         return client_state or {}
+
+
+def _dense(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's real values: bitsandbytes 4-bit weights (QLoRA) are dequantized for export."""
+    if getattr(p, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(p.data, p.quant_state)
+    return p.detach()
 
 
 def _rng_state() -> dict:

@@ -16,11 +16,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_cpu_accelerator_without_gpu() -> None:
+    """DeepSpeed picks its accelerator at import; without a GPU say CPU, instead of letting it probe and warn."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed once (a world of one when no launcher set the environment).
 
     Returns (rank, world_size).
     """
+    use_cpu_accelerator_without_gpu()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "WORLD_SIZE" not in os.environ:  # a plain `python`/`rlhfkit` process: a world of one

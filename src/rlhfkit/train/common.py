@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -130,7 +131,9 @@ def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) ->
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"))
         module.peft_config["default"].save_pretrained(str(out))
     else:
-        config = base_config(module)
+        config = copy.deepcopy(base_config(module))
+        if hasattr(config, "quantization_config"):  # QLoRA: the export holds dense, merged weights
+            del config.quantization_config
         with torch.device("meta"):
             shell = AutoModelForCausalLM.from_config(config)
         shell.save_pretrained(out, state_dict=sd, safe_serialization=True)

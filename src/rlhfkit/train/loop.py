@@ -53,8 +53,8 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     if ckpts:
         state = engine.load_state(ckpts[-1])
         start = int(state["step"])
-        if D.is_main():
-            _truncate_metrics(out_dir / "metrics.jsonl", start)
+    if D.is_main():  # metrics past the resumed step (or all, on a fresh start) are redone
+        _truncate_metrics(out_dir / "metrics.jsonl", start if ckpts else -1)
     tracker = Tracker(out_dir, schedule.total_steps, start, desc=stage.name, enabled=D.is_main(),
                       show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
                       config=config_dump)
