@@ -1,0 +1,73 @@
+"""Sampling responses for rollouts and evaluation: left-padded prompts, KV cache, stop at EOS.
+
+Lengths are the truth: a response ends at its first stop token (included) or at max_new_tokens;
+everything after is padding whatever its id (pad == eos in many tokenizers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_lengths: torch.Tensor  # [B]
+    response_ids: torch.Tensor  # [B, R] right-padded
+    response_lengths: torch.Tensor  # [B], stop token included when there is one
+    ended: torch.Tensor  # [B] bool: stopped at a stop token (False: hit max_new_tokens)
+
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+
+def pad_left(prompts: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    out = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        out[i, out.shape[1] - len(p):] = torch.as_tensor(p, dtype=torch.long)
+    return out, lengths
+
+
+def response_lengths_from(response_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length up to and including the first stop token, and whether there was one."""
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device))
+    ended = is_stop.any(dim=1)
+    first = torch.where(ended, is_stop.int().argmax(dim=1) + 1, torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
+    return first, ended
+
+
+@torch.no_grad()
+def generate(model, prompts: list[np.ndarray], pad_id: int, stop_ids: list[int], sampling: SamplingConfig,
+             generator: torch.Generator | None = None) -> Generation:
+    """Sample one response per prompt with the model's KV cache. The model should be in eval mode."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_lengths = pad_left(prompts, pad_id)
+    width = prompt_ids.shape[1]
+    attention = (torch.arange(width)[None, :] >= (width - prompt_lengths)[:, None]).long()
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, pad_token_id=pad_id,
+                  eos_token_id=list(stop_ids), use_cache=True)
+    if sampling.do_sample:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+    if generator is not None:  # sampling draws from the global RNG; seed it from ours for reproducibility
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    out = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    response = out[:, width:].cpu()
+    if response.shape[1] == 0:
+        response = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
+    lengths, ended = response_lengths_from(response, stop_ids)
+    # Whatever the model emitted after the stop is padding: make it so, so nothing downstream reads it.
+    response = torch.where(torch.arange(response.shape[1])[None, :] < lengths[:, None], response, pad_id)
+    return Generation(prompt_ids, prompt_lengths, response, lengths, ended)
