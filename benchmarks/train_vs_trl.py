@@ -69,6 +69,7 @@ TRL_VERSION = "1.16.0"
 TORCH_PIN = "2.13.0"  # unpinned, pip would pull a multi-GB CUDA build; 2.13.0 resolves to the local CPU wheel
 RESULT_TAG = "TRL_RESULT "
 STAGES = ("sft", "rm")
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,6 +83,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--max-prompt-len", type=int, default=128)
     p.add_argument("--stages", default="sft,rm", help="comma-separated subset of sft,rm")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads on both sides (default: torch's default, reported in the results)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_vs_trl.json"))
     p.add_argument("--work-dir", default=None, help="keep run dirs here (default: a temp dir, removed afterwards)")
     return p.parse_args()
@@ -170,13 +173,25 @@ def step_tokens(stage: str, rows: list[dict], batch: int) -> list[int]:
     """Real (non-padding) tokens of each step's rows, as both frameworks count them."""
     per_row = ([len(r["input_ids"]) for r in rows] if stage == "sft"
                else [len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows])
+    return _per_step(per_row, batch)
+
+
+def step_targets(rows: list[dict], batch: int) -> list[int]:
+    """SFT loss targets of each step (response tokens), what rlhfkit's response-only loss averages over."""
+    return _per_step([len(r["input_ids"]) - r["prompt_len"] for r in rows], batch)
+
+
+def _per_step(per_row: list[int], batch: int) -> list[int]:
     return [sum(per_row[i:i + batch]) for i in range(0, len(per_row), batch)]
 
 
 # --- rlhfkit ------------------------------------------------------------------------------------------
-def run_rlhfkit(stage: str, cfg, rows: list[dict], pad_id: int) -> dict:
+def run_rlhfkit(stage: str, cfg, rows: list[dict], pad_id: int, threads: int | None) -> dict:
     """Run the real stage in process on the selected rows; return per-step times and tokens from metrics.jsonl."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from rlhfkit.tracking import read_metrics
     from rlhfkit.train import reward, sft
     from rlhfkit.train.batching import Blend
@@ -207,6 +222,8 @@ import json, sys, time
 spec = json.load(open(sys.argv[1]))
 
 import datasets, torch, transformers, trl
+if spec["threads"]:
+    torch.set_num_threads(spec["threads"])
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           TrainerCallback)
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
@@ -273,11 +290,14 @@ timer = StepTimer()
 trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
 assert len(trainer.train_dataset) == len(rows), "TRL dropped or added rows"
 
-# Count the real tokens of every batch the collator builds (batches come in step order; one may be prefetched).
-collate, batch_tokens = trainer.data_collator, []
+# Count the real tokens (and SFT loss targets) of every batch the collator builds; batches come in step order
+# (the dataloader may prefetch one more).
+collate, batch_tokens, batch_targets = trainer.data_collator, [], []
 def counting_collator(examples):
     batch = collate(examples)
     batch_tokens.append(int(batch["attention_mask"].sum()))
+    if "labels" in batch:
+        batch_targets.append(int((batch["labels"][:, 1:] != -100).sum()))
     return batch
 trainer.data_collator = counting_collator
 
@@ -287,6 +307,7 @@ print("TRL_RESULT " + json.dumps({
     "step_s": [timer.end[i] - (timer.end[i - 1] if i else timer.begin[i]) for i in range(n)],
     "compute_s": [timer.end[i] - timer.begin[i] for i in range(n)],
     "tokens": batch_tokens[:n],
+    "targets": batch_targets[:n],
     "threads": torch.get_num_threads(),
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                  "datasets": datasets.__version__},
@@ -294,7 +315,7 @@ print("TRL_RESULT " + json.dumps({
 '''
 
 
-def run_trl(stage: str, python: Path, cfg, rows: list[dict], pad_id: int, work: Path) -> dict:
+def run_trl(stage: str, python: Path, cfg, rows: list[dict], pad_id: int, work: Path, threads: int | None) -> dict:
     """Run the TRL runner on the same rows with the stage's settings; return its parsed JSON."""
     from rlhfkit.models.loading import resolve_model_dir
 
@@ -305,7 +326,7 @@ def run_trl(stage: str, python: Path, cfg, rows: list[dict], pad_id: int, work: 
     rows_file.write_text("".join(json.dumps({k: v.tolist() if hasattr(v, "tolist") else v for k, v in r.items()})
                                  + "\n" for r in rows))
     spec_file.write_text(json.dumps({
-        "stage": stage, "rows": str(rows_file), "output_dir": str(work / "out"), "pad_id": pad_id,
+        "stage": stage, "rows": str(rows_file), "output_dir": str(work / "out"), "pad_id": pad_id, "threads": threads,
         "model_dir": resolve_model_dir(mcfg.name_or_path, mcfg, mcfg.revision),
         "max_steps": t.max_steps, "micro_batch": t.micro_batch_size, "dtype": t.dtype, "seed": t.seed,
         "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler, "adam_betas": list(t.adam_betas),
@@ -314,8 +335,11 @@ def run_trl(stage: str, python: Path, cfg, rows: list[dict], pad_id: int, work: 
         "warmup_steps": t.warmup_steps or int(round(t.warmup_ratio * t.max_steps)),
     }))
     runner.write_text(TRL_RUNNER)
-    env = {**os.environ, "DS_ACCELERATOR": os.environ["DS_ACCELERATOR"], "HF_HUB_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # rlhfkit's in-process run made this process a world of one (RANK, MASTER_PORT … in os.environ); the child
+    # must not inherit that, or accelerate would try to join a process group on the port this process holds.
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update({"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"], "HF_HUB_OFFLINE": "1",
+                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
     proc = subprocess.run([str(python), str(runner), str(spec_file)], env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
@@ -363,6 +387,15 @@ def versions(trl_versions: dict) -> dict:
             **{f"{k} (TRL venv)": v for k, v in trl_versions.items()}}
 
 
+def precision(cfg, dtype: str) -> str:
+    from rlhfkit.engine.backend import effective_zero_stage
+
+    if dtype == "float32":
+        return "float32 on both sides"
+    return (f"bfloat16: rlhfkit DeepSpeed bf16 (bf16 weights and activations, fp32 master weights, ZeRO-"
+            f"{effective_zero_stage(cfg.sft)}); TRL torch.autocast(bf16) over fp32 weights")
+
+
 def main() -> None:
     args = parse_args()
     config = Path(args.config)
@@ -394,21 +427,22 @@ def main() -> None:
             expected = step_tokens(stage, rows, args.micro_batch)
             print(f"{stage}: rlhfkit, {n_steps} steps of {args.micro_batch} rows ...", flush=True)
             t0 = time.perf_counter()
-            ours = run_rlhfkit(stage, cfg, rows, pad_id)
+            ours = run_rlhfkit(stage, cfg, rows, pad_id, args.threads)
             print(f"{stage}: rlhfkit done in {time.perf_counter() - t0:.0f}s; TRL ...", flush=True)
             t0 = time.perf_counter()
-            theirs = run_trl(stage, python, cfg, rows, pad_id, work / "trl" / stage)
+            theirs = run_trl(stage, python, cfg, rows, pad_id, work / "trl" / stage, args.threads)
             print(f"{stage}: TRL done in {time.perf_counter() - t0:.0f}s", flush=True)
             trl_versions = theirs["versions"]
+            if stage == "sft" and theirs["targets"] != step_targets(rows, args.micro_batch):
+                raise SystemExit(f"TRL SFT loss targets per step {theirs['targets']} differ from the response tokens "
+                                 f"{step_targets(rows, args.micro_batch)}: not a completion-only loss")
             r = {"rows_per_step": args.micro_batch,
                  "rlhfkit": summarize(ours, args.warmup, expected, "rlhfkit", stage),
                  "trl": summarize(theirs, args.warmup, expected, "TRL", stage)}
             r["ratio_rlhfkit_over_trl"] = r["rlhfkit"]["tokens_per_s"] / r["trl"]["tokens_per_s"]
             result["stages"][stage] = r
         result["versions"] = versions(trl_versions)
-        result["precision"] = (
-            "bfloat16: rlhfkit DeepSpeed bf16 (bf16 weights/activations, fp32 master weights, ZeRO-1); "
-            "TRL torch.autocast(bf16) over fp32 weights" if args.dtype == "bfloat16" else "float32 on both sides")
+        result["precision"] = precision(cfg, args.dtype)
         print_table(result)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

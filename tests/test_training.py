@@ -256,3 +256,13 @@ def test_qlora_sft_trains_lora_on_4bit_base(tmp_path, pairs_file):
     assert curve[-1] < curve[0] - 0.1, curve  # the eval passes in between (no-grad) did not freeze LoRA
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "sft" / "final")
     assert model.config.num_hidden_layers == 2 and "quantization_config" not in model.config.to_dict()
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, pairs_file):
+    sft = {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 3e-3}
+    plain = write_config(tmp_path / "plain", pairs_file, sft=sft)
+    ckpt = write_config(tmp_path / "ckpt", pairs_file, sft={**sft, "gradient_checkpointing": True})
+    run_ok(["sft", str(plain), "--no-progress"])
+    run_ok(["sft", str(ckpt), "--no-progress"])
+    a, b = train_losses(tmp_path / "plain" / "run", "sft"), train_losses(tmp_path / "ckpt" / "run", "sft")
+    assert len(a) == 3 and a == pytest.approx(b, abs=1e-6)

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # bitsandbytes warns on import that an optional hub kernel package is missing
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         args.func(args)
     except RlhfkitError as e:
