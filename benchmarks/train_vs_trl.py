@@ -137,7 +137,11 @@ def load_bench_config(args: argparse.Namespace, output_dir: Path, n_steps: int):
             # no eval, no intermediate checkpoints: only the final export/checkpoint, outside the step timer
             "eval_every": 0, "max_eval_batches": 1, "save_every": 0, "log_every": 1, "wandb_project": "null",
         }.items()]
-    return load_config(args.config, overrides)
+    overrides.append("sft.loss_on=response")  # what TRL's completion-only loss computes
+    cfg = load_config(args.config, overrides)
+    if cfg.sft.lora.enabled or cfg.rm.lora.enabled:
+        raise SystemExit("this benchmark compares full fine-tuning; turn LoRA off in the config")
+    return cfg
 
 
 def select_rows(cfg, phase: int, n: int) -> list[dict]:
@@ -189,13 +193,12 @@ def _per_step(per_row: list[int], batch: int) -> list[int]:
 def run_rlhfkit(stage: str, cfg, rows: list[dict], pad_id: int, threads: int | None) -> dict:
     """Run the real stage in process on the selected rows; return per-step times and tokens from metrics.jsonl."""
     import torch
-
-    if threads:
-        torch.set_num_threads(threads)
     from rlhfkit.tracking import read_metrics
     from rlhfkit.train import reward, sft
     from rlhfkit.train.batching import Blend
 
+    if threads:
+        torch.set_num_threads(threads)
     module, run, t = (sft, sft.run_sft, cfg.sft) if stage == "sft" else (reward, reward.run_rm, cfg.rm)
     table = schedule_ordered_table(rows, t)
 
@@ -282,8 +285,10 @@ if spec["stage"] == "sft":
     trainer_cls = SFTTrainer
 else:
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=torch.float32)
-    data = datasets.Dataset.from_list([{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in rows])
-    args = RewardConfig(**common)
+    margin = {"margin": spec["margin"]} if spec["margin"] else {}  # rlhfkit's Bradley-Terry margin, if any
+    data = datasets.Dataset.from_list(
+        [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"], **margin} for r in rows])
+    args = RewardConfig(**common, center_rewards_coefficient=spec["center_coef"] or None)
     trainer_cls = RewardTrainer
 
 timer = StepTimer()
@@ -333,6 +338,7 @@ def run_trl(stage: str, python: Path, cfg, rows: list[dict], pad_id: int, work: 
         "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm or 0.0,
         # rlhfkit's warmup: warmup_steps, else round(warmup_ratio * total steps)
         "warmup_steps": t.warmup_steps or int(round(t.warmup_ratio * t.max_steps)),
+        "margin": getattr(t, "margin", 0.0), "center_coef": getattr(t, "center_coef", 0.0),
     }))
     runner.write_text(TRL_RUNNER)
     # rlhfkit's in-process run made this process a world of one (RANK, MASTER_PORT … in os.environ); the child

@@ -14,7 +14,8 @@ from ..engine import distributed as D
 from ..engine.backend import TrainEngine, seed_everything
 from ..models.lora import apply_lora, lora_param_groups, merge_lora_state_dict
 from ..models.loading import load_causal_lm, set_dropout
-from .batching import Blend
+from .batching import Blend, collate_pairs
+from .loop import Stage
 from .losses import selected_token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,3 +142,18 @@ def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) ->
         if gen is not None:
             gen.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def pair_stage(name: str, train: Blend, evals: Blend, pad_id: int, loss, export, metric_keys: tuple[str, ...]) -> Stage:
+    """A stage over preference pairs (RM, DPO): one forward on chosen + rejected rows, means over pairs."""
+    return Stage(
+        name=name,
+        train=train,
+        eval=evals,
+        collate=lambda rows: collate_pairs(rows, pad_id),
+        units=len,
+        loss=loss,
+        export=export,
+        eval_metrics=lambda s: {f"eval/{k}": s[k] / max(s["units"], 1) for k in metric_keys},
+        tokens=lambda rows: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+    )

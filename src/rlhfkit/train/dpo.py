@@ -10,10 +10,9 @@ import torch
 
 from ..config import Config
 from ..models.loading import load_causal_lm, load_tokenizer
-from .batching import collate_pairs
-from .common import (TokenLogprobLM, begin_stage, model_config_for, save_causal_lm, stage_data,
+from .common import (TokenLogprobLM, begin_stage, model_config_for, pair_stage, save_causal_lm, stage_data,
                      trainable_causal_lm)
-from .loop import Stage, run_stage
+from .loop import run_stage
 from .losses import dpo_loss, response_token_mask
 from .sft import sft_stage_dir
 
@@ -69,18 +68,8 @@ def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
         n = pol_c.shape[0]
         return mean * n, {k: v * n for k, v in stats.items()}
 
-    stage = Stage(
-        name="dpo",
-        train=train,
-        eval=evals,
-        collate=lambda rows: collate_pairs(rows, pad_id),
-        units=len,
-        loss=loss,
-        export=lambda engine, out: save_causal_lm(engine, tokenizer, out, t),
-        eval_metrics=lambda s: {f"eval/{k}": s[k] / max(s["units"], 1)
-                                for k in ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")},
-        tokens=lambda rows: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
-    )
+    stage = pair_stage("dpo", train, evals, pad_id, loss, lambda engine, out: save_causal_lm(engine, tokenizer, out, t),
+                       ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected"))
     return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"))
 
 

@@ -18,9 +18,9 @@ from ..models.lora import apply_lora, lora_param_groups
 from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
 from ..models.reward import STATS_FILE, RewardModel
 from .batching import collate_pairs
-from .common import base_config, begin_stage, gathered_weights, model_config_for, stage_data
-from .loop import Stage, run_stage
-from .losses import bradley_terry_loss
+from .common import base_config, begin_stage, gathered_weights, model_config_for, pair_stage, stage_data
+from .loop import run_stage
+from .losses import bradley_terry_loss, pair_metrics
 
 STATS_ROWS = 256  # training pairs scored for the stored mean/std
 
@@ -59,10 +59,8 @@ def run_rm(cfg: Config, show_progress: bool = True) -> dict:
     def loss(engine, batch):
         chosen, rejected = pair_scores(engine, batch)
         n = chosen.shape[0]
-        bt = bradley_terry_loss(chosen, rejected, t.margin, t.center_coef) * n
-        diff = (chosen - rejected).detach()
-        return bt, {"accuracy": (diff > 0).sum().item(), "margin": diff.sum().item(),
-                    "chosen_score": chosen.detach().sum().item(), "rejected_score": rejected.detach().sum().item()}
+        metrics = pair_metrics(chosen.detach(), rejected.detach())
+        return bradley_terry_loss(chosen, rejected, t.margin, t.center_coef) * n, {k: v * n for k, v in metrics.items()}
 
     def export(engine, out):
         mean, std = score_stats(engine, train, pad_id, t.micro_batch_size)
@@ -71,18 +69,8 @@ def run_rm(cfg: Config, show_progress: bool = True) -> dict:
             RewardModel.save(out, sd, base_config(engine.module.backbone), mean, std)
             tokenizer.save_pretrained(out)
 
-    stage = Stage(
-        name="rm",
-        train=train,
-        eval=evals,
-        collate=lambda rows: collate_pairs(rows, pad_id),
-        units=len,
-        loss=loss,
-        export=export,
-        eval_metrics=lambda s: {f"eval/{k}": s[k] / max(s["units"], 1)
-                                for k in ("accuracy", "margin", "chosen_score", "rejected_score")},
-        tokens=lambda rows: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
-    )
+    stage = pair_stage("rm", train, evals, pad_id, loss, export,
+                       ("accuracy", "margin", "chosen_score", "rejected_score"))
     return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"))
 
 
