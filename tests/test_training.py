@@ -13,8 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED, needs_shared, write_jsonl
-from rlhfkit.config import load_config
+from conftest import REPO, needs_shared, write_jsonl
 from rlhfkit.tracking import read_metrics
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO / "src")}
@@ -202,24 +201,22 @@ def test_lora_sft_saves_merged_and_adapter(tmp_path, pairs_file):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models import load_causal_lm
+
     lora = {"r": 4, "alpha": 8, "learning_rate": 1e-2}
     merged_cfg = write_config(tmp_path / "m", pairs_file, sft={"max_steps": 3, "lora": lora})
     run_ok(["sft", str(merged_cfg), "--no-progress"])
     adapter_cfg = write_config(tmp_path / "a", pairs_file, sft={"max_steps": 3, "lora": {**lora, "save": "adapter"}})
     run_ok(["sft", str(adapter_cfg), "--no-progress"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "run" / "sft" / "final")
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "run" / "sft" / "final")  # placeholder shape
     adapter_dir = tmp_path / "a" / "run" / "sft" / "final"
     assert (adapter_dir / "adapter_config.json").is_file()
-    from rlhfkit.config import ModelConfig
-    from rlhfkit.models import load_causal_lm
-
     with_adapter = PeftModel.from_pretrained(load_causal_lm(ModelConfig(name_or_path="tiny-random")), adapter_dir)
     ids = torch.randint(0, 900, (1, 10))
     with torch.no_grad():
-        # same seed, same data, same steps: the merged export equals base + the saved adapter
+        # same seed, data and steps: the merged export equals the base model + the saved adapter
         assert (merged(input_ids=ids).logits - with_adapter(input_ids=ids).logits).abs().max() < 1e-5
-    del base
 
 
 def test_reward_score_is_the_last_real_token_under_right_padding_with_pad_eq_eos():

@@ -13,14 +13,12 @@ gradient is then exactly that of the global mean, however the step was cut into 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..config import TrainConfig
 from ..paths import publish_dir
@@ -216,13 +214,8 @@ def finish_checkpoint(tmp: Path, step: int, keep: int, meta: dict) -> Path:
     D.barrier()  # every rank has written its part
     if D.is_main():
         (tmp / COMPLETE).write_text(json.dumps(meta))
-        os.sync() if hasattr(os, "sync") else None
         publish_dir(tmp, final)
         for old in checkpoint_dirs(tmp.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return final
-
-
-def is_distributed_run() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -29,10 +30,9 @@ def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Ble
     data_dir = cfg.output_dir / "data"
     D.init_distributed()
     if D.is_main():
-        manifest = prepare(cfg, show_progress=show_progress)
+        prepare(cfg, show_progress=show_progress)
     D.barrier()
-    if not D.is_main():
-        manifest = prepare(cfg, show_progress=False)  # all cache hits now
+    manifest = json.loads((data_dir / "manifest.json").read_text())
     train = Blend([t for _, t in load_phase(data_dir, phase, "train")])
     evals = Blend([t for _, t in load_phase(data_dir, phase, "eval")])
     return train, evals, int(manifest["tokenizer"]["pad_id"])

@@ -4,7 +4,6 @@ checkpoints, exact resume, metrics. A stage supplies a `Stage`: its data, collat
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -43,7 +42,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     """Train, evaluating before/during/after, checkpointing and resuming. Returns the final eval metrics."""
     out_dir = Path(out_dir)
     rank, world = D.init_distributed()
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same RNG state at step 0 however much randomness building the model used
     global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
     schedule = StepSchedule(len(stage.train), global_batch, t.seed, t.epochs, t.max_steps)
     engine = TrainEngine(model, t, schedule.total_steps, param_groups)
@@ -151,7 +150,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
-
-
-def clear_stage_output(out_dir: Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)

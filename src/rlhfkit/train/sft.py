@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 
 from ..config import Config
 from ..models.loading import load_tokenizer
