@@ -263,3 +263,41 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, pairs_file):
     run_ok(["sft", str(ckpt), "--no-progress"])
     a, b = train_losses(tmp_path / "plain" / "run", "sft"), train_losses(tmp_path / "ckpt" / "run", "sft")
     assert len(a) == 3 and a == pytest.approx(b, abs=1e-6)
+
+
+def test_param_groups_lora_lr_and_no_decay_on_biases_and_norms():
+    from rlhfkit.config import LoraConfig, ModelConfig
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.engine.backend import param_groups
+    from rlhfkit.models.lora import apply_lora
+
+    model = apply_lora(load_causal_lm(ModelConfig(name_or_path="tiny-random")),
+                       LoraConfig(r=4, only_optimize_lora=False))
+    groups = param_groups(model, lr=1e-5, weight_decay=0.1, lr_by_name={"lora_": 1e-3})
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            assert g["lr"] == (1e-3 if "lora_" in name else 1e-5), name
+            assert g["weight_decay"] == (0.0 if p.ndim < 2 or "norm" in name else 0.1), name
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_dropout_override_reaches_config_and_modules():
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.models.loading import set_dropout
+
+    model = load_causal_lm(ModelConfig(name_or_path="tiny-random"))
+    set_dropout(model, 0.25)
+    assert model.config.attention_dropout == 0.25
+    assert all(layer.self_attn.attention_dropout == 0.25 for layer in model.model.layers)
+
+
+def test_dpo_with_lora_uses_the_adapter_free_model_as_reference(tmp_path, pairs_file):
+    cfg_path = write_config(tmp_path, pairs_file, data={"phase_ratios": [0, 1, 0]},
+                            dpo={"max_steps": 8, "micro_batch_size": 8, "learning_rate": 1e-3,
+                                 "lora": {"r": 8, "alpha": 16, "learning_rate": 1e-2}})
+    run_ok(["dpo", str(cfg_path), "--no-progress"])
+    acc = evals(tmp_path / "run", "dpo", "eval/rewards/accuracy")
+    assert acc[0] == 0.0 and acc[-1] > 0.9  # adapter off == reference at the start; then it learns

@@ -173,6 +173,7 @@ class RewardConfig(TrainConfig):
     margin: float = 0.0  # Bradley–Terry margin
     center_coef: float = Field(0.0, ge=0)  # weight of mean((r_c + r_r)^2), keeps scores centred
     learning_rate: float = Field(1e-5, gt=0)
+    head_learning_rate: float | None = Field(None, gt=0)  # the freshly initialised value head; default: learning_rate
 
 
 class DPOConfig(TrainConfig):

@@ -55,6 +55,21 @@ def deepspeed_config(t: TrainConfig, world: int) -> dict:
     }
 
 
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
+                 lr_by_name: dict[str, float | None] | None = None) -> list[dict]:
+    """AdamW groups of the trainable parameters: no weight decay on biases and norms; a parameter whose
+    name contains a key of lr_by_name (e.g. "lora_", "v_head.") trains at that learning rate (None: lr)."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        group_lr = next((v for k, v in (lr_by_name or {}).items() if k in name and v is not None), lr)
+        groups.setdefault((group_lr, no_decay), []).append(p)
+    return [{"params": params, "lr": group_lr, "weight_decay": 0.0 if no_decay else weight_decay}
+            for (group_lr, no_decay), params in sorted(groups.items())]
+
+
 def build_optimizer(param_groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
     fused = torch.cuda.is_available() and not t.offload_optimizer
     return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=1e-8,

@@ -31,22 +31,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     return wrapped
 
 
-def lora_param_groups(model: nn.Module, lr: float, lora_lr: float | None, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and norms; LoRA weights at their own learning rate."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
-        is_lora = "lora_" in name
-        groups.setdefault((is_lora, no_decay), []).append(p)
-    out = []
-    for (is_lora, no_decay), params in sorted(groups.items()):
-        out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
-                    "lr": (lora_lr or lr) if is_lora else lr})
-    return out
-
-
 def merge_lora_state_dict(sd: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """peft state dict (base_layer + lora_A/B) → plain model state dict with W' = W + scaling·B·A.
 

@@ -12,8 +12,8 @@ from torch import nn
 from ..config import Config, ModelConfig, TrainConfig, save_resolved_config
 from ..data.prepare import load_phase, prepare
 from ..engine import distributed as D
-from ..engine.backend import TrainEngine, seed_everything
-from ..models.lora import apply_lora, lora_param_groups, merge_lora_state_dict
+from ..engine.backend import TrainEngine, param_groups, seed_everything
+from ..models.lora import apply_lora, merge_lora_state_dict
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend, collate_pairs
 from .loop import Stage
@@ -85,7 +85,7 @@ def trainable_causal_lm(mcfg: ModelConfig, t: TrainConfig) -> tuple[TokenLogprob
     if t.lora.enabled:
         model = apply_lora(model, t.lora)
     wrapped = TokenLogprobLM(model)
-    return wrapped, lora_param_groups(wrapped, t.learning_rate, t.lora.learning_rate, t.weight_decay)
+    return wrapped, param_groups(wrapped, t.learning_rate, t.weight_decay, {"lora_": t.lora.learning_rate})
 
 
 def disable_cpu_4bit_repacking(model) -> None:

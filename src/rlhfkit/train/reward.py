@@ -14,7 +14,8 @@ import torch
 
 from ..config import Config
 from ..engine import distributed as D
-from ..models.lora import apply_lora, lora_param_groups
+from ..engine.backend import param_groups
+from ..models.lora import apply_lora
 from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
 from ..models.reward import STATS_FILE, RewardModel
 from .batching import collate_pairs
@@ -38,7 +39,8 @@ def build_reward_model(cfg: Config) -> tuple[RewardModel, list[dict]]:
         set_dropout(model.backbone, t.dropout)
     if t.lora.enabled:
         model.backbone = apply_lora(model.backbone, t.lora)  # the head stays fully trainable
-    return model, lora_param_groups(model, t.learning_rate, t.lora.learning_rate, t.weight_decay)
+    lrs = {"lora_": t.lora.learning_rate, "v_head.": t.head_learning_rate}
+    return model, param_groups(model, t.learning_rate, t.weight_decay, lrs)
 
 
 def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
