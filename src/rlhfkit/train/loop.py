@@ -4,6 +4,8 @@ checkpoints, exact resume, metrics. A stage supplies a `Stage`: its data, collat
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -90,11 +92,11 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
 
     final = evaluate(stage, engine, t)
     tracker.log(schedule.total_steps, final)
-    export_final(engine, stage, out_dir)
-    save_checkpoint(engine, stage, out_dir, schedule.total_steps, t.keep_checkpoints)
-    tracker.close()
+    ckpt = save_checkpoint(engine, stage, out_dir, schedule.total_steps, t.keep_checkpoints)
     if D.is_main():
-        (out_dir / "final" / "eval.json").write_text(json.dumps(final, indent=1))
+        publish_final(ckpt / "model", out_dir / "final", final)
+    D.barrier()
+    tracker.close()
     return final
 
 
@@ -130,16 +132,20 @@ def save_checkpoint(engine: TrainEngine, stage: Stage, out_dir: Path, step: int,
     return finish_checkpoint(tmp, step, keep, {"step": step, "stage": stage.name})
 
 
-def export_final(engine: TrainEngine, stage: Stage, out_dir: Path) -> None:
-    final = out_dir / "final"
-    tmp = make_temp_dir(final) if D.is_main() else None
-    D.barrier()
-    # every rank joins the gather; only rank 0 writes
-    stage.export(engine, tmp if tmp is not None else out_dir / ".unused")
-    D.barrier()
-    if D.is_main():
-        publish_dir(tmp, final)
-    D.barrier()
+def publish_final(exported: Path, final: Path, eval_metrics: dict) -> None:
+    """final/ = the last checkpoint's exported model (hard links, not a second gather and export) plus
+    eval.json, moved into place in one rename."""
+    tmp = make_temp_dir(final)
+    shutil.copytree(exported, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+    (tmp / "eval.json").write_text(json.dumps(eval_metrics, indent=1))
+    publish_dir(tmp, final)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -7,7 +7,6 @@ At the end the score mean/std over (a sample of) the training pairs is stored fo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from ..engine import distributed as D
 from ..engine.backend import param_groups
 from ..models.lora import apply_lora
 from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
-from ..models.reward import STATS_FILE, RewardModel
+from ..models.reward import RewardModel
 from .batching import collate_pairs
 from .common import base_config, begin_stage, gathered_weights, model_config_for, pair_stage, stage_data
 from .loop import run_stage
@@ -95,6 +94,3 @@ def score_stats(engine, train, pad_id: int, micro: int) -> tuple[float, float]:
     mean = s / max(n, 1)
     return mean, max(s2 / max(n, 1) - mean ** 2, 0.0) ** 0.5
 
-
-def read_reward_stats(path: Path) -> dict:
-    return json.loads((Path(path) / STATS_FILE).read_text())
