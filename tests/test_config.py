@@ -21,7 +21,7 @@ def test_quickstart_loads_with_overrides():
     assert cfg.data.max_seq_len == 300
     assert cfg.data.phase_ratios == (1.0, 1.0, 1.0)
     assert cfg.model.name_or_path == "smollm2-135m-instruct"
-    assert cfg.data.datasets[0].path.endswith("hh_harmless_base_test.shared.jsonl.gz")
+    assert cfg.data.datasets[0].path.endswith("hh_helpful_base_test.shared.jsonl.gz")
 
 
 def test_override_into_list_item(tmp_path):

@@ -34,14 +34,37 @@ def test_left_padded_batch_gives_the_same_greedy_replies_as_one_by_one():
     assert batch.prompt_lengths.tolist() == [len(p) for p in prompts]
 
 
-def test_sampling_is_reproducible_with_a_generator():
+def test_row_seeded_sampling_is_reproducible_and_independent_of_batch_mates():
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random"))
     model.eval()
-    prompts = [np.array(tok("Tell me a story").input_ids)] * 3
+    prompts = [np.array(tok(t).input_ids) for t in ("Tell me a story", "Hi", "What is the capital of France?")]
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9)
-    a = generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], cfg, torch.Generator().manual_seed(1))
-    b = generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], cfg, torch.Generator().manual_seed(1))
+    a = generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], cfg, seeds=[1, 2, 3])
+    b = generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], cfg, seeds=[1, 2, 3])
     assert torch.equal(a.response_ids, b.response_ids)
+    alone = generate(model, prompts[1:2], tok.pad_token_id, [tok.eos_token_id], cfg, seeds=[2])
+    n = int(alone.response_lengths[0])
+    assert a.response_lengths[1] == n and torch.equal(a.response_ids[1, :n], alone.response_ids[0, :n])
+    other = generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], cfg, seeds=[7, 8, 9])
+    assert not torch.equal(a.response_ids, other.response_ids)
     # after its stop token a row is padding, whatever the model emitted
     for row, n in zip(a.response_ids, a.response_lengths):
         assert (row[n:] == tok.pad_token_id).all()
+
+
+def test_row_seeded_sampling_draws_from_the_warped_distribution():
+    """Gumbel-max over temperature + top-k logits: empirical first-token frequencies match softmax."""
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random"))
+    model.eval()
+    prompt = np.array(tok("Tell me a story").input_ids)
+    cfg = SamplingConfig(max_new_tokens=1, temperature=0.02, top_k=4)
+    n = 3000
+    out = generate(model, [prompt] * n, tok.pad_token_id, [tok.eos_token_id], cfg, seeds=list(range(n)))
+    with torch.no_grad():
+        logits = model(torch.as_tensor(prompt)[None]).logits[0, -1].float() / cfg.temperature
+    top = logits.topk(4)
+    expected = torch.softmax(top.values, 0)
+    for token, p in zip(top.indices.tolist(), expected.tolist()):
+        freq = (out.response_ids[:, 0] == token).float().mean().item()
+        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (token, freq, p)
+    assert torch.isin(out.response_ids[:, 0], top.indices).all()  # nothing outside the top-k

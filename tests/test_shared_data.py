@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_data_on_real_hh_rlhf(tmp_path, monkeypatch):
-    needs_shared("data/preference/hh_harmless_base_test.shared.jsonl.gz")
+    needs_shared("data/preference/hh_helpful_online_test.jsonl.gz")
     needs_shared("data/preference/hh_helpful_base_test.shared.jsonl.gz")
     monkeypatch.setenv("RLHFKIT_SHARED", str(SHARED))
     cfg = load_config(REPO / "configs" / "quickstart.yaml",
@@ -22,7 +22,7 @@ def test_quickstart_data_on_real_hh_rlhf(tmp_path, monkeypatch):
     data_dir = Path(cfg.output_dir) / "data"
 
     # Every record read is accounted for: kept in some phase, or dropped / skipped with a reason.
-    for ds, n_read in (("hh_harmless", 2000), ("hh_helpful", 1919)):
+    for ds, n_read in (("hh_helpful", 1919), ("hh_helpful_online", 1137)):
         stats = [json.loads((data_dir / e["file"]).with_suffix(".stats.json").read_text())
                  for p in "123" for s in ("train", "eval") for e in manifest["phases"][p][s] if e["dataset"] == ds]
         load = stats[0]["load"]
@@ -32,7 +32,7 @@ def test_quickstart_data_on_real_hh_rlhf(tmp_path, monkeypatch):
 
     tok_eos = manifest["tokenizer"]["eos_id"]
     for name, table in load_phase(data_dir, 2, "train"):
-        assert len(table) > 600
+        assert len(table) > 300
         for i in range(0, len(table), 97):
             row = table.row(i)
             plen = row["prompt_len"]

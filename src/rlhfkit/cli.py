@@ -45,11 +45,12 @@ def cmd_data_inspect(args) -> None:
 def cmd_train_stage(args) -> None:
     from .config import load_config
     from .train.dpo import run_dpo
+    from .train.ppo.trainer import run_ppo
     from .train.reward import run_rm
     from .train.sft import run_sft
 
     cfg = load_config(args.config, args.overrides)
-    runner = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo}[args.stage]
+    runner = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "ppo": run_ppo}[args.stage]
     start = time.perf_counter()
     final = runner(cfg, show_progress=not args.no_progress)
     from .engine.distributed import is_main
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     helps = {"sft": "supervised fine-tuning on phase-1 data",
              "rm": "reward model (Bradley–Terry) on phase-2 pairs",
-             "dpo": "DPO on phase-2 pairs (instead of RM + PPO)"}
+             "dpo": "DPO on phase-2 pairs (instead of RM + PPO)",
+             "ppo": "PPO on phase-3 prompts: actor from SFT, critic and reward from the RM"}
     for name, text in helps.items():
         p = stages.add_parser(name, help=text)
         _config_args(p)

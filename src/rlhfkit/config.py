@@ -183,6 +183,103 @@ class DPOConfig(TrainConfig):
     learning_rate: float = Field(1e-6, gt=0)
 
 
+class FrozenModelConfig(Section):
+    """A model PPO only runs forward (reference, reward): precision and placement, no optimizer."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    zero_stage: Literal[0, 3] = 0  # 3: parameters partitioned over processes (gathered layer by layer)
+    offload_param: bool = False  # ZeRO-3 only: keep the partitions in CPU memory
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
+        return self
+
+
+class SamplingSettings(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off
+    stop_ids: list[int] = Field(default_factory=list)  # stop tokens besides the tokenizer's EOS
+
+
+class AdaptiveKLConfig(Section):
+    target: float = Field(6.0, gt=0)  # KL per sequence (nats) to steer towards
+    horizon: float = Field(10000, gt=0)  # in rollouts (sequences)
+
+
+class ActorConfig(TrainConfig):
+    """The PPO actor's backend settings. micro_batch_size also sizes the experience forward passes;
+    gradient accumulation follows from ppo.mini_batch_size."""
+
+    micro_batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "constant"
+    dropout: float | None = Field(0.0, ge=0, lt=1)  # PPO ratios need the same network in rollout and update
+
+
+class CriticConfig(ActorConfig):
+    learning_rate: float = Field(5e-6, gt=0)
+
+
+class PPOConfig(Section):
+    """PPO with four models (InstructGPT; GUIDE §2). Actor and critic step through the same backend as
+    every other stage, each with its own TrainConfig (ZeRO stage, offload, dtype, LoRA, learning rate);
+    reference and reward are frozen and only choose precision and placement."""
+
+    actor_model: str | None = None  # default: the SFT stage's final model
+    reward_model: str | None = None  # default: the RM stage's final model
+    critic_model: str | None = None  # default: the reward model (value head included)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    reference: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
+    reward: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
+    retokenize: bool = False  # actor and RM tokenizers differ: score the decoded text re-tokenized for the RM
+
+    # Rollouts
+    rollout_batch_size: int = Field(8, ge=1)  # prompts per PPO step, over all processes
+    generation_batch_size: int | None = Field(None, ge=1)  # prompts per generate() call; default: all of a process's
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where supported
+    steps: int = Field(30, ge=1)  # PPO steps (rollout + update)
+
+    # PPO
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batch_size: int | None = Field(None, ge=1)  # rollouts per optimizer step, over all processes; default: all
+    kl_coef: float = Field(0.1, ge=0)
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
+    adaptive_kl: AdaptiveKLConfig | None = None
+    normalize_scores: bool = False  # with the RM's stored mean/std
+    score_clip: float | None = Field(5.0, gt=0)
+    missing_eos_penalty: float | None = None  # added to the score of responses cut at max_new_tokens
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    whiten_advantages: bool = True
+    ptx_coef: float = Field(0.0, ge=0)  # > 0: add this times the SFT loss on phase-1 rows to the actor loss
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # keep an EMA of the actor, saved as final-ema/
+
+    # Eval, checkpoints
+    eval_every: int = Field(10, ge=0)  # steps; 0: only before and after training
+    eval_prompts: int = Field(64, ge=1)  # held-out phase-3 prompts scored at each eval
+    samples_logged: int = Field(4, ge=0)  # eval prompt/response pairs written to samples.jsonl
+    save_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    seed: int = 42
+    wandb_project: str | None = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.mini_batch_size and self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                             f"mini_batch_size ({self.mini_batch_size})")
+        return self
+
+
 class RunConfig(Section):
     output_dir: str = "runs/default"
     seed: int = 42
@@ -195,6 +292,7 @@ class Config(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm: RewardConfig = Field(default_factory=RewardConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     @property
     def output_dir(self) -> Path:

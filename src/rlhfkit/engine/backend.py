@@ -139,21 +139,25 @@ class TrainEngine:
         return float(norm) if norm is not None else None
 
     # --- weights -----------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full fp32 weights on rank 0 (None elsewhere), gathered one parameter at a time under ZeRO-3."""
+    def full_state_dict(self, all_ranks: bool = False, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (None elsewhere; on every rank with all_ranks), gathered one parameter
+        at a time under ZeRO-3."""
         import deepspeed
 
         out: dict[str, torch.Tensor] = {}
         zero3 = self._zero_stage == 3
+        keep = all_ranks or self.rank == 0
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero3):
-                if self.rank == 0:
-                    out[name] = _dense(p).to("cpu", torch.float32, copy=True)
-        if self.rank == 0:
+                if keep:
+                    out[name] = _dense(p).to(device, dtype, copy=True)
+        if keep:
+            persistent = self.module.state_dict().keys()
             for name, b in self.module.named_buffers():
-                if name in self.module.state_dict():
-                    out[name] = b.detach().to("cpu", copy=True)
-        return out if self.rank == 0 else None
+                if name in persistent:
+                    out[name] = b.detach().to(device, copy=True)
+        return out if keep else None
 
     # --- training state --------------------------------------------------------------------------
     def save_state(self, ckpt_dir: Path, client_state: dict) -> None:

@@ -49,20 +49,55 @@ def response_lengths_from(response_ids: torch.Tensor, stop_ids: list[int]) -> tu
     return first, ended
 
 
+class RowSeededSampler:
+    """Sampling whose randomness belongs to each row: Gumbel-max over the warped logits (temperature, top-k,
+    top-p), with the noise for row i drawn from its own generator seeded by seeds[i].
+
+    argmax(log p + Gumbel) is an exact sample from p. Because each row draws one noise vector per decoding
+    step from its own stream, a row's response does not depend on which other prompts share its batch,
+    how prompts are split over processes, or how a run was resumed."""
+
+    def __init__(self, seeds: list[int], sampling: SamplingConfig, device):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        return scores + gumbel
+
+
 @torch.no_grad()
 def generate(model, prompts: list[np.ndarray], pad_id: int, stop_ids: list[int], sampling: SamplingConfig,
-             generator: torch.Generator | None = None) -> Generation:
-    """Sample one response per prompt with the model's KV cache. The model should be in eval mode."""
+             seeds: list[int] | None = None) -> Generation:
+    """Sample one response per prompt with the model's KV cache. The model should be in eval mode.
+
+    With seeds (one per prompt), sampling is reproducible row by row (RowSeededSampler); without, it
+    draws from torch's global RNG. do_sample=False decodes greedily."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     prompt_ids, prompt_lengths = pad_left(prompts, pad_id)
     width = prompt_ids.shape[1]
     attention = (torch.arange(width)[None, :] >= (width - prompt_lengths)[:, None]).long()
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, pad_token_id=pad_id,
                   eos_token_id=list(stop_ids), use_cache=True)
-    if sampling.do_sample:
+    if sampling.do_sample and seeds is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None,
+                      logits_processor=LogitsProcessorList([RowSeededSampler(seeds, sampling, device)]))
+    elif sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    if generator is not None:  # sampling draws from the global RNG; seed it from ours for reproducibility
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     out = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention.to(device), **kwargs)
     response = out[:, width:].cpu()
     if response.shape[1] == 0:

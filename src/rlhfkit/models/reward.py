@@ -35,7 +35,9 @@ class RewardModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
 
-    def score(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B] score at the last real token. prompt_lens is accepted (and not needed) so that PPO calls every
+        reward module the same way."""
         return gather_last(self.values(input_ids, lengths), lengths)
 
     forward = score

@@ -116,8 +116,6 @@ def base_config(module):
 
 def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) -> None:
     """HF directory: safetensors (LoRA merged, or the adapter alone), tokenizer, generation config."""
-    from transformers import AutoModelForCausalLM
-
     sd = gathered_weights(engine, t, prefix="lm.")
     if not D.is_main():
         return
@@ -131,16 +129,23 @@ def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) ->
         adapter = get_peft_model_state_dict(module, state_dict=sd)
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"))
         module.peft_config["default"].save_pretrained(str(out))
+        tokenizer.save_pretrained(out)
     else:
-        config = copy.deepcopy(base_config(module))
-        if hasattr(config, "quantization_config"):  # QLoRA: the export holds dense, merged weights
-            del config.quantization_config
-        with torch.device("meta"):
-            shell = AutoModelForCausalLM.from_config(config)
-        shell.save_pretrained(out, state_dict=sd, safe_serialization=True)
-        gen = getattr(module, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(out)
+        write_causal_lm(sd, base_config(module), tokenizer, out, getattr(module, "generation_config", None))
+
+
+def write_causal_lm(sd: dict[str, torch.Tensor], config, tokenizer, out: Path, generation_config=None) -> None:
+    """A loadable HF directory from a full (merged) state dict: safetensors, config, tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):  # QLoRA: the export holds dense, merged weights
+        del config.quantization_config
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config)
+    shell.save_pretrained(out, state_dict=dict(sd), safe_serialization=True)  # it empties the dict it is given
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

@@ -55,7 +55,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         state = engine.load_state(ckpts[-1])
         start = int(state["step"])
     if D.is_main():  # metrics past the resumed step (or all, on a fresh start) are redone
-        _truncate_metrics(out_dir / "metrics.jsonl", start if ckpts else -1)
+        truncate_metrics(out_dir / "metrics.jsonl", start if ckpts else -1)
     tracker = Tracker(out_dir, schedule.total_steps, start, desc=stage.name, enabled=D.is_main(),
                       show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
                       config=config_dump)
@@ -148,7 +148,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """After a resume, forget metrics the interrupted run logged past the checkpoint (they are redone)."""
     if not path.is_file():
         return

@@ -1,0 +1,106 @@
+"""Experience: from a batch of rollouts to PPO training targets, with the four models and formulas.py.
+
+old log-probs (actor, dropout off), reference log-probs, critic values, RM scores → shaped scores →
+per-token rewards (−β·KL + score at the last response token) → GAE advantages and returns → whitened
+advantages (over all processes' valid tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...config import PPOConfig
+from ...engine import distributed as D
+from ..batching import pad_right
+from . import formulas as PF
+from .rollout import Rollout, response_tensor, response_values, select_rows
+
+
+@dataclass
+class Experience:
+    rollout: Rollout  # on CPU
+    scores: torch.Tensor  # [B] raw RM scores
+    shaped_scores: torch.Tensor  # [B] after normalisation, missing-EOS penalty and clipping
+    old_logprobs: torch.Tensor  # [B, R] (the rest likewise, zero on padding)
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def actor_logprobs(forward, r: Rollout) -> torch.Tensor:
+    """[B, R] log-probs of the response tokens under a TokenLogprobLM (engine or frozen)."""
+    flat, _ = forward(r.input_ids, r.lengths, r.token_mask())
+    return response_tensor(flat.float(), r.response_lengths, r.width)
+
+
+def critic_values(forward, r: Rollout) -> torch.Tensor:
+    return response_values(forward(r.input_ids, r.lengths).float(), r.prompt_lens, r.response_lengths, r.width)
+
+
+class RewardScorer:
+    """RM scores of rollouts, re-tokenizing the text first when actor and RM tokenizers differ."""
+
+    def __init__(self, reward, retokenize: tuple | None = None):
+        self.reward = reward
+        self.retokenize = retokenize  # (actor tokenizer, reward tokenizer) or None
+
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        device = r.input_ids.device
+        if self.retokenize is None:
+            return self.reward(r.input_ids, r.lengths, r.prompt_lens).float()
+        src, dst = self.retokenize
+        seqs, prompt_lens = [], []
+        for i in range(len(r.lengths)):
+            pl, n = int(r.prompt_lens[i]), int(r.lengths[i])
+            ids = r.input_ids[i].tolist()
+            prompt = dst(src.decode(ids[:pl]), add_special_tokens=False)["input_ids"]
+            resp = dst(src.decode(ids[pl:n - int(r.ended[i])]), add_special_tokens=False)["input_ids"]
+            resp = resp + [dst.eos_token_id] if r.ended[i] else resp
+            seqs.append(np.array(prompt + resp))
+            prompt_lens.append(len(prompt))
+        ids, lengths = pad_right(seqs, dst.pad_token_id if dst.pad_token_id is not None else dst.eos_token_id)
+        return self.reward(ids.to(device), lengths.to(device), torch.tensor(prompt_lens, device=device)).float()
+
+
+@torch.no_grad()
+def make_experience(r: Rollout, actor, reference, critic, score, p: PPOConfig, kl_coef: float,
+                    score_stats: tuple[float, float] | None, micro_batch: int, device) -> Experience:
+    """Run the four models over the rollouts in micro-batches and derive the PPO targets."""
+    width = r.width
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("lp", "ref", "v", "s")}
+    for start in range(0, len(r.lengths), micro_batch):
+        sub = select_rows(r, torch.arange(start, min(start + micro_batch, len(r.lengths)))).to(device)
+        grow = (0, width - sub.width)
+        parts["lp"].append(F.pad(actor_logprobs(actor, sub), grow).cpu())
+        parts["ref"].append(F.pad(actor_logprobs(reference, sub), grow).cpu())
+        parts["v"].append(F.pad(critic_values(critic, sub), grow).cpu())
+        parts["s"].append(score(sub).cpu())
+    logprobs, ref_logprobs, values, scores = (torch.cat(parts[k]) for k in ("lp", "ref", "v", "s"))
+
+    mean, std = score_stats if score_stats else (None, None)
+    shaped = PF.normalize_and_clip_scores(scores, mean, std)
+    shaped = PF.length_penalty_scores(shaped, r.ended, p.missing_eos_penalty)
+    shaped = PF.normalize_and_clip_scores(shaped, clip=p.score_clip)
+    rewards, kl = PF.compute_rewards(shaped, logprobs, ref_logprobs, r.response_lengths, kl_coef, p.kl_estimator)
+    advantages, returns = PF.gae_advantages(values, rewards, r.response_lengths, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = whiten_over_ranks(advantages, r.response_mask())
+    return Experience(r, scores, shaped, logprobs, ref_logprobs, values, kl, rewards, advantages, returns)
+
+
+def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """formulas.masked_whiten with the mean and (unbiased) variance taken over every process's valid tokens,
+    so N processes whiten exactly as one process holding the whole batch would."""
+    valid = torch.where(mask, x, 0.0).double()
+    n, s = D.all_reduce_sum([float(mask.sum()), float(valid.sum())])
+    mean = s / max(n, 1)
+    (ss,) = D.all_reduce_sum([float(torch.where(mask, (x.double() - mean) ** 2, 0.0).sum())])
+    var = ss / max(n - 1, 1)
+    return torch.where(mask, (x - mean) * (var + 1e-8) ** -0.5, 0.0)

@@ -1,0 +1,131 @@
+"""The four PPO models. Actor and critic train through the shared backend (TrainEngine); reference and
+reward are frozen and only run forward, each at its own precision and ZeRO placement.
+
+Every model reads the same right-padded layout (prompt then response, masks from lengths), so the
+reward and the critic go through RewardModel's one score position (GUIDE §2) unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...config import Config, FrozenModelConfig
+from ...engine import distributed as D
+from ...engine.backend import param_groups
+from ...errors import ConfigError
+from ...models.lora import apply_lora
+from ...models.loading import load_causal_lm, load_tokenizer, resolve_model_dir, set_dropout
+from ...models.reward import RewardModel
+from ..common import DTYPES, TokenLogprobLM, model_config_for, trainable_causal_lm
+from ..reward import rm_stage_dir
+from ..sft import sft_stage_dir
+
+
+class ValueModel(nn.Module):
+    """The critic as the backend trains it: forward gives one value per token (a RewardModel's values)."""
+
+    def __init__(self, rm: RewardModel):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.rm.values(input_ids, lengths)
+
+    def gradient_checkpointing_enable(self, **kw):
+        self.rm.gradient_checkpointing_enable(**kw)
+
+
+class FrozenModel:
+    """A model that only runs forward, without grad: a plain module at its dtype (ZeRO-0), or a DeepSpeed
+    ZeRO-3 inference engine whose parameters are partitioned over the processes (optionally on CPU)."""
+
+    def __init__(self, module: nn.Module, fc: FrozenModelConfig):
+        module.eval().requires_grad_(False)
+        if fc.zero_stage == 3:
+            import deepspeed
+
+            zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+            if fc.offload_param:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                      "zero_optimization": zero, "bf16": {"enabled": fc.dtype == "bfloat16"},
+                      "fp16": {"enabled": fc.dtype == "float16"}, "steps_per_print": 10**9}
+            self._call = deepspeed.initialize(model=module, config=config)[0]
+            self._call.eval()
+            self.module = self._call.module
+        else:
+            self.module = module.to(D.device(), DTYPES[fc.dtype])
+            self._call = self.module
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
+def actor_start(cfg: Config) -> str:
+    """ppo.actor_model, else the SFT stage's final model (which must exist)."""
+    if cfg.ppo.actor_model:
+        return cfg.ppo.actor_model
+    return _stage_output(sft_stage_dir(cfg) / "final", "ppo.actor_model", "rlhfkit sft")
+
+
+def reward_start(cfg: Config) -> str:
+    if cfg.ppo.reward_model:
+        return cfg.ppo.reward_model
+    return _stage_output(rm_stage_dir(cfg) / "final", "ppo.reward_model", "rlhfkit rm")
+
+
+def _stage_output(path: Path, key: str, command: str) -> str:
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"PPO needs {path} (run `{command}` first) or `{key}` in the config")
+    return str(path)
+
+
+def build_actor(cfg: Config, t) -> tuple[TokenLogprobLM, list[dict]]:
+    return trainable_causal_lm(model_config_for(cfg, actor_start(cfg)), t)
+
+
+def load_reward_model(path: str, cfg: Config) -> RewardModel:
+    mcfg = model_config_for(cfg, path)
+    local = resolve_model_dir(mcfg.name_or_path, mcfg, mcfg.revision)
+    return RewardModel.from_pretrained(local, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
+
+
+def build_critic(cfg: Config, t) -> tuple[ValueModel, list[dict]]:
+    """The critic starts as the reward model (value head included), as in InstructGPT."""
+    rm = load_reward_model(cfg.ppo.critic_model or reward_start(cfg), cfg)
+    if t.dropout is not None:
+        set_dropout(rm.backbone, t.dropout)
+    if t.lora.enabled:
+        rm.backbone = apply_lora(rm.backbone, t.lora)  # the value head stays fully trainable
+    model = ValueModel(rm)
+    return model, param_groups(model, t.learning_rate, t.weight_decay, {"lora_": t.lora.learning_rate})
+
+
+def build_reference(cfg: Config) -> FrozenModel:
+    lm = load_causal_lm(model_config_for(cfg, actor_start(cfg)), dtype="float32")
+    return FrozenModel(TokenLogprobLM(lm), cfg.ppo.reference)
+
+
+def build_reward(cfg: Config) -> FrozenModel:
+    return FrozenModel(load_reward_model(reward_start(cfg), cfg), cfg.ppo.reward)
+
+
+def check_tokenizers(cfg: Config):
+    """Actor and reward tokenizers must agree token for token unless ppo.retokenize says to re-encode text.
+
+    Returns the reward model's tokenizer when it must retokenize, else None."""
+    actor_tok = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
+    reward_tok = load_tokenizer(model_config_for(cfg, reward_start(cfg)))
+    same = actor_tok.get_vocab() == reward_tok.get_vocab() and actor_tok.eos_token_id == reward_tok.eos_token_id
+    if same:
+        return None
+    if not cfg.ppo.retokenize:
+        raise ConfigError(
+            f"the actor ({actor_start(cfg)}) and the reward model ({reward_start(cfg)}) use different tokenizers; "
+            "set ppo.retokenize: true to score the decoded text re-tokenized for the reward model")
+    return actor_tok, reward_tok
+

@@ -1,0 +1,151 @@
+"""Rollouts: the hybrid engine's inference side, and the one sequence layout every PPO model reads.
+
+Generation works on left-padded prompts (so every row continues from the same column). Scoring and
+training work on the same sequences re-packed right-padded — prompt tokens, then response tokens, then
+padding — so positions start at 0 in every row and every mask comes from lengths (GUIDE §2): the same
+`gather_last` reads the RM score at the last response token in PPO as in RM training.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ...engine import distributed as D
+from ...engine.backend import TrainEngine
+from ...engine.generation import Generation, SamplingConfig, generate
+from ...models.lora import merge_lora_state_dict
+from ..batching import pad_right
+from ..common import DTYPES, base_config
+from ..losses import length_mask, response_token_mask
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run natively (and faster than fp32) on this CPU."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_rollout_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+class RolloutPolicy:
+    """A plain inference copy of the actor for sampling: no grad, KV cache, dropout off, LoRA merged in,
+    at the rollout dtype (bf16 where the hardware has it), refreshed from the trained weights after every
+    update. The training module itself may be ZeRO-3 partitioned, carry unmerged LoRA adapters or hold
+    fp32 weights, each of which makes token-by-token sampling slower.
+
+    Old log-probs are recomputed by the training actor, so the rollout dtype only changes which tokens
+    are sampled, never the probabilities PPO optimises against."""
+
+    def __init__(self, engine: TrainEngine, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        lm = engine.module.lm
+        config = copy.deepcopy(base_config(lm))
+        if hasattr(config, "quantization_config"):  # QLoRA: sample from dense merged weights
+            del config.quantization_config
+        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(D.device())
+        self.model.eval().requires_grad_(False)
+        self.lora_scale = None
+        if hasattr(lm, "peft_config"):
+            lora = lm.peft_config["default"]
+            self.lora_scale = lora.lora_alpha / lora.r
+        self.refresh(engine)
+
+    @torch.no_grad()
+    def refresh(self, engine: TrainEngine) -> None:
+        """Copy the actor's current weights in (gathered on every rank under ZeRO-3, LoRA merged)."""
+        sd = engine.full_state_dict(all_ranks=True)
+        sd = {k[len("lm."):]: v for k, v in sd.items() if k.startswith("lm.")}
+        if self.lora_scale is not None:
+            sd = merge_lora_state_dict(sd, self.lora_scale)
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(params) - set(sd))
+        if missing:
+            raise RuntimeError(f"rollout copy: the actor has no weights for {missing[:5]}")
+        for name, p in params.items():
+            p.copy_(sd[name])
+
+    def generate(self, prompts: list[np.ndarray], pad_id: int, stop_ids: list[int], sampling: SamplingConfig,
+                 seeds: list[int]) -> Generation:
+        return generate(self.model, prompts, pad_id, stop_ids, sampling, seeds)
+
+
+@dataclass
+class Rollout:
+    """Prompt + response per row, right-padded. lengths = prompt_lens + response_lengths."""
+
+    input_ids: torch.Tensor  # [B, T]
+    lengths: torch.Tensor  # [B]
+    prompt_lens: torch.Tensor  # [B]
+    response_lengths: torch.Tensor  # [B]
+    ended: torch.Tensor  # [B] bool: stopped at a stop token
+
+    @property
+    def width(self) -> int:
+        """R: the per-token response tensors' width."""
+        return int(self.response_lengths.max())
+
+    def response_mask(self) -> torch.Tensor:
+        """[B, R] bool over response tokens."""
+        return length_mask(self.response_lengths, self.width)
+
+    def token_mask(self) -> torch.Tensor:
+        """[B, T] bool over response tokens in sequence positions (the actor's target positions)."""
+        return response_token_mask(self.prompt_lens, self.lengths, self.input_ids.shape[1])
+
+    def to(self, device) -> "Rollout":
+        return Rollout(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def to_rollout(gen: Generation, pad_id: int) -> Rollout:
+    width = gen.prompt_ids.shape[1]
+    seqs = [np.concatenate([gen.prompt_ids[i, width - int(pl):].numpy(), gen.response_ids[i, :int(rl)].numpy()])
+            for i, (pl, rl) in enumerate(zip(gen.prompt_lengths, gen.response_lengths))]
+    ids, lengths = pad_right(seqs, pad_id)
+    return Rollout(ids, lengths, gen.prompt_lengths.clone(), gen.response_lengths.clone(), gen.ended.clone())
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    width = max(p.input_ids.shape[1] for p in parts)
+    ids = torch.cat([torch.nn.functional.pad(p.input_ids, (0, width - p.input_ids.shape[1]), value=pad_id)
+                     for p in parts])
+    return Rollout(ids, *(torch.cat([getattr(p, f) for p in parts])
+                          for f in ("lengths", "prompt_lens", "response_lengths", "ended")))
+
+
+def select_rows(r: Rollout, idx: torch.Tensor) -> Rollout:
+    """Rows idx, trimmed to their own longest sequence."""
+    lengths = r.lengths[idx]
+    return Rollout(r.input_ids[idx, : int(lengths.max())], lengths, r.prompt_lens[idx], r.response_lengths[idx],
+                   r.ended[idx])
+
+
+def response_tensor(flat: torch.Tensor, response_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Values of the response tokens in row-major order (as `selected_token_logprobs` returns them) →
+    [B, width], zero on padding."""
+    out = flat.new_zeros(len(response_lengths), width)
+    out[length_mask(response_lengths, width)] = flat
+    return out
+
+
+def response_values(values: torch.Tensor, prompt_lens: torch.Tensor, response_lengths: torch.Tensor,
+                    width: int) -> torch.Tensor:
+    """Critic values per response token [B, width]: V_t is read at the position just before response token
+    t (position prompt_len − 1 + t), the state in which the actor chose it. Zero on padding."""
+    pos = (prompt_lens[:, None] - 1 + torch.arange(width, device=values.device)[None, :]).clamp(max=values.shape[1] - 1)
+    return torch.where(length_mask(response_lengths, width), values.gather(1, pos), 0.0)

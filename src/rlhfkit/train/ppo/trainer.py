@@ -1,0 +1,359 @@
+"""Stage 3, PPO (`rlhfkit ppo CONFIG`): rollouts on phase-3 prompts, experience, clipped PPO updates of the
+actor and the critic, periodic eval on held-out prompts, checkpoints with exact resume.
+
+One step = sample one response per prompt with the rollout copy → score with the four models
+(experience.py) → ppo_epochs passes over the batch in mini-batches, one actor and one critic optimizer
+step per mini-batch → refresh the rollout copy, update the KL controller and the EMA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...config import Config
+from ...engine import distributed as D
+from ...engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, finish_checkpoint, seed_everything
+from ...engine.generation import SamplingConfig
+from ...errors import ConfigError
+from ...models.loading import load_tokenizer
+from ...models.reward import RewardModel
+from ...tracking import Tracker
+from ..batching import StepSchedule, collate_sft, count_sft_targets
+from ..common import base_config, begin_stage, gathered_weights, model_config_for, save_causal_lm, stage_data, write_causal_lm
+from ..loop import publish_final, truncate_metrics
+from . import formulas as PF
+from .ema import ActorEMA
+from .experience import Experience, RewardScorer, actor_logprobs, critic_values, make_experience
+from .models import (FrozenModel, actor_start, build_actor, build_critic, build_reference, build_reward,
+                     check_tokenizers)
+from .rollout import RolloutPolicy, concat_rollouts, resolve_rollout_dtype, select_rows, to_rollout
+
+
+def ppo_stage_dir(cfg: Config) -> Path:
+    return cfg.output_dir / "ppo"
+
+
+class PPOTrainer:
+    def __init__(self, cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None):
+        p = self.p = cfg.ppo
+        self.cfg, self.out_dir, self.show_progress = cfg, ppo_stage_dir(cfg), show_progress
+        begin_stage(cfg, self.out_dir, p.actor)
+        seed_everything(p.seed)
+        self.rank, self.world = D.init_distributed()
+        self.device = D.device()
+        self.prompts, self.eval_prompts, self.pad_id = stage_data(cfg, 3, show_progress)
+        self.ptx = stage_data(cfg, 1, show_progress)[0] if p.ptx_coef > 0 else None
+
+        for name, n in (("rollout_batch_size", p.rollout_batch_size), ("mini_batch_size", self.mini_batch)):
+            if n % self.world:
+                raise ConfigError(f"ppo.{name} ({n}) must be a multiple of the number of processes ({self.world})")
+        self.n_mini = p.rollout_batch_size // self.mini_batch
+        self.schedule = StepSchedule(len(self.prompts), p.rollout_batch_size, p.seed, 1, p.steps)
+        updates = p.steps * p.ppo_epochs * self.n_mini
+        self.actor_t = _with_accumulation(p.actor, self.mini_batch // self.world)
+        self.critic_t = _with_accumulation(p.critic, self.mini_batch // self.world)
+
+        self.tokenizer = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
+        self.stop_ids = sorted({self.tokenizer.eos_token_id, *p.sampling.stop_ids})
+        self.sampling = SamplingConfig(p.sampling.max_new_tokens, p.sampling.temperature, p.sampling.top_p,
+                                       p.sampling.top_k, do_sample=True)
+        # Models: trainable actor and critic through the backend, frozen reference and reward.
+        actor_model, groups = build_actor(cfg, self.actor_t)
+        self.actor = TrainEngine(actor_model, self.actor_t, updates, groups)
+        critic_model, groups = build_critic(cfg, self.critic_t)
+        self.critic = TrainEngine(critic_model, self.critic_t, updates, groups)
+        self.reference = build_reference(cfg)
+        if reward_model is not None:  # a reward module given in code (tests, custom rewards)
+            self.reward = FrozenModel(reward_model, p.reward)
+            self.score = RewardScorer(self.reward)
+        else:
+            self.reward = build_reward(cfg)
+            self.score = RewardScorer(self.reward, check_tokenizers(cfg))
+        rm = self.reward.module
+        self.score_stats = ((rm.score_mean, rm.score_std) if p.normalize_scores and isinstance(rm, RewardModel)
+                            else None)
+        self.kl_ctl = (PF.AdaptiveKLController(p.kl_coef, p.adaptive_kl.target, p.adaptive_kl.horizon)
+                       if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
+        self.policy = RolloutPolicy(self.actor, resolve_rollout_dtype(p.rollout_dtype))
+        self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
+
+    @property
+    def mini_batch(self) -> int:
+        return self.p.mini_batch_size or self.p.rollout_batch_size
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        p = self.p
+        start = self._resume()
+        if D.is_main():
+            truncate_metrics(self.out_dir / "metrics.jsonl", start if start else -1)
+        tracker = Tracker(self.out_dir, p.steps, start, desc="ppo", enabled=D.is_main(),
+                          show_progress=self.show_progress, wandb_project=p.wandb_project,
+                          run_name=self.out_dir.name, config=self.cfg.model_dump(mode="json"))
+        if start:
+            tracker.write(f"ppo: resumed at step {start}/{p.steps}")
+        else:
+            tracker.log(0, self.evaluate(0))
+        for step in range(start, p.steps):
+            metrics = self.step(step)
+            done = step + 1
+            tracker.log(done, metrics, advance=True)
+            if p.eval_every and done % p.eval_every == 0 and done < p.steps:
+                tracker.log(done, self.evaluate(done))
+            if p.save_every and done % p.save_every == 0 and done < p.steps:
+                self.save_checkpoint(done)
+        final = self.evaluate(p.steps)
+        tracker.log(p.steps, final)
+        ckpt = self.save_checkpoint(p.steps)
+        if D.is_main():
+            publish_final(ckpt / "model", self.out_dir / "final", final)
+            if self.ema is not None:
+                publish_final(ckpt / "ema_model", self.out_dir / "final-ema", {})
+        D.barrier()
+        tracker.close()
+        return final
+
+    def step(self, step: int) -> dict:
+        p = self.p
+        t0 = time.perf_counter()
+        rows = self.schedule.rows_for_step(step)
+        mine = np.array_split(np.arange(len(rows)), self.world)[self.rank]  # positions in the global batch
+        rollout = self.rollouts([self.prompts.row(int(rows[j]))["prompt_ids"] for j in mine],
+                                [_seed(p.seed, step, int(j)) for j in mine])
+        t1 = time.perf_counter()
+        self.actor.eval()
+        self.critic.eval()
+        exp = make_experience(rollout, self.actor, self.reference, self.critic, self.score, p, self.kl_ctl.value,
+                              self.score_stats, self.actor_t.micro_batch_size, self.device)
+        t2 = time.perf_counter()
+        self.actor.train()
+        self.critic.train()
+        train_stats = self.update(exp, step)
+        self.policy.refresh(self.actor)
+        if self.ema is not None:
+            self.ema.update(self.actor)
+        t3 = time.perf_counter()
+
+        stats = self.experience_stats(exp)
+        self.kl_ctl.update(stats["objective/kl"], p.rollout_batch_size)
+        generated = D.all_reduce_sum([float(rollout.response_lengths.sum())])[0]
+        stats.update(train_stats)
+        stats.update({"objective/kl_coef": self.kl_ctl.value, "lr/actor": self.actor.lr, "lr/critic": self.critic.lr,
+                      "time/generation": t1 - t0, "time/experience": t2 - t1, "time/training": t3 - t2,
+                      "time/step": t3 - t0, "tokens/generated": generated,
+                      "tokens/generation_per_s": generated / max(t1 - t0, 1e-9),
+                      "tokens/per_s": generated / max(t3 - t0, 1e-9)})
+        return stats
+
+    def rollouts(self, prompts: list[np.ndarray], seeds: list[int]):
+        """Sample one response per prompt with the rollout copy, in generation batches. Each prompt has its
+        own sampling seed (its step and place in the global batch), so the samples are the same however
+        the batch is split over processes or generation batches."""
+        size = self.p.generation_batch_size or max(len(prompts), 1)
+        parts = [to_rollout(self.policy.generate(prompts[i:i + size], self.pad_id, self.stop_ids, self.sampling,
+                                                 seeds[i:i + size]), self.pad_id)
+                 for i in range(0, len(prompts), size)]
+        return concat_rollouts(parts, self.pad_id)
+
+    def update(self, exp: Experience, step: int) -> dict:
+        """ppo_epochs passes over the batch; per mini-batch one actor and one critic optimizer step.
+
+        Each micro-batch's summed loss is divided by the mini-batch's valid tokens over all processes
+        (the backend's scaling contract), so the step's gradient is that of the token mean."""
+        p = self.p
+        n_local = len(exp.rollout.lengths)
+        sums: Counter = Counter()
+        for epoch in range(p.ppo_epochs):
+            order = np.random.default_rng([p.seed, step, epoch]).permutation(n_local)
+            for k, mini in enumerate(np.array_split(order, self.n_mini)):
+                update_index = (step * p.ppo_epochs + epoch) * self.n_mini + k
+                tokens = D.all_reduce_sum([float(exp.rollout.response_lengths[mini].sum())])[0]
+                ptx_batches, ptx_tokens = self.ptx_batches(update_index)
+                for micro, ptx_rows in zip(np.array_split(mini, self.actor_t.gradient_accumulation_steps), ptx_batches):
+                    sums.update(self.actor_micro_step(exp, torch.as_tensor(micro), tokens, ptx_rows, ptx_tokens))
+                for micro in np.array_split(mini, self.critic_t.gradient_accumulation_steps):
+                    sums.update(self.critic_micro_step(exp, torch.as_tensor(micro), tokens))
+        keys = sorted(sums)
+        totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
+        n_tok = max(totals.pop("tokens"), 1)
+        ptx_loss, ptx_tokens = totals.pop("ptx/loss", None), totals.pop("ptx/tokens", 0)
+        out = {k: v / n_tok for k, v in totals.items()}
+        if ptx_loss is not None:
+            out["ptx/loss"] = ptx_loss / max(ptx_tokens, 1)
+        out["policy/grad_norm"], out["val/grad_norm"] = self.actor.grad_norm(), self.critic.grad_norm()
+        return out
+
+    def actor_micro_step(self, exp: Experience, idx: torch.Tensor, tokens: float, ptx_rows, ptx_tokens) -> dict:
+        sub = select_rows(exp.rollout, idx).to(self.device)
+        width, mask = sub.width, sub.response_mask()
+        logprobs = actor_logprobs(self.actor, sub)
+        old, adv = exp.old_logprobs[idx, :width].to(self.device), exp.advantages[idx, :width].to(self.device)
+        loss, stats = PF.policy_loss(logprobs, old, adv, mask, self.p.cliprange)
+        n = float(mask.sum())
+        total = loss * n / tokens
+        out = {"tokens": n, "loss/policy": loss.item() * n, **{k: v * n for k, v in stats.items()}}
+        if ptx_rows is not None:
+            batch = collate_sft(ptx_rows, self.pad_id)
+            lp, _ = self.actor(batch["input_ids"].to(self.device), batch["lengths"].to(self.device),
+                               batch["loss_mask"].to(self.device))
+            total = total - self.p.ptx_coef * lp.sum() / ptx_tokens
+            out.update({"ptx/loss": -lp.sum().item(), "ptx/tokens": float(lp.numel())})
+        self.actor.backward(total)
+        return out
+
+    def critic_micro_step(self, exp: Experience, idx: torch.Tensor, tokens: float) -> dict:
+        sub = select_rows(exp.rollout, idx).to(self.device)
+        width, mask = sub.width, sub.response_mask()
+        values = critic_values(self.critic, sub)
+        old, ret = exp.old_values[idx, :width].to(self.device), exp.returns[idx, :width].to(self.device)
+        loss, stats = PF.value_loss(values, old, ret, mask, self.p.cliprange_value)
+        n = float(mask.sum())
+        self.critic.backward(loss * n / tokens)
+        return {"loss/value": loss.item() * n, **{k: v * n for k, v in stats.items()}}
+
+    def ptx_batches(self, update_index: int):
+        """This process's phase-1 rows for one mini-batch's ptx loss (one micro-batch per actor micro-batch),
+        and the target-token count over all processes that normalises it."""
+        gas = self.actor_t.gradient_accumulation_steps
+        if self.ptx is None:
+            return [None] * gas, 0
+        schedule = StepSchedule(len(self.ptx), self.mini_batch, self.p.seed + 1)
+        rows = schedule.rows_for_step(update_index)
+        tokens = count_sft_targets([self.ptx.row(int(i)) for i in rows])
+        mine = np.array_split(rows, self.world)[self.rank]
+        return [[self.ptx.row(int(i)) for i in part] for part in np.array_split(mine, gas)], max(tokens, 1)
+
+    def experience_stats(self, exp: Experience) -> dict:
+        """Rollout metrics over all processes, per sequence unless named per token (TRL's names)."""
+        mask = exp.rollout.response_mask()
+        width = mask.shape[1]
+        kl_seq = exp.kl[:, :width].sum(1)
+        sums = {
+            "objective/kl": kl_seq.sum(),
+            "objective/entropy": -(exp.old_logprobs[:, :width] * mask).sum(),  # TRL: per-sequence −Σ log π
+            "objective/non_score_reward": (-self.kl_ctl.value * kl_seq).sum(),
+            "objective/scores": exp.scores.sum(),
+            "objective/scores_shaped": exp.shaped_scores.sum(),
+            "rollout/response_length": exp.rollout.response_lengths.sum(),
+            "rollout/eos_rate": exp.rollout.ended.float().sum(),
+        }
+        keys = sorted(sums)
+        n, *vals = D.all_reduce_sum([float(len(kl_seq))] + [float(sums[k]) for k in keys])
+        out = {k: v / n for k, v in zip(keys, vals)}
+        out["objective/rlhf_reward"] = out["objective/scores_shaped"] + out["objective/non_score_reward"]
+        out["val/explained_variance"] = explained_variance_over_ranks(exp.old_values, exp.returns, mask)
+        out["val/mean"] = _masked_mean_over_ranks(exp.old_values, mask)
+        out["val/returns_mean"] = _masked_mean_over_ranks(exp.returns, mask)
+        return out
+
+    # --- eval ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """Held-out phase-3 prompts (the same ones and the same sampling seed every time): mean RM score,
+        KL to the reference (Σ over response tokens of log π − log π_ref), response length, EOS rate."""
+        p = self.p
+        # the same number per process: ZeRO-3 models gather layers collectively, forward for forward
+        n = min(p.eval_prompts, len(self.eval_prompts)) // self.world * self.world
+        if n == 0:
+            return {}
+        idx = np.array_split(np.arange(n), self.world)[self.rank]
+        self.actor.eval()
+        rollout = self.rollouts([self.eval_prompts.row(int(i))["prompt_ids"] for i in idx],
+                                [_seed(p.seed, -1, int(i)) for i in idx])
+        scores, kls = [], []
+        for start in range(0, len(idx), self.actor_t.micro_batch_size):
+            sub = select_rows(rollout, torch.arange(start, min(start + self.actor_t.micro_batch_size, len(idx))))
+            sub = sub.to(self.device)
+            scores.append(self.score(sub).cpu())
+            kls.append((actor_logprobs(self.actor, sub) - actor_logprobs(self.reference, sub)).sum(1).cpu())
+        self.actor.train()
+        scores, kls = torch.cat(scores), torch.cat(kls)
+        count, s, kl, length, eos = D.all_reduce_sum([float(len(idx)), float(scores.sum()), float(kls.sum()),
+                                                      float(rollout.response_lengths.sum()), float(rollout.ended.sum())])
+        if D.is_main() and p.samples_logged:
+            self._write_samples(step, rollout, scores)
+        return {"eval/score": s / count, "eval/kl": kl / count, "eval/response_length": length / count,
+                "eval/eos_rate": eos / count}
+
+    def _write_samples(self, step: int, rollout, scores) -> None:
+        with open(self.out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            for i in range(min(self.p.samples_logged, len(scores))):
+                pl, n = int(rollout.prompt_lens[i]), int(rollout.lengths[i])
+                ids = rollout.input_ids[i]
+                f.write(json.dumps({"step": step, "prompt": self.tokenizer.decode(ids[:pl]),
+                                    "response": self.tokenizer.decode(ids[pl:n], skip_special_tokens=True),
+                                    "score": float(scores[i])}) + "\n")
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        tmp = begin_checkpoint(self.out_dir, step)
+        self.actor.save_state(tmp / "actor", {"step": step, "kl_controller": self.kl_ctl.state_dict()})
+        self.critic.save_state(tmp / "critic", {"step": step})
+        save_causal_lm(self.actor, self.tokenizer, tmp / "model", self.p.actor)
+        self._save_critic(tmp / "critic_model")
+        if self.ema is not None:
+            self.ema.save(tmp / "ema.safetensors")
+            if D.is_main():
+                write_causal_lm(self.ema.weights, base_config(self.actor.module.lm), self.tokenizer, tmp / "ema_model")
+        return finish_checkpoint(tmp, step, self.p.keep_checkpoints, {"step": step, "stage": "ppo"})
+
+    def _save_critic(self, out: Path) -> None:
+        merged = self.critic_t.model_copy(update={"lora": self.critic_t.lora.model_copy(update={"save": "merged"})})
+        sd = gathered_weights(self.critic, merged, prefix="rm.")
+        if D.is_main():
+            rm = self.critic.module.rm
+            RewardModel.save(out, sd, base_config(rm.backbone), rm.score_mean, rm.score_std)
+            self.tokenizer.save_pretrained(out)
+
+    def _resume(self) -> int:
+        ckpts = checkpoint_dirs(self.out_dir) if self.p.resume == "auto" else []
+        if not ckpts:
+            return 0
+        state = self.actor.load_state(ckpts[-1] / "actor")
+        self.critic.load_state(ckpts[-1] / "critic")
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        if self.ema is not None:
+            self.ema.load(ckpts[-1] / "ema.safetensors")
+        self.policy.refresh(self.actor)
+        return int(state["step"])
+
+
+def run_ppo(cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None) -> dict:
+    return PPOTrainer(cfg, show_progress, reward_model).train()
+
+
+def _with_accumulation(t, rows_per_process: int):
+    """The TrainConfig the backend gets: as many micro-batches per optimizer step as one mini-batch needs."""
+    return t.model_copy(update={"gradient_accumulation_steps": max(1, math.ceil(rows_per_process / t.micro_batch_size))})
+
+
+def _seed(seed: int, step: int, position: int) -> int:
+    """Sampling seed of one prompt: its PPO step (−1: eval) and its place in the step's batch."""
+    return int(np.random.default_rng([seed, step + 1, position]).integers(2**62))
+
+
+def _masked_mean_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> float:
+    s, n = D.all_reduce_sum([float(torch.where(mask, x[:, :mask.shape[1]], 0.0).sum()), float(mask.sum())])
+    return s / max(n, 1)
+
+
+def explained_variance_over_ranks(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """formulas.explained_variance over every process's valid tokens."""
+    width = mask.shape[1]
+    values, returns = values[:, :width].double(), returns[:, :width].double()
+    resid = returns - values
+    parts = [mask.sum(), torch.where(mask, returns, 0.0).sum(), torch.where(mask, returns ** 2, 0.0).sum(),
+             torch.where(mask, resid, 0.0).sum(), torch.where(mask, resid ** 2, 0.0).sum()]
+    n, sr, sr2, sd, sd2 = D.all_reduce_sum([float(v) for v in parts])
+    if n < 2:
+        return 0.0
+    var_r = (sr2 - sr * sr / n) / (n - 1)
+    var_d = (sd2 - sd * sd / n) / (n - 1)
+    return 0.0 if var_r <= 0 else 1.0 - var_d / var_r
