@@ -1,0 +1,118 @@
+"""Rollout speed: rlhfkit's generation path vs plain `model.generate` in fp32, same prompts and lengths.
+
+    .venv/bin/python benchmarks/rollout.py                       # SmolLM2-135M, batch 1 and 16, 64 new tokens
+    .venv/bin/python benchmarks/rollout.py --model tiny-random --repeats 1   # quick check
+
+Both sides sample (temperature 0.7) from the same left-padded real prompts (hh prompts from
+../shared/data/ppo, left-truncated to --prompt-len tokens) and are forced to produce exactly
+--new-tokens tokens per row (EOS is not a stop here), so both do the same amount of decoding work.
+
+* plain: the fp32 model as loaded, `model.generate(do_sample=True, ...)` under torch.no_grad.
+* rlhfkit: what PPO uses for experience: the RolloutPolicy inference copy (weights copied from the training
+  engine, the rollout dtype — bf16 on CPUs with AVX512-BF16/AMX and on GPUs — dropout off, KV cache) and
+  rlhfkit.engine.generation.generate with per-prompt seeds.
+
+Prints tokens/s of each side per batch size (median of --repeats runs after one warm-up) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RLHFKIT_SHARED", REPO.parent / "shared"))
+
+
+def real_prompts(tokenizer, n: int, prompt_len: int) -> list[np.ndarray]:
+    from rlhfkit.data.records import parse_hh_transcript
+
+    path = SHARED / "data" / "ppo" / "hh_prompts.jsonl.gz"
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            turns = parse_hh_transcript(json.loads(line)["prompt"])
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            out.append(np.array(ids[-prompt_len:]))
+            if len(out) == n:
+                return out
+    raise SystemExit(f"{path} has fewer than {n} prompts")
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rollout-dtype", default="auto")
+    args = ap.parse_args()
+
+    from rlhfkit.config import ModelConfig, TrainConfig
+    from rlhfkit.engine.backend import TrainEngine, param_groups
+    from rlhfkit.engine.generation import SamplingConfig, generate, pad_left
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.train.common import TokenLogprobLM
+    from rlhfkit.train.ppo.rollout import RolloutPolicy, resolve_rollout_dtype
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name_or_path=args.model)
+    tok = load_tokenizer(mcfg)
+    plain = load_causal_lm(mcfg, dtype="float32").eval()
+    actor = TokenLogprobLM(load_causal_lm(mcfg, dtype="float32"))
+    t = TrainConfig(micro_batch_size=1)
+    engine = TrainEngine(actor, t, 1, param_groups(actor, 1e-6, 0.0))
+    dtype = resolve_rollout_dtype(args.rollout_dtype)
+    policy = RolloutPolicy(engine, dtype)
+    no_stop = [plain.config.vocab_size]  # an id no model can emit: every row decodes exactly --new-tokens tokens
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.7)
+
+    print(f"model {args.model}, {args.new_tokens} new tokens, prompts ≤ {args.prompt_len} tokens, "
+          f"torch threads {torch.get_num_threads()}, rollout dtype {str(dtype).split('.')[-1]}")
+    print(f"{'batch':>5} {'plain fp32 tok/s':>17} {'rlhfkit tok/s':>14} {'ratio':>6}")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = real_prompts(tok, batch, args.prompt_len)
+        ids, lengths = pad_left(prompts, tok.pad_token_id)
+        width = ids.shape[1]
+        attention = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
+
+        def run_plain():
+            with torch.no_grad():
+                out = plain.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=0.7,
+                                     top_k=None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     pad_token_id=tok.pad_token_id)
+            assert out.shape[1] - width == args.new_tokens
+
+        def run_ours():
+            g = generate(policy.model, prompts, tok.pad_token_id, no_stop, sampling, seeds=list(range(batch)))
+            assert int(g.response_lengths.min()) == args.new_tokens
+
+        tokens = batch * args.new_tokens
+        plain_s, ours_s = timed(run_plain, args.repeats), timed(run_ours, args.repeats)
+        print(f"{batch:>5} {tokens / plain_s:>17.1f} {tokens / ours_s:>14.1f} {plain_s / ours_s:>5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
