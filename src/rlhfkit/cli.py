@@ -60,6 +60,52 @@ def cmd_train_stage(args) -> None:
         print(f"{args.stage}: done in {time.perf_counter() - start:.1f}s → {cfg.output_dir / args.stage / 'final'}  {shown}")
 
 
+def cmd_pipeline(args) -> None:
+    from .config import load_config
+    from .pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    timings = run_pipeline(cfg, args.from_stage, show_progress=not args.no_progress)
+    from .engine.distributed import is_main
+
+    if is_main():
+        shown = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+        print(f"pipeline: done in {time.perf_counter() - start:.0f}s ({shown}) → {cfg.output_dir}")
+
+
+def cmd_eval(args) -> None:
+    from .config import load_config
+    from .pipeline import evaluate_and_report
+
+    evaluate_and_report(load_config(args.config, args.overrides), show_progress=not args.no_progress)
+
+
+def cmd_export(args) -> None:
+    from .config import load_config
+    from .pipeline import export_run
+
+    export_run(load_config(args.config, args.overrides), args.model)
+
+
+def cmd_report(args) -> None:
+    from .config import load_config
+    from .eval.report import build_report
+
+    print(build_report(load_config(args.config, args.overrides).output_dir))
+
+
+def cmd_chat(args) -> None:
+    from .chat import chat, load_chat_model
+
+    try:
+        model, tok = load_chat_model(args.model_dir, args.dtype)
+    except (FileNotFoundError, OSError) as e:
+        raise RlhfkitError(str(e)) from None
+    chat(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, system=args.system,
+         seed=args.seed)
+
+
 def cmd_model_fetch(args) -> None:
     from .config import ModelConfig
     from .models.loading import resolve_model_dir
@@ -90,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by some launchers
         p.set_defaults(func=cmd_train_stage)
+
+    p = stages.add_parser("pipeline", help="data → sft → rm → ppo (or dpo) → eval → export; skips finished stages")
+    _config_args(p)
+    p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on (data, sft, rm, ppo, dpo, eval, export)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_pipeline)
+    p = stages.add_parser("eval", help="final vs SFT on held-out prompts: RM score, win rate, KL, lengths; report.html")
+    _config_args(p)
+    p.set_defaults(func=cmd_eval)
+    p = stages.add_parser("export", help="HF directory + GGUF (with a round-trip check) of the aligned model")
+    _config_args(p)
+    p.add_argument("--model", default=None, help="model dir to export (default: the aligned stage's final/)")
+    p.set_defaults(func=cmd_export)
+    p = stages.add_parser("report", help="rebuild <run>/report.html from the run's metrics and eval")
+    _config_args(p)
+    p.set_defaults(func=cmd_report)
+    p = stages.add_parser("chat", help="multi-turn terminal chat with a model dir (/reset, /exit)")
+    p.add_argument("model_dir")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
 
     model = stages.add_parser("model", help="model utilities").add_subparsers(dest="verb", required=True)
     p = model.add_parser("fetch", help="materialise a built-in model (e.g. convert the GGUF once) and print its dir")

@@ -280,6 +280,30 @@ class PPOConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """`rlhfkit eval`: the aligned model against the SFT model on held-out prompts, judged by the RM."""
+
+    policy: str | None = None  # default: the aligned stage's final model (ppo/final, or dpo/final with alignment: dpo)
+    baseline: str | None = None  # default: the SFT stage's final model
+    reward_model: str | None = None  # default: ppo.reward_model, else the RM stage's final model
+    second_judge: str | None = None  # another reward model directory scoring the same responses
+    # "phase3": the held-out phase-3 prompts of this run; anything else: a prompt file (jsonl/json/parquet)
+    prompt_sets: list[str] = Field(default_factory=lambda: ["phase3"])
+    max_prompts: int = Field(64, ge=1)  # per set
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    seed: int = 1234
+
+
+class ExportConfig(Section):
+    gguf: Literal["f16", "q8_0", "none"] = "q8_0"
+
+
+class PipelineConfig(Section):
+    alignment: Literal["ppo", "dpo"] = "ppo"  # dpo: DPO from the SFT model instead of RM + PPO
+
+
 class RunConfig(Section):
     output_dir: str = "runs/default"
     seed: int = 42
@@ -293,6 +317,9 @@ class Config(Section):
     rm: RewardConfig = Field(default_factory=RewardConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @property
     def output_dir(self) -> Path:

@@ -224,7 +224,10 @@ def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already linked (rename() between two links to one file would do nothing and leave tmp behind)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:

@@ -1,0 +1,241 @@
+"""`rlhfkit eval CONFIG`: the aligned model against the SFT model on held-out prompts.
+
+For every prompt set (the run's held-out phase-3 prompts, and prompt files such as
+../shared/data/eval/eval_prompts.jsonl.gz), both models answer every prompt with the same sampling
+settings and the same per-prompt seed; the reward model (and an optional second judge) scores each
+response at its last token. Reported per set: mean score of each model, win rate of the policy over the
+baseline (ties count half), KL of the policy to the baseline on the policy's own samples
+(Σ log π − log π_ref per response; the baseline is the PPO reference), response lengths and EOS rates.
+Also: perplexity of both models on the phase-1 eval split and RM accuracy on the phase-2 eval pairs.
+Every generation is kept in eval/generations.jsonl; the summary is eval/eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data.prepare import load_phase, prepare
+from ..data.readers import iter_file_records
+from ..data.records import BadRecord, to_example
+from ..data.render import Renderer, build_prompts
+from ..engine import distributed as D
+from ..engine.generation import SamplingConfig, generate
+from ..errors import ConfigError
+from ..models.loading import load_causal_lm, load_tokenizer
+from ..paths import write_text_atomic
+from ..train.batching import Blend, collate_pairs, collate_sft
+from ..train.common import DTYPES, TokenLogprobLM, model_config_for
+from ..train.losses import length_mask
+from ..train.ppo.experience import RewardScorer, actor_logprobs
+from ..train.ppo.models import load_reward_model
+from ..train.ppo.rollout import select_rows, to_rollout
+from ..train.reward import rm_stage_dir
+from ..train.sft import sft_stage_dir
+
+
+def eval_dir(cfg: Config) -> Path:
+    return cfg.output_dir / "eval"
+
+
+def aligned_final(cfg: Config) -> Path:
+    return cfg.output_dir / cfg.pipeline.alignment / "final"
+
+
+def _model_path(given: str | None, default: Path, key: str) -> str:
+    if given:
+        return given
+    if not (default / "config.json").is_file():
+        raise ConfigError(f"eval needs {default} (run its stage first) or `{key}` in the config")
+    return str(default)
+
+
+def prompt_sets(cfg: Config, renderer: Renderer) -> dict[str, list[np.ndarray]]:
+    """name → prompt token ids (rendered, left-truncated like phase-3 data), at most eval.max_prompts each."""
+    out = {}
+    for spec in cfg.eval.prompt_sets:
+        if spec == "phase3":
+            tables = Blend([t for _, t in load_phase(cfg.output_dir / "data", 3, "eval")])
+            out["phase3_eval"] = [tables.row(i)["prompt_ids"] for i in range(min(len(tables), cfg.eval.max_prompts))]
+            continue
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"eval.prompt_sets: {path} not found")
+        examples = []
+        for i, (where, raw) in enumerate(iter_file_records(path)):
+            try:
+                if isinstance(raw, BadRecord):
+                    raise raw
+                examples.append(to_example(raw, "prompt", where, i))
+            except BadRecord as bad:
+                print(f"rlhfkit eval: skipping {bad}")
+            if len(examples) >= cfg.eval.max_prompts:
+                break
+        table, _ = build_prompts(examples, renderer)
+        out[path.name.split(".")[0]] = [table.row(i)["prompt_ids"] for i in range(len(table))]
+    return out
+
+
+class Comparison:
+    def __init__(self, cfg: Config):
+        e = self.e = cfg.eval
+        self.cfg = cfg
+        D.init_distributed()
+        self.device = D.device()
+        self.policy_path = _model_path(e.policy, aligned_final(cfg), "eval.policy")
+        self.baseline_path = _model_path(e.baseline, sft_stage_dir(cfg) / "final", "eval.baseline")
+        self.reward_path = _model_path(e.reward_model or cfg.ppo.reward_model, rm_stage_dir(cfg) / "final",
+                                       "eval.reward_model")
+        self.tokenizer = load_tokenizer(model_config_for(cfg, self.policy_path))
+        dtype = DTYPES[e.dtype]
+        self.policy = self._lm(self.policy_path, dtype)
+        self.baseline = self._lm(self.baseline_path, dtype)
+        self.judges = {"rm": self._judge(self.reward_path, dtype)}
+        if e.second_judge:
+            self.judges["judge2"] = self._judge(e.second_judge, dtype)
+        self.stop_ids = sorted({self.tokenizer.eos_token_id, *e.sampling.stop_ids})
+        self.sampling = SamplingConfig(e.sampling.max_new_tokens, e.sampling.temperature, e.sampling.top_p,
+                                       e.sampling.top_k, do_sample=True)
+
+    def _lm(self, path: str, dtype):
+        lm = load_causal_lm(model_config_for(self.cfg, path), dtype="float32").to(self.device, dtype).eval()
+        return lm.requires_grad_(False)
+
+    def _judge(self, path: str, dtype):
+        rm = load_reward_model(path, self.cfg).to(self.device, dtype).eval().requires_grad_(False)
+        return RewardScorer(rm)
+
+    @torch.no_grad()
+    def answer(self, model, prompts: list[np.ndarray]):
+        """Rollouts of `model` on the prompts (per-prompt seeds shared by both models), in batches."""
+        e = self.e
+        parts = []
+        for i in range(0, len(prompts), e.batch_size):
+            seeds = [e.seed * 1_000_003 + j for j in range(i, min(i + e.batch_size, len(prompts)))]
+            gen = generate(model, prompts[i:i + e.batch_size], self.tokenizer.pad_token_id, self.stop_ids,
+                           self.sampling, seeds)
+            parts.append(to_rollout(gen, self.tokenizer.pad_token_id))
+        return parts
+
+    @torch.no_grad()
+    def score_parts(self, parts) -> dict[str, torch.Tensor]:
+        return {name: torch.cat([judge(p.to(self.device)).float().cpu() for p in parts]) for name, judge in self.judges.items()}
+
+    @torch.no_grad()
+    def kl_to_baseline(self, parts) -> torch.Tensor:
+        out = []
+        for p in parts:
+            p = p.to(self.device)
+            lp = actor_logprobs(TokenLogprobLM(self.policy), p) - actor_logprobs(TokenLogprobLM(self.baseline), p)
+            out.append(lp.float().sum(1).cpu())
+        return torch.cat(out)
+
+    def compare_set(self, name: str, prompts: list[np.ndarray], sink) -> dict:
+        pol, base = self.answer(self.policy, prompts), self.answer(self.baseline, prompts)
+        pol_scores, base_scores = self.score_parts(pol), self.score_parts(base)
+        kl = self.kl_to_baseline(pol)
+        stats = {"prompts": len(prompts), "kl_to_sft": float(kl.mean())}
+        for label, parts in (("final", pol), ("sft", base)):
+            lengths = torch.cat([p.response_lengths for p in parts]).float()
+            ended = torch.cat([p.ended for p in parts]).float()
+            stats[f"{label}_length"] = float(lengths.mean())
+            stats[f"{label}_eos_rate"] = float(ended.mean())
+        for judge in self.judges:
+            a, b = pol_scores[judge], base_scores[judge]
+            stats[f"{judge}_final_score"] = float(a.mean())
+            stats[f"{judge}_sft_score"] = float(b.mean())
+            stats[f"{judge}_win_rate"] = float(((a > b).float() + 0.5 * (a == b).float()).mean())
+        i = 0
+        for pp, bp in zip(pol, base):
+            for k in range(len(pp.lengths)):
+                sink.write(json.dumps({
+                    "set": name, "index": i, "prompt": self._text(pp, k, prompt=True),
+                    "sft": self._text(bp, k), "final": self._text(pp, k),
+                    **{f"{j}_sft": float(base_scores[j][i]) for j in self.judges},
+                    **{f"{j}_final": float(pol_scores[j][i]) for j in self.judges},
+                    "kl_to_sft": float(kl[i]), "final_ended": bool(pp.ended[k]), "sft_ended": bool(bp.ended[k]),
+                }) + "\n")
+                i += 1
+        return stats
+
+    def _text(self, r, k: int, prompt: bool = False) -> str:
+        pl, n = int(r.prompt_lens[k]), int(r.lengths[k])
+        ids = r.input_ids[k, :pl] if prompt else r.input_ids[k, pl:n]
+        return self.tokenizer.decode(ids, skip_special_tokens=not prompt)
+
+    @torch.no_grad()
+    def perplexity(self, model) -> float | None:
+        rows = Blend([t for _, t in load_phase(self.cfg.output_dir / "data", 1, "eval")])
+        if len(rows) == 0:
+            return None
+        nll = count = 0.0
+        lm = TokenLogprobLM(model)
+        for i in range(0, len(rows), self.e.batch_size):
+            batch = collate_sft([rows.row(j) for j in range(i, min(i + self.e.batch_size, len(rows)))],
+                                self.tokenizer.pad_token_id)
+            lp, _ = lm(batch["input_ids"].to(self.device), batch["lengths"].to(self.device),
+                       batch["loss_mask"].to(self.device))
+            nll, count = nll - float(lp.float().sum()), count + lp.numel()
+        return math.exp(nll / max(count, 1))
+
+    @torch.no_grad()
+    def rm_accuracy(self) -> float | None:
+        rows = Blend([t for _, t in load_phase(self.cfg.output_dir / "data", 2, "eval")])
+        if len(rows) == 0:
+            return None
+        judge = self.judges["rm"].reward
+        correct = 0.0
+        for i in range(0, len(rows), self.e.batch_size):
+            batch = collate_pairs([rows.row(j) for j in range(i, min(i + self.e.batch_size, len(rows)))],
+                                  self.tokenizer.pad_token_id)
+            scores = judge(batch["input_ids"].to(self.device), batch["lengths"].to(self.device)).float()
+            half = scores.shape[0] // 2
+            correct += float((scores[:half] > scores[half:]).float().sum())
+        return correct / len(rows)
+
+
+def run_eval(cfg: Config, show_progress: bool = True) -> dict:
+    prepare(cfg, show_progress=show_progress)  # a cache hit after the training stages
+    cmp = Comparison(cfg)
+    out_dir = eval_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    renderer = Renderer(cmp.tokenizer, cfg.data)
+    sets = prompt_sets(cfg, renderer)
+    results: dict = {"policy": cmp.policy_path, "baseline": cmp.baseline_path, "reward_model": cmp.reward_path,
+                     "second_judge": cfg.eval.second_judge, "sampling": cfg.eval.sampling.model_dump(), "sets": {}}
+    tmp = out_dir / "generations.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as sink:
+        for name, prompts in sets.items():
+            if show_progress:
+                print(f"eval: {name} ({len(prompts)} prompts)", flush=True)
+            results["sets"][name] = cmp.compare_set(name, prompts, sink)
+    tmp.replace(out_dir / "generations.jsonl")
+    results["sft_perplexity"] = cmp.perplexity(cmp.baseline)
+    results["final_perplexity"] = cmp.perplexity(cmp.policy)
+    results["rm_accuracy"] = cmp.rm_accuracy()
+    write_text_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
+    return results
+
+
+def format_table(results: dict) -> str:
+    judges = [j for j in ("rm", "judge2") if any(f"{j}_win_rate" in s for s in results["sets"].values())]
+    head = f"{'set':<22} {'n':>4} " + " ".join(f"{j + ' sft':>9} {j + ' final':>9} {'win':>6}" for j in judges)
+    head += f" {'KL':>7} {'len sft':>8} {'len fin':>8} {'eos sft':>8} {'eos fin':>8}"
+    lines = [head]
+    for name, s in results["sets"].items():
+        row = f"{name:<22} {s['prompts']:>4} "
+        row += " ".join(f"{s[f'{j}_sft_score']:>9.3f} {s[f'{j}_final_score']:>9.3f} {s[f'{j}_win_rate']:>6.3f}"
+                        for j in judges)
+        row += (f" {s['kl_to_sft']:>7.3f} {s['sft_length']:>8.1f} {s['final_length']:>8.1f}"
+                f" {s['sft_eos_rate']:>8.2f} {s['final_eos_rate']:>8.2f}")
+        lines.append(row)
+    extra = []
+    for key in ("sft_perplexity", "final_perplexity", "rm_accuracy"):
+        if results.get(key) is not None:
+            extra.append(f"{key} {results[key]:.4g}")
+    return "\n".join(lines + ["  ".join(extra)])

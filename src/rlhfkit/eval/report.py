@@ -1,0 +1,112 @@
+"""The run report: one self-contained HTML file (plots embedded as PNG) with every stage's curves, the
+eval table and SFT vs final responses side by side. Written to <run>/report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from ..paths import write_text_atomic
+from ..tracking import read_metrics
+
+CURVES = {
+    "sft": ["train/loss", "eval/loss", "eval/perplexity"],
+    "rm": ["train/loss", "eval/accuracy", "eval/margin"],
+    "dpo": ["train/loss", "eval/rewards/accuracy", "eval/rewards/margin"],
+    "ppo": ["objective/scores", "objective/kl", "objective/entropy", "rollout/response_length", "eval/score",
+            "eval/kl"],
+}
+SAMPLES_PER_SET = 3
+
+
+def _plot(stage: str, rows: list[dict], keys: list[str]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 15 else None, markersize=3)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(stage, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _eval_table(results: dict) -> str:
+    judges = [j for j in ("rm", "judge2") if any(f"{j}_win_rate" in s for s in results["sets"].values())]
+    cols = ["set", "prompts"] + [c for j in judges for c in (f"{j} score SFT", f"{j} score final", f"{j} win rate")]
+    cols += ["KL final‖SFT", "length SFT", "length final", "EOS rate SFT", "EOS rate final"]
+    rows = []
+    for name, s in results["sets"].items():
+        cells = [name, s["prompts"]]
+        for j in judges:
+            cells += [f"{s[f'{j}_sft_score']:.3f}", f"{s[f'{j}_final_score']:.3f}", f"{s[f'{j}_win_rate']:.3f}"]
+        cells += [f"{s['kl_to_sft']:.3f}", f"{s['sft_length']:.1f}", f"{s['final_length']:.1f}",
+                  f"{s['sft_eos_rate']:.2f}", f"{s['final_eos_rate']:.2f}"]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    extra = ", ".join(f"{k.replace('_', ' ')}: {results[k]:.4g}" for k in ("sft_perplexity", "final_perplexity", "rm_accuracy")
+                      if results.get(k) is not None)
+    return f'<table id="eval-table">{head}{"".join(rows)}</table><p>{html.escape(extra)}</p>'
+
+
+def _samples(generations: Path) -> str:
+    if not generations.is_file():
+        return ""
+    shown: dict[str, int] = {}
+    blocks = []
+    for line in generations.read_text(encoding="utf-8").splitlines():
+        g = json.loads(line)
+        if shown.get(g["set"], 0) >= SAMPLES_PER_SET:
+            continue
+        shown[g["set"]] = shown.get(g["set"], 0) + 1
+        blocks.append(
+            f'<div class="sample"><div class="prompt"><b>{html.escape(g["set"])} #{g["index"]}</b>'
+            f'<pre>{html.escape(g["prompt"][-1200:])}</pre></div>'
+            f'<div class="pair"><div><h4>SFT (RM {g["rm_sft"]:.2f})</h4><pre>{html.escape(g["sft"])}</pre></div>'
+            f'<div><h4>final (RM {g["rm_final"]:.2f})</h4><pre>{html.escape(g["final"])}</pre></div></div></div>')
+    return "".join(blocks)
+
+
+STYLE = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}
+th{background:#eef}td:first-child{text-align:left}img{max-width:100%;margin:6px 0}
+.pair{display:flex;gap:12px}.pair>div{flex:1;background:#f6f6f6;padding:6px}
+pre{white-space:pre-wrap;font-size:12px;margin:4px 0}.sample{border-top:1px solid #ddd;margin:10px 0;padding-top:6px}"""
+
+
+def build_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    parts = [f"<h1>rlhfkit run report: {html.escape(run_dir.name)}</h1>", "<h2>Training curves</h2>"]
+    for stage, keys in CURVES.items():
+        rows = read_metrics(run_dir / stage / "metrics.jsonl")
+        png = _plot(stage, rows, keys) if rows else None
+        if png:
+            parts.append(f'<img alt="{stage} curves" src="data:image/png;base64,{png}">')
+    results_file = run_dir / "eval" / "eval.json"
+    if results_file.is_file():
+        results = json.loads(results_file.read_text())
+        parts += ["<h2>Evaluation: final vs SFT</h2>", _eval_table(results),
+                  "<h2>Sample responses</h2>", _samples(run_dir / "eval" / "generations.jsonl")]
+    else:
+        parts.append("<p>No evaluation yet (run <code>rlhfkit eval</code>).</p>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    out = run_dir / "report.html"
+    write_text_atomic(out, page)
+    return out

@@ -1,0 +1,136 @@
+"""`rlhfkit pipeline CONFIG [--from STAGE]`: data → sft → rm → ppo (or dpo) → eval → export, one run dir.
+
+A stage whose complete output exists is skipped (a training stage is complete when its final/ holds
+eval.json, written last); an interrupted stage resumes from its latest checkpoint (each stage's own
+auto-resume); `--from STAGE` deletes that stage's outputs and every later stage's, and reruns them.
+Wall time per stage goes to <run>/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .config import Config
+from .engine import distributed as D
+from .errors import ConfigError
+from .paths import write_text_atomic
+
+ALL_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "export")
+
+
+def stages_for(cfg: Config) -> list[str]:
+    middle = ["rm", "ppo"] if cfg.pipeline.alignment == "ppo" else ["dpo"]
+    return ["data", "sft", *middle, "eval", "export"]
+
+
+def stage_output(cfg: Config, stage: str) -> Path:
+    return cfg.output_dir / stage
+
+
+def is_complete(cfg: Config, stage: str) -> bool:
+    out = stage_output(cfg, stage)
+    if stage == "data":
+        return False  # preparing is a cache hit when nothing changed; always check
+    if stage in ("sft", "rm", "ppo", "dpo"):
+        return (out / "final" / "eval.json").is_file()
+    if stage == "eval":
+        return (out / "eval.json").is_file() and (cfg.output_dir / "report.html").is_file()
+    return (out / "export.json").is_file()
+
+
+def reset(cfg: Config, stage: str) -> None:
+    if stage != "data" and D.is_main():
+        shutil.rmtree(stage_output(cfg, stage), ignore_errors=True)
+
+
+def run_stage(cfg: Config, stage: str, show_progress: bool) -> None:
+    from .data.prepare import prepare
+
+    if stage == "data":
+        if D.is_main():
+            prepare(cfg, show_progress=show_progress)
+        D.barrier()
+    elif stage == "sft":
+        from .train.sft import run_sft
+
+        run_sft(cfg, show_progress)
+    elif stage == "rm":
+        from .train.reward import run_rm
+
+        run_rm(cfg, show_progress)
+    elif stage == "ppo":
+        from .train.ppo.trainer import run_ppo
+
+        run_ppo(cfg, show_progress)
+    elif stage == "dpo":
+        from .train.dpo import run_dpo
+
+        run_dpo(cfg, show_progress)
+    elif stage == "eval":
+        if D.is_main():
+            evaluate_and_report(cfg, show_progress)
+        D.barrier()
+    elif stage == "export":
+        if D.is_main():
+            export_run(cfg)
+        D.barrier()
+
+
+def evaluate_and_report(cfg: Config, show_progress: bool = True) -> dict:
+    from .eval.compare import format_table, run_eval
+    from .eval.report import build_report
+
+    results = run_eval(cfg, show_progress)
+    print(format_table(results))
+    print(f"report → {build_report(cfg.output_dir)}")
+    return results
+
+
+def export_run(cfg: Config, src: Path | None = None) -> dict:
+    """HF directory (+ GGUF and its round-trip check) of the aligned model under <run>/export/."""
+    from .eval.compare import aligned_final
+    from .export import check_gguf, export_hf, write_gguf
+
+    src = Path(src) if src else aligned_final(cfg)
+    out = stage_output(cfg, "export")
+    hf = export_hf(src, out / "hf")
+    summary: dict = {"source": str(src), "hf_dir": str(hf)}
+    if cfg.export.gguf != "none":
+        gguf_file = write_gguf(hf, out / f"model-{cfg.export.gguf}.gguf", cfg.export.gguf)
+        summary.update(gguf=str(gguf_file), gguf_type=cfg.export.gguf, round_trip=check_gguf(hf, gguf_file))
+    write_text_atomic(out / "export.json", json.dumps(summary, indent=1))
+    print(f"export → {hf}" + (f", {summary['gguf']} (round trip: max |Δlogit| "
+                              f"{summary['round_trip']['max_abs_logit_diff']:.4g})" if "gguf" in summary else ""))
+    return summary
+
+
+def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool = True) -> dict:
+    stages = stages_for(cfg)
+    if from_stage is not None and from_stage not in stages:
+        raise ConfigError(f"--from {from_stage!r}: this pipeline's stages are {stages}")
+    D.init_distributed()
+    timings_file = cfg.output_dir / "pipeline.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    rerun = stages[stages.index(from_stage):] if from_stage else []
+    for stage in rerun:
+        reset(cfg, stage)
+        timings.pop(stage, None)
+    D.barrier()
+    for stage in stages:
+        if is_complete(cfg, stage):
+            if D.is_main():
+                print(f"pipeline: {stage} is complete, skipped", flush=True)
+            continue
+        if D.is_main():
+            print(f"pipeline: {stage} ...", flush=True)
+        t0 = time.perf_counter()
+        run_stage(cfg, stage, show_progress)
+        took = time.perf_counter() - t0
+        timings[stage] = took  # for a resumed stage: the part since the resume
+        if D.is_main():
+            write_text_atomic(timings_file, json.dumps(timings, indent=1))
+            print(f"pipeline: {stage} done in {took:.1f}s", flush=True)
+    return timings
