@@ -31,7 +31,8 @@ def load_chat_model(model_dir: str, dtype: str = "auto"):
 
 
 def chat(model, tok, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None,
-         stdin=sys.stdin, stdout=sys.stdout, seed: int | None = None) -> None:
+         stdin=sys.stdin, stdout=sys.stdout, seed: int | None = None) -> list[dict]:
+    """Read user turns from stdin until /exit or end of input; returns the conversation as it ended."""
     from transformers import TextIteratorStreamer
 
     if not tok.chat_template:
@@ -74,3 +75,4 @@ def chat(model, tok, max_new_tokens: int = 256, temperature: float = 0.7, system
         worker.join()
         print(file=stdout, flush=True)
         history.append({"role": "assistant", "content": "".join(reply).strip()})
+    return history

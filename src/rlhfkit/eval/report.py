@@ -31,8 +31,12 @@ def _plot(stage: str, rows: list[dict], keys: list[str]) -> str | None:
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 2.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    cols = min(len(keys), 3)
+    rows_n = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 2.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 15 else None, markersize=3)
         ax.set_title(key, fontsize=9)
