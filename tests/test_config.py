@@ -94,3 +94,9 @@ def test_resolved_config_round_trips(tmp_path):
     out = save_resolved_config(cfg, tmp_path / "out")
     again = load_config(out)
     assert again == cfg and again.data.seed == 7
+
+
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "tiny.yaml", "gpu/opt-1.3b-350m.yaml", "gpu/llama2-7b-lora.yaml"])
+def test_shipped_recipes_validate(recipe):
+    cfg = load_config(REPO / "configs" / recipe)
+    assert cfg.ppo.rollout_batch_size % (cfg.ppo.mini_batch_size or cfg.ppo.rollout_batch_size) == 0

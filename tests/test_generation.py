@@ -68,3 +68,17 @@ def test_row_seeded_sampling_draws_from_the_warped_distribution():
         freq = (out.response_ids[:, 0] == token).float().mean().item()
         assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (token, freq, p)
     assert torch.isin(out.response_ids[:, 0], top.indices).all()  # nothing outside the top-k
+
+
+def test_greedy_decoding_matches_transformers_generate():
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random"))
+    model.eval()
+    prompts = [np.array(tok("Human: How do I bake bread? Assistant:").input_ids), np.array(tok("Hi").input_ids)]
+    ours = generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], SamplingConfig(max_new_tokens=10, do_sample=False))
+    ids, lengths = pad_left(prompts, tok.pad_token_id)
+    attention = (torch.arange(ids.shape[1])[None, :] >= (ids.shape[1] - lengths)[:, None]).long()
+    theirs = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=10, do_sample=False,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+    for i in range(2):
+        n = int(ours.response_lengths[i])
+        assert torch.equal(ours.response_ids[i, :n], theirs[i, :n])

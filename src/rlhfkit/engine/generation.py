@@ -79,30 +79,59 @@ class RowSeededSampler:
 @torch.no_grad()
 def generate(model, prompts: list[np.ndarray], pad_id: int, stop_ids: list[int], sampling: SamplingConfig,
              seeds: list[int] | None = None) -> Generation:
-    """Sample one response per prompt with the model's KV cache. The model should be in eval mode.
+    """One response per prompt with the model's KV cache; the model should be in eval mode.
 
-    With seeds (one per prompt), sampling is reproducible row by row (RowSeededSampler); without, it
-    draws from torch's global RNG. do_sample=False decodes greedily."""
-    from transformers import LogitsProcessorList
-
+    Sampling is row-seeded (RowSeededSampler): with `seeds` (one per prompt) it is reproducible row by
+    row; without, the seeds are drawn from torch's global RNG. do_sample=False decodes greedily."""
     device = next(model.parameters()).device
     prompt_ids, prompt_lengths = pad_left(prompts, pad_id)
     width = prompt_ids.shape[1]
     attention = (torch.arange(width)[None, :] >= (width - prompt_lengths)[:, None]).long()
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, pad_token_id=pad_id,
-                  eos_token_id=list(stop_ids), use_cache=True)
-    if sampling.do_sample and seeds is not None:
+    if sampling.do_sample:
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None,
-                      logits_processor=LogitsProcessorList([RowSeededSampler(seeds, sampling, device)]))
-    elif sampling.do_sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    out = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention.to(device), **kwargs)
-    response = out[:, width:].cpu()
-    if response.shape[1] == 0:
-        response = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
+        sampler = RowSeededSampler(seeds, sampling, device)
+        pick = lambda logits: sampler(None, logits).argmax(-1)  # noqa: E731
+    else:
+        pick = lambda logits: logits.argmax(-1)  # noqa: E731
+    response = decode(model, prompt_ids.to(device), attention.to(device), sampling.max_new_tokens, stop_ids,
+                      pad_id, pick).cpu()
     lengths, ended = response_lengths_from(response, stop_ids)
     # Whatever the model emitted after the stop is padding: make it so, so nothing downstream reads it.
     response = torch.where(torch.arange(response.shape[1])[None, :] < lengths[:, None], response, pad_id)
     return Generation(prompt_ids, prompt_lengths, response, lengths, ended)
+
+
+def decode(model, prompt_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+           pad_id: int, pick) -> torch.Tensor:
+    """The decoding loop itself: one forward over the left-padded prompts, then one token per step from
+    the KV cache, logits only for the last position; stops when every row has emitted a stop token.
+
+    A plain loop instead of `model.generate`: at rollout batch sizes on a CPU, generate's per-step
+    machinery costs about as much as the model's forward pass. Positions count real tokens only, so a
+    left-padded row sees the same positions as it would alone. Returns the new tokens [B, ≤max_new_tokens]
+    (after a row's stop token: pad_id)."""
+    from transformers import DynamicCache
+
+    batch = prompt_ids.shape[0]
+    mask = attention
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    stop = torch.tensor(list(stop_ids), device=prompt_ids.device)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    next_position = positions[:, -1:] + 1
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        token = torch.where(finished, pad_id, pick(out.logits[:, -1].float()))
+        tokens.append(token)
+        finished |= torch.isin(token, stop)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1)
