@@ -1,7 +1,7 @@
 """The reference PPO iteration: the figure rlhfkit's PPO speed is judged by, side by side with TRL 0.28.0.
 
-    .venv/bin/python benchmarks/ppo_iteration.py                      # rlhfkit best + fp32, then TRL fp32
-    .venv/bin/python benchmarks/ppo_iteration.py --sides best --iters 2   # quick look at one setting
+    .venv/bin/python benchmarks/ppo_iteration.py                       # rlhfkit bf16-lora, bf16, fp32; TRL fp32
+    .venv/bin/python benchmarks/ppo_iteration.py --sides bf16 --iters 2    # quick look at one setting
 
 The iteration (the same on every side)
 * SmolLM2-135M-Instruct as actor, reference, critic and reward (critic and reward: the same backbone with a
@@ -15,10 +15,12 @@ The iteration (the same on every side)
   experience (the four models scoring the rollouts) / training, tokens generated, and peak memory
   (max RSS on CPU, max allocated on GPU).
 
-Sides, each in its own fresh process
-* best: rlhfkit at its best settings for a CPU: DeepSpeed bf16 actor and critic (fp32 master weights,
-  ZeRO-1), bf16 reference and reward, bf16 rollout copy, full fine-tuning (no LoRA), right-padded scoring.
-* fp32: rlhfkit with everything in fp32 (actor, critic, reference, reward, rollouts), full fine-tuning.
+Sides, each in its own fresh process (all rlhfkit sides score right-padded rows, padded to the longest)
+* bf16-lora: rlhfkit's best settings for a CPU: actor and critic with LoRA (r 16, alpha 32, on the
+  attention projections q, k, v, o; the critic's value head trains fully) under DeepSpeed bf16 (fp32 master
+  weights, ZeRO-1), bf16 reference and reward, bf16 rollout copy with LoRA merged.
+* bf16: the same without LoRA (full fine-tuning of actor and critic in bf16).
+* fp32: everything in fp32 (actor, critic, reference, reward, rollouts), full fine-tuning.
 * trl: TRL 0.28.0's PPOTrainer (the last TRL with PPO) in fp32, in its own virtualenv made by this script
   (benchmarks/.venv-trl-ppo: trl==0.28.0, transformers==4.57.6, torch==2.13.0). transformers 4.57 cannot
   read the config and tokenizer files transformers 5 writes (rope_parameters, the tokenizer class), so TRL
@@ -40,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -51,12 +52,13 @@ PROMPTS = SHARED / "data" / "ppo" / "hh_prompts.jsonl.gz"
 TRL_VENV = REPO / "benchmarks" / ".venv-trl-ppo"
 TRL_PINS = {"trl": "0.28.0", "transformers": "4.57.6", "torch": "2.13.0"}
 RESULT = "RESULT "
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention only (rlhfkit's default)
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--sides", default="best,fp32,trl")
+    ap.add_argument("--sides", default="bf16-lora,bf16,fp32,trl")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=8)
@@ -100,8 +102,10 @@ def prepare_inputs(args, work: Path) -> dict:
 def rlhfkit_config(args, work: Path, inputs: dict, side: str):
     from rlhfkit.config import Config
 
-    dtype = "bfloat16" if side == "best" else "float32"
+    dtype = "float32" if side == "fp32" else "bfloat16"
     trainable = {"dtype": dtype, "micro_batch_size": args.prompts, "learning_rate": 1e-6}
+    if side.endswith("lora"):
+        trainable["lora"] = {"r": 16, "alpha": 32, "target_modules": LORA_TARGETS}
     raw = {
         "run": {"output_dir": str(work / f"run-{side}")},
         "model": {"name_or_path": inputs["model_dir"]},
@@ -112,7 +116,7 @@ def rlhfkit_config(args, work: Path, inputs: dict, side: str):
         "ppo": {"actor_model": inputs["model_dir"], "critic_model": inputs["reward_dir"],
                 "reward_model": inputs["reward_dir"], "rollout_batch_size": args.prompts, "ppo_epochs": 1,
                 "sampling": {"max_new_tokens": args.new_tokens, "temperature": 0.7},
-                "rollout_dtype": "auto" if side == "best" else "float32",
+                "rollout_dtype": "float32" if side == "fp32" else "auto",
                 "actor": trainable, "critic": trainable,
                 "reference": {"dtype": dtype}, "reward": {"dtype": dtype}, "steps": args.warmup + args.iters},
     }
@@ -139,7 +143,8 @@ def worker_rlhfkit(args, work: Path, side: str) -> dict:
     for step in range(args.warmup + args.iters):
         m = trainer.step(step)
         print(f"  {side} iteration {step}: {m['time/step']:.2f}s (generation {m['time/generation']:.2f}, "
-              f"experience {m['time/experience']:.2f}, training {m['time/training']:.2f})", flush=True)
+              f"experience {m['time/experience']:.2f}, training {m['time/training']:.2f} of which rollout-copy "
+              f"refresh {m['time/rollout_refresh']:.2f})", flush=True)
         if step >= args.warmup:
             per_step.append(m)
     med = lambda k: statistics.median(m[k] for m in per_step)  # noqa: E731
@@ -247,7 +252,6 @@ print("RESULT " + json.dumps({"side": "trl", "seconds_per_iteration": statistics
 
 def run_trl(args, work: Path) -> dict:
     python = ensure_trl_venv()
-    from rlhfkit.config import load_config  # noqa: F401  (rlhfkit's data pipeline gives the prompt ids)
     from rlhfkit.data.prepare import load_phase, prepare
 
     inputs = json.loads((work / "inputs.json").read_text())
@@ -316,7 +320,7 @@ def report(results: list[dict], args) -> None:
         print(f"{r['side']:<6} {r['seconds_per_iteration']:>7.2f} {r['generation_s']:>11.2f} {rest} "
               f"{int(r['tokens_generated']):>7} {r['peak_memory_gb']:>8.2f}")
     by = {r["side"]: r["seconds_per_iteration"] for r in results}
-    for ours in ("best", "fp32"):
+    for ours in ("bf16-lora", "bf16", "fp32"):
         if ours in by and "trl" in by:
             print(f"speed-up of rlhfkit {ours} over TRL 0.28 fp32: {by['trl'] / by[ours]:.2f}x")
     out = Path(args.out)

@@ -105,3 +105,8 @@ def test_selected_logprobs_equal_full_logits_path():
     assert math.isclose(-logprobs.sum().item() / n.item(), mean.item(), rel_tol=1e-5)
     per_row = torch.zeros(3).index_add_(0, rows, logprobs)
     assert torch.allclose(per_row, sequence_logprob(logits, ids, prompt_lens, lengths), atol=1e-5)
+    # at a temperature: the log-probs of softmax(logits / T), the distribution PPO samples from
+    with torch.no_grad():
+        tempered, _ = selected_token_logprobs(model, ids, lengths, mask, temperature=0.7)
+    expected = torch.log_softmax(logits[:, :-1] / 0.7, -1).gather(2, ids[:, 1:, None])[..., 0][mask[:, 1:]]
+    assert torch.allclose(tempered, expected, atol=1e-5) and not torch.allclose(tempered, logprobs, atol=1e-3)

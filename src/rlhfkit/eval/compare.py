@@ -31,10 +31,9 @@ from ..models.loading import load_causal_lm, load_tokenizer
 from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.common import DTYPES, TokenLogprobLM, model_config_for
-from ..train.losses import length_mask
 from ..train.ppo.experience import RewardScorer, actor_logprobs
 from ..train.ppo.models import load_reward_model
-from ..train.ppo.rollout import select_rows, to_rollout
+from ..train.ppo.rollout import to_rollout
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
 
@@ -131,7 +130,8 @@ class Comparison:
         out = []
         for p in parts:
             p = p.to(self.device)
-            lp = actor_logprobs(TokenLogprobLM(self.policy), p) - actor_logprobs(TokenLogprobLM(self.baseline), p)
+            t = self.e.sampling.temperature  # the samples come from the tempered policy: measure that one
+            lp = actor_logprobs(TokenLogprobLM(self.policy), p, t) - actor_logprobs(TokenLogprobLM(self.baseline), p, t)
             out.append(lp.float().sum(1).cpu())
         return torch.cat(out)
 

@@ -68,8 +68,8 @@ class TokenLogprobLM(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, lengths, target_mask):
-        return selected_token_logprobs(self.lm, input_ids, lengths, target_mask)
+    def forward(self, input_ids, lengths, target_mask, temperature: float = 1.0):
+        return selected_token_logprobs(self.lm, input_ids, lengths, target_mask, temperature)
 
     def gradient_checkpointing_enable(self, **kw):
         self.lm.gradient_checkpointing_enable(**kw)

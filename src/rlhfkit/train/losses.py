@@ -101,12 +101,14 @@ def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens:
 
 
 def selected_token_logprobs(model, input_ids: torch.Tensor, lengths: torch.Tensor,
-                            target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            target_mask: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log p of the selected target tokens, computing vocabulary logits only where they are needed.
 
     target_mask [B, T] marks target positions (1..T-1). The backbone runs on the whole batch, but the
     LM head and log-softmax run only on the hidden states that predict a selected token: prompt and
     padding positions never pay for a vocabulary-sized projection. Returns (logprobs [N], row of each [N]).
+    temperature ≠ 1 gives the log-probs of the tempered distribution softmax(logits / T), the one PPO
+    samples from and therefore optimises.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone, head = inner.base_model, inner.get_output_embeddings()
@@ -115,6 +117,8 @@ def selected_token_logprobs(model, input_ids: torch.Tensor, lengths: torch.Tenso
     h = hidden[:, :-1][select]
     targets = input_ids[:, 1:][select]
     logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logprobs = -F.cross_entropy(logits, targets, reduction="none")
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(select)[select]
     return logprobs, rows

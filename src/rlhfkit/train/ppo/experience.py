@@ -34,9 +34,12 @@ class Experience:
     returns: torch.Tensor
 
 
-def actor_logprobs(forward, r: Rollout) -> torch.Tensor:
-    """[B, R] log-probs of the response tokens under a TokenLogprobLM (engine or frozen)."""
-    flat, _ = forward(r.input_ids, r.lengths, r.token_mask())
+def actor_logprobs(forward, r: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """[B, R] log-probs of the response tokens under a TokenLogprobLM (engine or frozen).
+
+    PPO passes its sampling temperature: it optimises, and its KL penalty measures, the tempered
+    distribution the rollouts are drawn from (as TRL does), for the actor and the reference alike."""
+    flat, _ = forward(r.input_ids, r.lengths, r.token_mask(), temperature)
     return response_tensor(flat.float(), r.response_lengths, r.width)
 
 
@@ -78,8 +81,8 @@ def make_experience(r: Rollout, actor, reference, critic, score, p: PPOConfig, k
     for start in range(0, len(r.lengths), micro_batch):
         sub = select_rows(r, torch.arange(start, min(start + micro_batch, len(r.lengths)))).to(device)
         grow = (0, width - sub.width)
-        parts["lp"].append(F.pad(actor_logprobs(actor, sub), grow).cpu())
-        parts["ref"].append(F.pad(actor_logprobs(reference, sub), grow).cpu())
+        parts["lp"].append(F.pad(actor_logprobs(actor, sub, p.sampling.temperature), grow).cpu())
+        parts["ref"].append(F.pad(actor_logprobs(reference, sub, p.sampling.temperature), grow).cpu())
         parts["v"].append(F.pad(critic_values(critic, sub), grow).cpu())
         parts["s"].append(score(sub).cpu())
     logprobs, ref_logprobs, values, scores = (torch.cat(parts[k]) for k in ("lp", "ref", "v", "s"))

@@ -136,7 +136,9 @@ class PPOTrainer:
         self.actor.train()
         self.critic.train()
         train_stats = self.update(exp, step)
+        t_refresh = time.perf_counter()
         self.policy.refresh(self.actor)
+        t_refresh = time.perf_counter() - t_refresh
         if self.ema is not None:
             self.ema.update(self.actor)
         t3 = time.perf_counter()
@@ -147,7 +149,7 @@ class PPOTrainer:
         stats.update(train_stats)
         stats.update({"objective/kl_coef": self.kl_ctl.value, "lr/actor": self.actor.lr, "lr/critic": self.critic.lr,
                       "time/generation": t1 - t0, "time/experience": t2 - t1, "time/training": t3 - t2,
-                      "time/step": t3 - t0, "tokens/generated": generated,
+                      "time/step": t3 - t0, "time/rollout_refresh": t_refresh, "tokens/generated": generated,
                       "tokens/generation_per_s": generated / max(t1 - t0, 1e-9),
                       "tokens/per_s": generated / max(t3 - t0, 1e-9)})
         return stats
@@ -193,7 +195,7 @@ class PPOTrainer:
     def actor_micro_step(self, exp: Experience, idx: torch.Tensor, tokens: float, ptx_rows, ptx_tokens) -> dict:
         sub = select_rows(exp.rollout, idx).to(self.device)
         width, mask = sub.width, sub.response_mask()
-        logprobs = actor_logprobs(self.actor, sub)
+        logprobs = actor_logprobs(self.actor, sub, self.p.sampling.temperature)
         old, adv = exp.old_logprobs[idx, :width].to(self.device), exp.advantages[idx, :width].to(self.device)
         loss, stats = PF.policy_loss(logprobs, old, adv, mask, self.p.cliprange)
         n = float(mask.sum())
@@ -272,7 +274,9 @@ class PPOTrainer:
             sub = select_rows(rollout, torch.arange(start, min(start + self.actor_t.micro_batch_size, len(idx))))
             sub = sub.to(self.device)
             scores.append(self.score(sub).cpu())
-            kls.append((actor_logprobs(self.actor, sub) - actor_logprobs(self.reference, sub)).sum(1).cpu())
+            temperature = p.sampling.temperature
+            kls.append((actor_logprobs(self.actor, sub, temperature)
+                        - actor_logprobs(self.reference, sub, temperature)).sum(1).cpu())
         self.actor.train()
         scores, kls = torch.cat(scores), torch.cat(kls)
         count, s, kl, length, eos = D.all_reduce_sum([float(len(idx)), float(scores.sum()), float(kls.sum()),
