@@ -238,3 +238,27 @@ def test_mismatched_tokenizers_are_an_error_without_retokenize(tmp_path, prompts
     p = cli(["ppo", str(ppo_config(tmp_path, prompts_file, reward_dir, steps=1)), "--no-progress"])
     out, _ = p.communicate(timeout=300)
     assert p.returncode != 0 and "different tokenizers" in out and "ppo.retokenize" in out
+
+
+def test_retokenize_scores_the_decoded_text_with_the_reward_tokenizer(tiny):
+    """ppo.retokenize: the RM sees prompt + response re-encoded by its own tokenizer, EOS re-appended."""
+    from transformers import AutoTokenizer
+
+    _, src = tiny
+    dst = AutoTokenizer.from_pretrained(resolve_model_dir("tiny-random", ModelConfig(name_or_path="tiny-random")))
+    dst.add_tokens(["bread"])  # a different vocabulary: "bread" is one token for the RM only
+    prompt = src("How do I bake bread?", add_special_tokens=False).input_ids
+    reply = src(" Knead the bread", add_special_tokens=False).input_ids + [src.eos_token_id]
+    r = to_rollout(Generation(torch.tensor([prompt]), torch.tensor([len(prompt)]), torch.tensor([reply]),
+                              torch.tensor([len(reply)]), torch.tensor([True])), src.pad_token_id)
+    seen = {}
+
+    def reward(ids, lengths, prompt_lens):
+        seen.update(ids=ids[0, : int(lengths[0])].tolist(), prompt_len=int(prompt_lens[0]))
+        return torch.zeros(1)
+
+    RewardScorer(reward, (src, dst))(r)
+    want_prompt = dst("How do I bake bread?", add_special_tokens=False).input_ids
+    want_reply = dst(" Knead the bread", add_special_tokens=False).input_ids + [dst.eos_token_id]
+    assert seen == {"ids": want_prompt + want_reply, "prompt_len": len(want_prompt)}
+    assert want_prompt != prompt  # the RM's tokens really differ
