@@ -4,10 +4,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 import yaml
 
 from conftest import REPO, write_jsonl
-from test_training import ENV, cli, run_ok, synthetic_pairs
+from test_training import ENV, kill_when, run_ok, synthetic_pairs
 
 TINY_STAGES = {
     "sft": {"max_steps": 4, "micro_batch_size": 4, "learning_rate": 1e-3},
@@ -174,14 +172,7 @@ def test_killed_mid_ppo_the_same_command_finishes_without_redoing_sft_or_rm(tmp_
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(80))
     cfg = pipeline_config(tmp_path, data, ppo={"steps": 6, "save_every": 2, "eval_every": 0})
     ckpt = tmp_path / "run" / "ppo" / "checkpoints" / "step-0000002" / "COMPLETE"
-    p = cli(["pipeline", str(cfg), "--no-progress"], start_new_session=True)
-    deadline = time.time() + 600
-    while not ckpt.exists():
-        assert p.poll() is None, "run ended before it could be killed: " + p.stdout.read()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_when(["pipeline", str(cfg), "--no-progress"], ckpt)
     assert not (tmp_path / "run" / "ppo" / "final").exists()
     sft_mtime = (tmp_path / "run" / "sft" / "final" / "model.safetensors").stat().st_mtime
     out = run_ok(["pipeline", str(cfg), "--no-progress"])

@@ -1,11 +1,8 @@
 """PPO on tiny models: sequence layout, experience, learning on a known reward, exact resume, ZeRO-3 on 2 processes."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,7 @@ from rlhfkit.train.ppo.experience import RewardScorer, actor_logprobs, make_expe
 from rlhfkit.train.ppo.formulas import masked_whiten
 from rlhfkit.train.ppo.models import ValueModel
 from rlhfkit.train.ppo.rollout import response_values, to_rollout
-from test_training import ENV, cli, run_ok, synthetic_pairs
+from test_training import ENV, cli, kill_when, run_ok, synthetic_pairs
 
 EOS = PAD = 2  # the tiny tokenizer's <|im_end|>: pad == eos
 
@@ -188,14 +185,7 @@ def test_ppo_resume_after_sigkill_gives_the_same_final_weights(tmp_path, prompts
 
     resumed = ppo_config(tmp_path / "b", prompts_file, reward_dir, **ppo)
     ckpt = tmp_path / "b" / "run" / "ppo" / "checkpoints" / "step-0000004" / "COMPLETE"
-    p = cli(["ppo", str(resumed), "--no-progress"], start_new_session=True)
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        assert p.poll() is None, "run ended before it could be killed: " + p.stdout.read()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_when(["ppo", str(resumed), "--no-progress"], ckpt)
     assert not (tmp_path / "b" / "run" / "ppo" / "final").exists()  # it really died mid-run
     out = run_ok(["ppo", str(resumed), "--no-progress"])
     assert "resumed at step 4" in out
@@ -262,3 +252,16 @@ def test_retokenize_scores_the_decoded_text_with_the_reward_tokenizer(tiny):
     want_reply = dst(" Knead the bread", add_special_tokens=False).input_ids + [dst.eos_token_id]
     assert seen == {"ids": want_prompt + want_reply, "prompt_len": len(want_prompt)}
     assert want_prompt != prompt  # the RM's tokens really differ
+
+
+def test_ptx_mixes_the_sft_loss_into_the_actor_update(tmp_path, prompts_file, reward_dir):
+    """ptx_coef > 0: phase-1 rows' SFT loss joins the actor loss; with the policy term tiny it must fall."""
+    cfg = ppo_config(tmp_path, prompts_file, reward_dir, steps=10, eval_every=0, ptx_coef=1.0, kl_coef=0.0,
+                     actor={"learning_rate": 5e-3, "micro_batch_size": 4}, critic={"micro_batch_size": 4})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["phase_ratios"] = [1, 0, 1]  # phase 1 (SFT rows for ptx) and phase 3 (prompts)
+    cfg.write_text(yaml.safe_dump(raw))
+    run_ok(["ppo", str(cfg), "--no-progress"])
+    ptx = metrics(tmp_path / "run", "ptx/loss")
+    assert len(ptx) == 10 and all(np.isfinite(ptx))
+    assert ptx[-1] < 0.85 * ptx[0], ptx

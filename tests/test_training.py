@@ -60,6 +60,18 @@ def run_ok(args, nproc=1, timeout=600) -> str:
     return out
 
 
+def kill_when(args: list[str], marker: Path, timeout: int = 600) -> None:
+    """Start `rlhfkit ARGS` and SIGKILL its whole process group the moment `marker` exists."""
+    p = cli(args, start_new_session=True)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert p.poll() is None, "run ended before it could be killed: " + p.stdout.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+
+
 def _free_port() -> int:
     import socket
 
@@ -135,14 +147,7 @@ def test_resume_after_sigkill_gives_the_same_final_weights(tmp_path, pairs_file)
 
     resumed = write_config(tmp_path / "b", pairs_file, sft=sft)
     ckpt = tmp_path / "b" / "run" / "sft" / "checkpoints" / "step-0000006" / "COMPLETE"
-    p = cli(["sft", str(resumed), "--no-progress"], start_new_session=True)
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        assert p.poll() is None, "run ended before it could be killed: " + p.stdout.read()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_when(["sft", str(resumed), "--no-progress"], ckpt)
     assert not (tmp_path / "b" / "run" / "sft" / "final").exists()  # it really died mid-run
     out = run_ok(["sft", str(resumed), "--no-progress"])
     assert "resumed from" in out
