@@ -85,7 +85,7 @@ def main() -> None:
     t = TrainConfig(micro_batch_size=1)
     engine = TrainEngine(actor, t, 1, param_groups(actor, 1e-6, 0.0))
     dtype = resolve_rollout_dtype(args.rollout_dtype)
-    policy = RolloutPolicy(engine, dtype)
+    policy = RolloutPolicy(engine, t, dtype)
     no_stop = [plain.config.vocab_size]  # an id no model can emit: every row decodes exactly --new-tokens tokens
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.7)
 

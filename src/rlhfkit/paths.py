@@ -27,6 +27,21 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put src's content at dst as a hard link (a copy across filesystems), replacing dst atomically."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already linked (rename() between two links to one file would do nothing and leave tmp behind)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temp dir into place. Readers see the old dir or the new one, never half of one."""
     if final.exists():

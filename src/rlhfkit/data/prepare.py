@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, DataConfig, DatasetConfig, save_resolved_config
 from ..errors import DataError
-from ..paths import cache_root, file_sha256, make_temp_dir, publish_dir, write_text_atomic
+from ..paths import cache_root, file_sha256, link_or_copy, make_temp_dir, publish_dir, write_text_atomic
 from . import registry
 from .readers import iter_file_records
 from .records import BadRecord, Example, detect_format, to_example
@@ -222,19 +221,6 @@ def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase
         raise
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() and os.path.samefile(src, dst):
-        return  # already linked (rename() between two links to one file would do nothing and leave tmp behind)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def prepare(cfg: Config, tokenizer=None, show_progress: bool = True) -> dict:
     """Prepare every dataset of the config; write run_dir/data/{manifest.json, phase*/...}. Returns the manifest."""
     from ..models.loading import load_tokenizer
@@ -249,8 +235,8 @@ def prepare(cfg: Config, tokenizer=None, show_progress: bool = True) -> dict:
         src = Source(ds)
         for (split, phase), (entry, hit) in sorted(prepare_dataset(src, renderer, cfg.data, show_progress).items()):
             rel = Path(f"phase{phase}") / split / f"{_slug(ds.name)}.npz"
-            _link_or_copy(entry / "table.npz", out / rel)
-            _link_or_copy(entry / "stats.json", (out / rel).with_suffix(".stats.json"))
+            link_or_copy(entry / "table.npz", out / rel)
+            link_or_copy(entry / "stats.json", (out / rel).with_suffix(".stats.json"))
             stats = json.loads((entry / "stats.json").read_text())
             manifest["phases"][str(phase)][split].append(
                 {"dataset": ds.name, "format": src.format, "file": str(rel), "records": stats["kept"], "cache_key": entry.name})

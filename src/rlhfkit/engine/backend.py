@@ -139,10 +139,9 @@ class TrainEngine:
         return float(norm) if norm is not None else None
 
     # --- weights -----------------------------------------------------------------------------------
-    def full_state_dict(self, all_ranks: bool = False, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (None elsewhere; on every rank with all_ranks), gathered one parameter
-        at a time under ZeRO-3."""
+    def full_state_dict(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights on rank 0 (None elsewhere; on every rank with all_ranks), gathered one
+        parameter at a time under ZeRO-3."""
         import deepspeed
 
         out: dict[str, torch.Tensor] = {}
@@ -151,12 +150,12 @@ class TrainEngine:
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero3):
                 if keep:
-                    out[name] = _dense(p).to(device, dtype, copy=True)
+                    out[name] = _dense(p).to("cpu", torch.float32, copy=True)
         if keep:
             persistent = self.module.state_dict().keys()
             for name, b in self.module.named_buffers():
                 if name in persistent:
-                    out[name] = b.detach().to(device, copy=True)
+                    out[name] = b.detach().to("cpu", copy=True)
         return out if keep else None
 
     # --- training state --------------------------------------------------------------------------

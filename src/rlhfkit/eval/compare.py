@@ -25,15 +25,14 @@ from ..data.readers import iter_file_records
 from ..data.records import BadRecord, to_example
 from ..data.render import Renderer, build_prompts
 from ..engine import distributed as D
-from ..engine.generation import SamplingConfig, generate
 from ..errors import ConfigError
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.common import DTYPES, TokenLogprobLM, model_config_for
-from ..train.ppo.experience import RewardScorer, actor_logprobs
+from ..train.ppo.experience import RewardScorer, response_kl
 from ..train.ppo.models import load_reward_model
-from ..train.ppo.rollout import to_rollout
+from ..train.ppo.rollout import sample_rollouts, sampling_for
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
 
@@ -97,9 +96,7 @@ class Comparison:
         self.judges = {"rm": self._judge(self.reward_path, dtype)}
         if e.second_judge:
             self.judges["judge2"] = self._judge(e.second_judge, dtype)
-        self.stop_ids = sorted({self.tokenizer.eos_token_id, *e.sampling.stop_ids})
-        self.sampling = SamplingConfig(e.sampling.max_new_tokens, e.sampling.temperature, e.sampling.top_p,
-                                       e.sampling.top_k, do_sample=True)
+        self.sampling, self.stop_ids = sampling_for(e.sampling, self.tokenizer)
 
     def _lm(self, path: str, dtype):
         lm = load_causal_lm(model_config_for(self.cfg, path), dtype="float32").to(self.device, dtype).eval()
@@ -112,14 +109,9 @@ class Comparison:
     @torch.no_grad()
     def answer(self, model, prompts: list[np.ndarray]):
         """Rollouts of `model` on the prompts (per-prompt seeds shared by both models), in batches."""
-        e = self.e
-        parts = []
-        for i in range(0, len(prompts), e.batch_size):
-            seeds = [e.seed * 1_000_003 + j for j in range(i, min(i + e.batch_size, len(prompts)))]
-            gen = generate(model, prompts[i:i + e.batch_size], self.tokenizer.pad_token_id, self.stop_ids,
-                           self.sampling, seeds)
-            parts.append(to_rollout(gen, self.tokenizer.pad_token_id))
-        return parts
+        seeds = [self.e.seed * 1_000_003 + j for j in range(len(prompts))]
+        return sample_rollouts(model, prompts, seeds, self.e.batch_size, self.tokenizer.pad_token_id, self.stop_ids,
+                               self.sampling)
 
     @torch.no_grad()
     def score_parts(self, parts) -> dict[str, torch.Tensor]:
@@ -128,11 +120,10 @@ class Comparison:
     @torch.no_grad()
     def kl_to_baseline(self, parts) -> torch.Tensor:
         out = []
-        for p in parts:
-            p = p.to(self.device)
-            t = self.e.sampling.temperature  # the samples come from the tempered policy: measure that one
-            lp = actor_logprobs(TokenLogprobLM(self.policy), p, t) - actor_logprobs(TokenLogprobLM(self.baseline), p, t)
-            out.append(lp.float().sum(1).cpu())
+        for p in parts:  # the samples come from the tempered policy: measure that one
+            kl = response_kl(TokenLogprobLM(self.policy), TokenLogprobLM(self.baseline), p.to(self.device),
+                             self.e.sampling.temperature)
+            out.append(kl.float().cpu())
         return torch.cat(out)
 
     def compare_set(self, name: str, prompts: list[np.ndarray], sink) -> dict:

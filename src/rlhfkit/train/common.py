@@ -98,14 +98,26 @@ def disable_cpu_4bit_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def gathered_weights(engine: TrainEngine, t: TrainConfig, prefix: str = "") -> dict[str, torch.Tensor] | None:
-    """Full weights on rank 0 (names under `prefix`, prefix removed), LoRA merged in when saved merged."""
-    sd = engine.full_state_dict()
+def gathered_weights(engine: TrainEngine, t: TrainConfig, prefix: str = "", merge: bool | None = None,
+                     all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights (names under `prefix`, prefix removed) on rank 0, or on every rank with all_ranks.
+    LoRA is merged in when `merge` (default: when the stage saves merged weights)."""
+    sd = engine.full_state_dict(all_ranks)
     if sd is not None and prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if sd is not None and t.lora.enabled and t.lora.save == "merged":
+    if merge is None:
+        merge = t.lora.save == "merged"
+    if sd is not None and t.lora.enabled and merge:
         sd = merge_lora_state_dict(sd, t.lora.alpha / t.lora.r)
     return sd
+
+
+def dense_config(config):
+    """A copy of a model config without its quantization settings (QLoRA exports and copies are dense)."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 def base_config(module):
@@ -138,11 +150,8 @@ def write_causal_lm(sd: dict[str, torch.Tensor], config, tokenizer, out: Path, g
     """A loadable HF directory from a full (merged) state dict: safetensors, config, tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):  # QLoRA: the export holds dense, merged weights
-        del config.quantization_config
     with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(config)
+        shell = AutoModelForCausalLM.from_config(dense_config(config))
     shell.save_pretrained(out, state_dict=dict(sd), safe_serialization=True)  # it empties the dict it is given
     if generation_config is not None:
         generation_config.save_pretrained(out)

@@ -4,7 +4,6 @@ checkpoints, exact resume, metrics. A stage supplies a `Stage`: its data, collat
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ import torch
 from ..config import TrainConfig
 from ..engine import distributed as D
 from ..engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, finish_checkpoint, seed_everything
-from ..paths import make_temp_dir, publish_dir
+from ..paths import link_or_copy, make_temp_dir, publish_dir
 from ..tracking import Tracker
 from .batching import Blend, StepSchedule, rank_micro_batches
 
@@ -136,16 +135,9 @@ def publish_final(exported: Path, final: Path, eval_metrics: dict) -> None:
     """final/ = the last checkpoint's exported model (hard links, not a second gather and export) plus
     eval.json, moved into place in one rename."""
     tmp = make_temp_dir(final)
-    shutil.copytree(exported, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+    shutil.copytree(exported, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
     (tmp / "eval.json").write_text(json.dumps(eval_metrics, indent=1))
     publish_dir(tmp, final)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

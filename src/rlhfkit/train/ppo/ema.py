@@ -18,12 +18,12 @@ class ActorEMA:
 
     def __init__(self, decay: float, engine: TrainEngine, t: TrainConfig):
         self.decay = decay
-        self._t = t.model_copy(update={"lora": t.lora.model_copy(update={"save": "merged"})})
-        self.weights = gathered_weights(engine, self._t, prefix="lm.")
+        self._t = t
+        self.weights = gathered_weights(engine, t, prefix="lm.", merge=True)
 
     @torch.no_grad()
     def update(self, engine: TrainEngine) -> None:
-        current = gathered_weights(engine, self._t, prefix="lm.")
+        current = gathered_weights(engine, self._t, prefix="lm.", merge=True)
         if current is None:
             return
         for name, w in self.weights.items():

@@ -43,6 +43,11 @@ def actor_logprobs(forward, r: Rollout, temperature: float = 1.0) -> torch.Tenso
     return response_tensor(flat.float(), r.response_lengths, r.width)
 
 
+def response_kl(policy, reference, r: Rollout, temperature: float) -> torch.Tensor:
+    """[B] Σ over response tokens of log π − log π_ref: the k1 KL estimate of each response (sampled from π)."""
+    return (actor_logprobs(policy, r, temperature) - actor_logprobs(reference, r, temperature)).sum(1)
+
+
 def critic_values(forward, r: Rollout) -> torch.Tensor:
     return response_values(forward(r.input_ids, r.lengths).float(), r.prompt_lens, r.response_lengths, r.width)
 
@@ -98,12 +103,25 @@ def make_experience(r: Rollout, actor, reference, critic, score, p: PPOConfig, k
     return Experience(r, scores, shaped, logprobs, ref_logprobs, values, kl, rewards, advantages, returns)
 
 
-def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """formulas.masked_whiten with the mean and (unbiased) variance taken over every process's valid tokens,
-    so N processes whiten exactly as one process holding the whole batch would."""
-    valid = torch.where(mask, x, 0.0).double()
-    n, s = D.all_reduce_sum([float(mask.sum()), float(valid.sum())])
+def masked_moments_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Mean and unbiased variance of x's valid entries over every process (two passes, float64); the
+    variance is 0 with fewer than two entries, as in formulas.masked_var."""
+    n, s = D.all_reduce_sum([float(mask.sum()), float(torch.where(mask, x, 0.0).double().sum())])
     mean = s / max(n, 1)
     (ss,) = D.all_reduce_sum([float(torch.where(mask, (x.double() - mean) ** 2, 0.0).sum())])
-    var = ss / max(n - 1, 1)
+    return mean, ss / max(n - 1, 1)
+
+
+def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """formulas.masked_whiten with the statistics of every process's valid tokens, so N processes whiten
+    exactly as one process holding the whole batch would."""
+    mean, var = masked_moments_over_ranks(x, mask)
     return torch.where(mask, (x - mean) * (var + 1e-8) ** -0.5, 0.0)
+
+
+def explained_variance_over_ranks(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """formulas.explained_variance over every process's valid tokens (0.0 when the returns do not vary)."""
+    var_returns = masked_moments_over_ranks(returns, mask)[1]
+    if var_returns == 0.0:
+        return 0.0
+    return 1.0 - masked_moments_over_ranks(returns - values, mask)[1] / var_returns

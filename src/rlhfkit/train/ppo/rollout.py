@@ -8,19 +8,18 @@ padding — so positions start at 0 in every row and every mask comes from lengt
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from ...config import SamplingSettings, TrainConfig
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine
 from ...engine.generation import Generation, SamplingConfig, generate
-from ...models.lora import merge_lora_state_dict
 from ..batching import pad_right
-from ..common import DTYPES, base_config
+from ..common import DTYPES, base_config, dense_config, gathered_weights
 from ..losses import length_mask, response_token_mask
 
 
@@ -51,28 +50,19 @@ class RolloutPolicy:
     Old log-probs are recomputed by the training actor, so the rollout dtype only changes which tokens
     are sampled, never the probabilities PPO optimises against."""
 
-    def __init__(self, engine: TrainEngine, dtype: torch.dtype):
+    def __init__(self, engine: TrainEngine, t: TrainConfig, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
 
-        lm = engine.module.lm
-        config = copy.deepcopy(base_config(lm))
-        if hasattr(config, "quantization_config"):  # QLoRA: sample from dense merged weights
-            del config.quantization_config
+        self.t = t
+        config = dense_config(base_config(engine.module.lm))  # QLoRA: sample from dense merged weights
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(D.device())
         self.model.eval().requires_grad_(False)
-        self.lora_scale = None
-        if hasattr(lm, "peft_config"):
-            lora = lm.peft_config["default"]
-            self.lora_scale = lora.lora_alpha / lora.r
         self.refresh(engine)
 
     @torch.no_grad()
     def refresh(self, engine: TrainEngine) -> None:
         """Copy the actor's current weights in (gathered on every rank under ZeRO-3, LoRA merged)."""
-        sd = engine.full_state_dict(all_ranks=True)
-        sd = {k[len("lm."):]: v for k, v in sd.items() if k.startswith("lm.")}
-        if self.lora_scale is not None:
-            sd = merge_lora_state_dict(sd, self.lora_scale)
+        sd = gathered_weights(engine, self.t, prefix="lm.", merge=True, all_ranks=True)
         params = dict(self.model.named_parameters())
         missing = sorted(set(params) - set(sd))
         if missing:
@@ -80,9 +70,21 @@ class RolloutPolicy:
         for name, p in params.items():
             p.copy_(sd[name])
 
-    def generate(self, prompts: list[np.ndarray], pad_id: int, stop_ids: list[int], sampling: SamplingConfig,
-                 seeds: list[int]) -> Generation:
-        return generate(self.model, prompts, pad_id, stop_ids, sampling, seeds)
+
+def sampling_for(settings: SamplingSettings, tokenizer) -> tuple[SamplingConfig, list[int]]:
+    """Sampling parameters and stop ids (the tokenizer's EOS plus any configured) from config settings."""
+    sampling = SamplingConfig(settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k,
+                              do_sample=True)
+    return sampling, sorted({tokenizer.eos_token_id, *settings.stop_ids})
+
+
+def sample_rollouts(model, prompts: list[np.ndarray], seeds: list[int], batch_size: int, pad_id: int,
+                    stop_ids: list[int], sampling: SamplingConfig) -> list["Rollout"]:
+    """One response per prompt, `batch_size` prompts per generate() call, each prompt with its own seed;
+    every batch re-packed right-padded."""
+    return [to_rollout(generate(model, prompts[i:i + batch_size], pad_id, stop_ids, sampling,
+                                seeds[i:i + batch_size]), pad_id)
+            for i in range(0, len(prompts), batch_size)]
 
 
 @dataclass

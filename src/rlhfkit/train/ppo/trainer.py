@@ -20,7 +20,6 @@ import torch
 from ...config import Config
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, finish_checkpoint, seed_everything
-from ...engine.generation import SamplingConfig
 from ...errors import ConfigError
 from ...models.loading import load_tokenizer
 from ...models.reward import RewardModel
@@ -30,10 +29,11 @@ from ..common import base_config, begin_stage, gathered_weights, model_config_fo
 from ..loop import publish_final, truncate_metrics
 from . import formulas as PF
 from .ema import ActorEMA
-from .experience import Experience, RewardScorer, actor_logprobs, critic_values, make_experience
+from .experience import (Experience, RewardScorer, actor_logprobs, critic_values, explained_variance_over_ranks,
+                         make_experience, masked_moments_over_ranks, response_kl)
 from .models import (FrozenModel, actor_start, build_actor, build_critic, build_reference, build_reward,
                      check_tokenizers)
-from .rollout import RolloutPolicy, concat_rollouts, resolve_rollout_dtype, select_rows, to_rollout
+from .rollout import RolloutPolicy, concat_rollouts, resolve_rollout_dtype, sample_rollouts, sampling_for, select_rows
 
 
 def ppo_stage_dir(cfg: Config) -> Path:
@@ -61,9 +61,7 @@ class PPOTrainer:
         self.critic_t = _with_accumulation(p.critic, self.mini_batch // self.world)
 
         self.tokenizer = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
-        self.stop_ids = sorted({self.tokenizer.eos_token_id, *p.sampling.stop_ids})
-        self.sampling = SamplingConfig(p.sampling.max_new_tokens, p.sampling.temperature, p.sampling.top_p,
-                                       p.sampling.top_k, do_sample=True)
+        self.sampling, self.stop_ids = sampling_for(p.sampling, self.tokenizer)
         # Models: trainable actor and critic through the backend, frozen reference and reward.
         actor_model, groups = build_actor(cfg, self.actor_t)
         self.actor = TrainEngine(actor_model, self.actor_t, updates, groups)
@@ -81,7 +79,7 @@ class PPOTrainer:
                             else None)
         self.kl_ctl = (PF.AdaptiveKLController(p.kl_coef, p.adaptive_kl.target, p.adaptive_kl.horizon)
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
-        self.policy = RolloutPolicy(self.actor, resolve_rollout_dtype(p.rollout_dtype))
+        self.policy = RolloutPolicy(self.actor, self.actor_t, resolve_rollout_dtype(p.rollout_dtype))
         self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
 
     @property
@@ -159,10 +157,8 @@ class PPOTrainer:
         own sampling seed (its step and place in the global batch), so the samples are the same however
         the batch is split over processes or generation batches."""
         size = self.p.generation_batch_size or max(len(prompts), 1)
-        parts = [to_rollout(self.policy.generate(prompts[i:i + size], self.pad_id, self.stop_ids, self.sampling,
-                                                 seeds[i:i + size]), self.pad_id)
-                 for i in range(0, len(prompts), size)]
-        return concat_rollouts(parts, self.pad_id)
+        return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
+                                               self.sampling), self.pad_id)
 
     def update(self, exp: Experience, step: int) -> dict:
         """ppo_epochs passes over the batch; per mini-batch one actor and one critic optimizer step.
@@ -235,11 +231,10 @@ class PPOTrainer:
     def experience_stats(self, exp: Experience) -> dict:
         """Rollout metrics over all processes, per sequence unless named per token (TRL's names)."""
         mask = exp.rollout.response_mask()
-        width = mask.shape[1]
-        kl_seq = exp.kl[:, :width].sum(1)
+        kl_seq = exp.kl.sum(1)
         sums = {
             "objective/kl": kl_seq.sum(),
-            "objective/entropy": -(exp.old_logprobs[:, :width] * mask).sum(),  # TRL: per-sequence −Σ log π
+            "objective/entropy": -(exp.old_logprobs * mask).sum(),  # TRL: per-sequence −Σ log π
             "objective/non_score_reward": (-self.kl_ctl.value * kl_seq).sum(),
             "objective/scores": exp.scores.sum(),
             "objective/scores_shaped": exp.shaped_scores.sum(),
@@ -251,8 +246,8 @@ class PPOTrainer:
         out = {k: v / n for k, v in zip(keys, vals)}
         out["objective/rlhf_reward"] = out["objective/scores_shaped"] + out["objective/non_score_reward"]
         out["val/explained_variance"] = explained_variance_over_ranks(exp.old_values, exp.returns, mask)
-        out["val/mean"] = _masked_mean_over_ranks(exp.old_values, mask)
-        out["val/returns_mean"] = _masked_mean_over_ranks(exp.returns, mask)
+        out["val/mean"] = masked_moments_over_ranks(exp.old_values, mask)[0]
+        out["val/returns_mean"] = masked_moments_over_ranks(exp.returns, mask)[0]
         return out
 
     # --- eval ----------------------------------------------------------------------------------------
@@ -274,9 +269,7 @@ class PPOTrainer:
             sub = select_rows(rollout, torch.arange(start, min(start + self.actor_t.micro_batch_size, len(idx))))
             sub = sub.to(self.device)
             scores.append(self.score(sub).cpu())
-            temperature = p.sampling.temperature
-            kls.append((actor_logprobs(self.actor, sub, temperature)
-                        - actor_logprobs(self.reference, sub, temperature)).sum(1).cpu())
+            kls.append(response_kl(self.actor, self.reference, sub, p.sampling.temperature).cpu())
         self.actor.train()
         scores, kls = torch.cat(scores), torch.cat(kls)
         count, s, kl, length, eos = D.all_reduce_sum([float(len(idx)), float(scores.sum()), float(kls.sum()),
@@ -309,8 +302,7 @@ class PPOTrainer:
         return finish_checkpoint(tmp, step, self.p.keep_checkpoints, {"step": step, "stage": "ppo"})
 
     def _save_critic(self, out: Path) -> None:
-        merged = self.critic_t.model_copy(update={"lora": self.critic_t.lora.model_copy(update={"save": "merged"})})
-        sd = gathered_weights(self.critic, merged, prefix="rm.")
+        sd = gathered_weights(self.critic, self.critic_t, prefix="rm.", merge=True)
         if D.is_main():
             rm = self.critic.module.rm
             RewardModel.save(out, sd, base_config(rm.backbone), rm.score_mean, rm.score_std)
@@ -342,22 +334,3 @@ def _seed(seed: int, step: int, position: int) -> int:
     """Sampling seed of one prompt: its PPO step (−1: eval) and its place in the step's batch."""
     return int(np.random.default_rng([seed, step + 1, position]).integers(2**62))
 
-
-def _masked_mean_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> float:
-    s, n = D.all_reduce_sum([float(torch.where(mask, x[:, :mask.shape[1]], 0.0).sum()), float(mask.sum())])
-    return s / max(n, 1)
-
-
-def explained_variance_over_ranks(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """formulas.explained_variance over every process's valid tokens."""
-    width = mask.shape[1]
-    values, returns = values[:, :width].double(), returns[:, :width].double()
-    resid = returns - values
-    parts = [mask.sum(), torch.where(mask, returns, 0.0).sum(), torch.where(mask, returns ** 2, 0.0).sum(),
-             torch.where(mask, resid, 0.0).sum(), torch.where(mask, resid ** 2, 0.0).sum()]
-    n, sr, sr2, sd, sd2 = D.all_reduce_sum([float(v) for v in parts])
-    if n < 2:
-        return 0.0
-    var_r = (sr2 - sr * sr / n) / (n - 1)
-    var_d = (sd2 - sd * sd / n) / (n - 1)
-    return 0.0 if var_r <= 0 else 1.0 - var_d / var_r
