@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .engine.precision import torch_dtype
+
 
 def load_chat_model(model_dir: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,13 +23,10 @@ def load_chat_model(model_dir: str, dtype: str = "auto"):
         path = path / "model"  # a checkpoint dir: its exported model
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
-    return model, tok
+    # from_pretrained at a half precision casts the weights only (rotary buffers stay fp32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, "chat --dtype"))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tok
 
 
 def chat(model, tok, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None,

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 where the machine runs it natively, else fp32 (fp16 on older GPUs)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
 

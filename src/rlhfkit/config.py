@@ -23,6 +23,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# auto: bf16 where the hardware runs it natively, fp16 on GPUs without bf16, fp32 elsewhere
+# (engine/precision.py); resolved once per stage and saved in the resolved config.
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class TinyModelConfig(Section):
     """A small random Llama for tests: vocab ~1000, 2 layers, loads in milliseconds."""
 
@@ -43,7 +48,7 @@ class ModelConfig(Section):
     name_or_path: str = "smollm2-135m-instruct"
     tokenizer: str | None = None  # defaults to name_or_path
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Precision = "auto"
     trust_remote_code: bool = False
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
@@ -139,7 +144,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)  # used when warmup_steps is 0
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Precision = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -186,7 +191,7 @@ class DPOConfig(TrainConfig):
 class FrozenModelConfig(Section):
     """A model PPO only runs forward (reference, reward): precision and placement, no optimizer."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Precision = "auto"  # auto: the actor's resolved precision, so step-0 KL is exactly 0
     zero_stage: Literal[0, 3] = 0  # 3: parameters partitioned over processes (gathered layer by layer)
     offload_param: bool = False  # ZeRO-3 only: keep the partitions in CPU memory
 
@@ -242,7 +247,7 @@ class PPOConfig(Section):
     rollout_batch_size: int = Field(8, ge=1)  # prompts per PPO step, over all processes
     generation_batch_size: int | None = Field(None, ge=1)  # prompts per generate() call; default: all of a process's
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where supported
+    rollout_dtype: Precision = "auto"
     steps: int = Field(30, ge=1)  # PPO steps (rollout + update)
 
     # PPO
@@ -292,7 +297,7 @@ class EvalConfig(Section):
     max_prompts: int = Field(64, ge=1)  # per set
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     batch_size: int = Field(8, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Precision = "auto"
     seed: int = 1234
 
 

@@ -23,6 +23,7 @@ import torch
 from ..config import TrainConfig
 from ..paths import publish_dir
 from . import distributed as D
+from .precision import resolve_dtype
 
 
 def effective_zero_stage(t: TrainConfig) -> int:
@@ -88,6 +89,7 @@ class TrainEngine:
         import deepspeed
 
         self.rank, self.world = D.init_distributed()
+        t = t.model_copy(update={"dtype": resolve_dtype(t.dtype)})
         self.cfg = t
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -29,7 +29,8 @@ from ..errors import ConfigError
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
-from ..train.common import DTYPES, TokenLogprobLM, model_config_for
+from ..engine.precision import DTYPES, cast_params, resolve_precision, why_auto
+from ..train.common import TokenLogprobLM, model_config_for
 from ..train.ppo.experience import RewardScorer, response_kl
 from ..train.ppo.models import load_reward_model
 from ..train.ppo.rollout import sample_rollouts, sampling_for
@@ -81,8 +82,8 @@ def prompt_sets(cfg: Config, renderer: Renderer) -> dict[str, list[np.ndarray]]:
 
 class Comparison:
     def __init__(self, cfg: Config):
+        cfg = self.cfg = resolve_precision(cfg)
         e = self.e = cfg.eval
-        self.cfg = cfg
         D.init_distributed()
         self.device = D.device()
         self.policy_path = _model_path(e.policy, aligned_final(cfg), "eval.policy")
@@ -91,6 +92,8 @@ class Comparison:
                                        "eval.reward_model")
         self.tokenizer = load_tokenizer(model_config_for(cfg, self.policy_path))
         dtype = DTYPES[e.dtype]
+        if D.is_main():
+            print(f"eval: precision {e.dtype} (auto: {why_auto()})", flush=True)
         self.policy = self._lm(self.policy_path, dtype)
         self.baseline = self._lm(self.baseline_path, dtype)
         self.judges = {"rm": self._judge(self.reward_path, dtype)}
@@ -99,12 +102,12 @@ class Comparison:
         self.sampling, self.stop_ids = sampling_for(e.sampling, self.tokenizer)
 
     def _lm(self, path: str, dtype):
-        lm = load_causal_lm(model_config_for(self.cfg, path), dtype="float32").to(self.device, dtype).eval()
-        return lm.requires_grad_(False)
+        lm = load_causal_lm(model_config_for(self.cfg, path), dtype="float32")
+        return cast_params(lm, dtype, self.device).eval().requires_grad_(False)
 
     def _judge(self, path: str, dtype):
-        rm = load_reward_model(path, self.cfg).to(self.device, dtype).eval().requires_grad_(False)
-        return RewardScorer(rm)
+        rm = cast_params(load_reward_model(path, self.cfg), dtype, self.device)
+        return RewardScorer(rm.eval().requires_grad_(False))
 
     @torch.no_grad()
     def answer(self, model, prompts: list[np.ndarray]):

@@ -17,8 +17,6 @@ from .builtin import BUILTIN_NAMES, materialize_builtin
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_HOST = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def resolve_model_dir(name_or_path: str, cfg: ModelConfig | None = None, revision: str | None = None) -> str:
     """A local directory (or, for a reachable hub, the hub id itself) that from_pretrained can read."""
@@ -79,15 +77,18 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_causal_lm(cfg: ModelConfig, dtype: str | None = None, **extra):
-    import torch
+    """from_pretrained at `dtype` (default: model.dtype; `auto` resolved for this machine). Loading at a
+    half precision casts the weights only; buffers such as rotary frequencies stay fp32."""
     from transformers import AutoModelForCausalLM
+
+    from ..engine.precision import torch_dtype
 
     source = resolve_model_dir(cfg.name_or_path, cfg, cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
             revision=cfg.revision,
-            dtype=getattr(torch, DTYPES[dtype or cfg.dtype]),
+            dtype=torch_dtype(dtype or cfg.dtype, "model.dtype"),
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
             **extra,

@@ -13,13 +13,13 @@ from ..config import Config, ModelConfig, TrainConfig, save_resolved_config
 from ..data.prepare import load_phase, prepare
 from ..engine import distributed as D
 from ..engine.backend import TrainEngine, param_groups, seed_everything
+from ..engine.precision import DTYPES, resolve_precision, why_auto
 from ..models.lora import apply_lora, merge_lora_state_dict
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend, collate_pairs
 from .loop import Stage
 from .losses import selected_token_logprobs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Blend, int]:
@@ -38,12 +38,24 @@ def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Ble
     return train, evals, int(manifest["tokenizer"]["pad_id"])
 
 
-def begin_stage(cfg: Config, out_dir: Path, t: TrainConfig) -> None:
-    """Every stage starts here: process group, seeds (before any model is built), resolved config."""
+def begin_stage(cfg: Config, out_dir: Path, stage: str) -> Config:
+    """Every stage starts here: process group, precision resolved for this machine (and said), seeds
+    (before any model is built), resolved config. Returns the resolved config the stage runs on."""
     D.init_distributed()
-    seed_everything(t.seed)
+    cfg = resolve_precision(cfg)
+    seed_everything((cfg.ppo.actor if stage == "ppo" else getattr(cfg, stage)).seed)
     if D.is_main():
+        print(f"{stage}: precision {precision_summary(cfg, stage)} (auto: {why_auto()})", flush=True)
         save_resolved_config(cfg, out_dir)
+    return cfg
+
+
+def precision_summary(cfg: Config, stage: str) -> str:
+    if stage != "ppo":
+        return getattr(cfg, stage).dtype
+    p = cfg.ppo
+    return (f"actor {p.actor.dtype}, critic {p.critic.dtype}, reference {p.reference.dtype}, "
+            f"reward {p.reward.dtype}, rollouts {p.rollout_dtype}")
 
 
 def model_config_for(cfg: Config, name_or_path: str | None) -> ModelConfig:

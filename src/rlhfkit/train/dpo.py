@@ -29,6 +29,12 @@ def dpo_start_model(cfg: Config) -> str:
     return str(sft_final) if (sft_final / "config.json").is_file() else cfg.model.name_or_path
 
 
+def frozen_reference(mcfg, dtype: str) -> TokenLogprobLM:
+    """The starting model, frozen, at the policy's precision: loading casts its weights only (the rotary
+    buffers stay fp32, as in the trained policy), so at step 0 it is exactly the policy's function."""
+    return TokenLogprobLM(load_causal_lm(mcfg, dtype=dtype)).eval().requires_grad_(False)
+
+
 def pair_logprobs(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of the chosen rows and of the rejected rows.
 
@@ -43,16 +49,14 @@ def pair_logprobs(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
-    t = cfg.dpo
     out_dir = dpo_stage_dir(cfg)
-    begin_stage(cfg, out_dir, t)
+    cfg = begin_stage(cfg, out_dir, "dpo")
+    t = cfg.dpo
     train, evals, pad_id = stage_data(cfg, 2, show_progress)
     mcfg = model_config_for(cfg, dpo_start_model(cfg))
     tokenizer = load_tokenizer(mcfg)
     model, groups = trainable_causal_lm(mcfg, t)
-    reference = None
-    if not t.lora.enabled:
-        reference = TokenLogprobLM(load_causal_lm(mcfg, dtype=t.dtype)).eval().requires_grad_(False)
+    reference = None if t.lora.enabled else frozen_reference(mcfg, t.dtype)
 
     def reference_logprobs(engine, batch):
         with torch.no_grad():

@@ -50,9 +50,9 @@ def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_rm(cfg: Config, show_progress: bool = True) -> dict:
-    t = cfg.rm
     out_dir = rm_stage_dir(cfg)
-    begin_stage(cfg, out_dir, t)
+    cfg = begin_stage(cfg, out_dir, "rm")
+    t = cfg.rm
     train, evals, pad_id = stage_data(cfg, 2, show_progress)
     tokenizer = load_tokenizer(model_config_for(cfg, t.model))
     model, groups = build_reward_model(cfg)

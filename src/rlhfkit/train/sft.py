@@ -21,8 +21,8 @@ def sft_stage_dir(cfg: Config) -> Path:
 
 
 def run_sft(cfg: Config, show_progress: bool = True) -> dict:
+    cfg = begin_stage(cfg, sft_stage_dir(cfg), "sft")
     t = cfg.sft
-    begin_stage(cfg, sft_stage_dir(cfg), t)
     train, evals, pad_id = stage_data(cfg, 1, show_progress)
     tokenizer = load_tokenizer(cfg.model)
     model, groups = trainable_causal_lm(cfg.model, t)

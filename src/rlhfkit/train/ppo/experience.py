@@ -80,13 +80,15 @@ class RewardScorer:
 @torch.no_grad()
 def make_experience(r: Rollout, actor, reference, critic, score, p: PPOConfig, kl_coef: float,
                     score_stats: tuple[float, float] | None, micro_batch: int, device) -> Experience:
-    """Run the four models over the rollouts in micro-batches and derive the PPO targets."""
+    """Run the four models over the rollouts in micro-batches and derive the PPO targets. Rollouts that
+    carry the sampler's log-probs (an exact copy of the actor sampled them) skip the actor forward."""
     width = r.width
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("lp", "ref", "v", "s")}
     for start in range(0, len(r.lengths), micro_batch):
         sub = select_rows(r, torch.arange(start, min(start + micro_batch, len(r.lengths)))).to(device)
         grow = (0, width - sub.width)
-        parts["lp"].append(F.pad(actor_logprobs(actor, sub, p.sampling.temperature), grow).cpu())
+        old = sub.logprobs if sub.logprobs is not None else actor_logprobs(actor, sub, p.sampling.temperature)
+        parts["lp"].append(F.pad(old, grow).cpu())
         parts["ref"].append(F.pad(actor_logprobs(reference, sub, p.sampling.temperature), grow).cpu())
         parts["v"].append(F.pad(critic_values(critic, sub), grow).cpu())
         parts["s"].append(score(sub).cpu())

@@ -19,7 +19,8 @@ from ...errors import ConfigError
 from ...models.lora import apply_lora
 from ...models.loading import load_causal_lm, load_tokenizer, resolve_model_dir, set_dropout
 from ...models.reward import RewardModel
-from ..common import DTYPES, TokenLogprobLM, model_config_for, trainable_causal_lm
+from ...engine.precision import cast_params, torch_dtype
+from ..common import TokenLogprobLM, model_config_for, trainable_causal_lm
 from ..reward import rm_stage_dir
 from ..sft import sft_stage_dir
 
@@ -57,7 +58,7 @@ class FrozenModel:
             self._call.eval()
             self.module = self._call.module
         else:
-            self.module = module.to(D.device(), DTYPES[fc.dtype])
+            self.module = cast_params(module, torch_dtype(fc.dtype), D.device())
             self._call = self.module
 
     @torch.no_grad()

@@ -9,7 +9,6 @@ padding — so positions start at 0 in every row and every mask comes from lengt
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -17,38 +16,23 @@ import torch
 from ...config import SamplingSettings, TrainConfig
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine
+from ...engine.precision import torch_dtype
 from ...engine.generation import Generation, SamplingConfig, generate
 from ..batching import pad_right
-from ..common import DTYPES, base_config, dense_config, gathered_weights
+from ..common import base_config, dense_config, gathered_weights
 from ..losses import length_mask, response_token_mask
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run natively (and faster than fp32) on this CPU."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_rollout_dtype(name: str) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 class RolloutPolicy:
     """A plain inference copy of the actor for sampling: no grad, KV cache, dropout off, LoRA merged in,
-    at the rollout dtype (bf16 where the hardware has it), refreshed from the trained weights after every
+    at the rollout dtype (`auto`: the machine's precision), refreshed from the trained weights after every
     update. The training module itself may be ZeRO-3 partitioned, carry unmerged LoRA adapters or hold
     fp32 weights, each of which makes token-by-token sampling slower.
 
-    Old log-probs are recomputed by the training actor, so the rollout dtype only changes which tokens
-    are sampled, never the probabilities PPO optimises against."""
+    `exact` says whether the copy computes exactly the trained actor: a full fine-tune (no LoRA to merge,
+    no 4-bit weights to dequantize), at the actor's own precision, without dropout. Then the log-probs
+    the sampler saw are the actor's old log-probs and PPO skips one actor forward per step; otherwise the
+    training actor recomputes them, and the rollout dtype only changes which tokens are sampled."""
 
     def __init__(self, engine: TrainEngine, t: TrainConfig, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
@@ -57,6 +41,7 @@ class RolloutPolicy:
         config = dense_config(base_config(engine.module.lm))  # QLoRA: sample from dense merged weights
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(D.device())
         self.model.eval().requires_grad_(False)
+        self.exact = not t.lora.enabled and dtype == torch_dtype(t.dtype) and t.dropout == 0.0
         self.refresh(engine)
 
     @torch.no_grad()
@@ -79,11 +64,11 @@ def sampling_for(settings: SamplingSettings, tokenizer) -> tuple[SamplingConfig,
 
 
 def sample_rollouts(model, prompts: list[np.ndarray], seeds: list[int], batch_size: int, pad_id: int,
-                    stop_ids: list[int], sampling: SamplingConfig) -> list["Rollout"]:
+                    stop_ids: list[int], sampling: SamplingConfig, return_logprobs: bool = False) -> list["Rollout"]:
     """One response per prompt, `batch_size` prompts per generate() call, each prompt with its own seed;
-    every batch re-packed right-padded."""
+    every batch re-packed right-padded (with the sampled tokens' log-probs when asked)."""
     return [to_rollout(generate(model, prompts[i:i + batch_size], pad_id, stop_ids, sampling,
-                                seeds[i:i + batch_size]), pad_id)
+                                seeds[i:i + batch_size], return_logprobs), pad_id)
             for i in range(0, len(prompts), batch_size)]
 
 
@@ -96,6 +81,7 @@ class Rollout:
     prompt_lens: torch.Tensor  # [B]
     response_lengths: torch.Tensor  # [B]
     ended: torch.Tensor  # [B] bool: stopped at a stop token
+    logprobs: torch.Tensor | None = None  # [B, R] the sampler's log-probs of the response tokens, if kept
 
     @property
     def width(self) -> int:
@@ -111,7 +97,8 @@ class Rollout:
         return response_token_mask(self.prompt_lens, self.lengths, self.input_ids.shape[1])
 
     def to(self, device) -> "Rollout":
-        return Rollout(*(getattr(self, f.name).to(device) for f in fields(self)))
+        return Rollout(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                         for f in fields(self)))
 
 
 def to_rollout(gen: Generation, pad_id: int) -> Rollout:
@@ -119,22 +106,28 @@ def to_rollout(gen: Generation, pad_id: int) -> Rollout:
     seqs = [np.concatenate([gen.prompt_ids[i, width - int(pl):].numpy(), gen.response_ids[i, :int(rl)].numpy()])
             for i, (pl, rl) in enumerate(zip(gen.prompt_lengths, gen.response_lengths))]
     ids, lengths = pad_right(seqs, pad_id)
-    return Rollout(ids, lengths, gen.prompt_lengths.clone(), gen.response_lengths.clone(), gen.ended.clone())
+    logprobs = None if gen.response_logprobs is None else gen.response_logprobs[:, :int(gen.response_lengths.max())]
+    return Rollout(ids, lengths, gen.prompt_lengths.clone(), gen.response_lengths.clone(), gen.ended.clone(),
+                   logprobs)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    width = max(p.input_ids.shape[1] for p in parts)
-    ids = torch.cat([torch.nn.functional.pad(p.input_ids, (0, width - p.input_ids.shape[1]), value=pad_id)
-                     for p in parts])
-    return Rollout(ids, *(torch.cat([getattr(p, f) for p in parts])
-                          for f in ("lengths", "prompt_lens", "response_lengths", "ended")))
+    def cat_padded(tensors, value):
+        width = max(t.shape[1] for t in tensors)
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+    logprobs = None if parts[0].logprobs is None else cat_padded([p.logprobs for p in parts], 0.0)
+    return Rollout(cat_padded([p.input_ids for p in parts], pad_id),
+                   *(torch.cat([getattr(p, f) for p in parts]) for f in ("lengths", "prompt_lens", "response_lengths", "ended")),
+                   logprobs)
 
 
 def select_rows(r: Rollout, idx: torch.Tensor) -> Rollout:
     """Rows idx, trimmed to their own longest sequence."""
-    lengths = r.lengths[idx]
-    return Rollout(r.input_ids[idx, : int(lengths.max())], lengths, r.prompt_lens[idx], r.response_lengths[idx],
-                   r.ended[idx])
+    lengths, response_lengths = r.lengths[idx], r.response_lengths[idx]
+    logprobs = None if r.logprobs is None else r.logprobs[idx, : int(response_lengths.max())]
+    return Rollout(r.input_ids[idx, : int(lengths.max())], lengths, r.prompt_lens[idx], response_lengths,
+                   r.ended[idx], logprobs)
 
 
 def response_tensor(flat: torch.Tensor, response_lengths: torch.Tensor, width: int) -> torch.Tensor:

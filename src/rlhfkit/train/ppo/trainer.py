@@ -20,6 +20,7 @@ import torch
 from ...config import Config
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, finish_checkpoint, seed_everything
+from ...engine.precision import torch_dtype
 from ...errors import ConfigError
 from ...models.loading import load_tokenizer
 from ...models.reward import RewardModel
@@ -33,7 +34,7 @@ from .experience import (Experience, RewardScorer, actor_logprobs, critic_values
                          make_experience, masked_moments_over_ranks, response_kl)
 from .models import (FrozenModel, actor_start, build_actor, build_critic, build_reference, build_reward,
                      check_tokenizers)
-from .rollout import RolloutPolicy, concat_rollouts, resolve_rollout_dtype, sample_rollouts, sampling_for, select_rows
+from .rollout import RolloutPolicy, concat_rollouts, sample_rollouts, sampling_for, select_rows
 
 
 def ppo_stage_dir(cfg: Config) -> Path:
@@ -42,9 +43,9 @@ def ppo_stage_dir(cfg: Config) -> Path:
 
 class PPOTrainer:
     def __init__(self, cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None):
+        self.out_dir, self.show_progress = ppo_stage_dir(cfg), show_progress
+        cfg = self.cfg = begin_stage(cfg, self.out_dir, "ppo")
         p = self.p = cfg.ppo
-        self.cfg, self.out_dir, self.show_progress = cfg, ppo_stage_dir(cfg), show_progress
-        begin_stage(cfg, self.out_dir, p.actor)
         seed_everything(p.seed)
         self.rank, self.world = D.init_distributed()
         self.device = D.device()
@@ -79,7 +80,7 @@ class PPOTrainer:
                             else None)
         self.kl_ctl = (PF.AdaptiveKLController(p.kl_coef, p.adaptive_kl.target, p.adaptive_kl.horizon)
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
-        self.policy = RolloutPolicy(self.actor, self.actor_t, resolve_rollout_dtype(p.rollout_dtype))
+        self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype))
         self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
 
     @property
@@ -158,7 +159,7 @@ class PPOTrainer:
         the batch is split over processes or generation batches."""
         size = self.p.generation_batch_size or max(len(prompts), 1)
         return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
-                                               self.sampling), self.pad_id)
+                                               self.sampling, return_logprobs=self.policy.exact), self.pad_id)
 
     def update(self, exp: Experience, step: int) -> dict:
         """ppo_epochs passes over the batch; per mini-batch one actor and one critic optimizer step.
