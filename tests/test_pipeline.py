@@ -23,6 +23,7 @@ TINY_STAGES = {
             "critic": {"micro_batch_size": 4, "learning_rate": 1e-4}},
     "eval": {"max_prompts": 6, "batch_size": 4, "sampling": {"max_new_tokens": 8}},
     "export": {"gguf": "f16"},
+    "pipeline": {},
 }
 
 
@@ -44,7 +45,9 @@ def tiny_run(tmp_path_factory):
     """One complete tiny pipeline run, shared by the tests that read its outputs."""
     tmp = tmp_path_factory.mktemp("pipeline")
     data = write_jsonl(tmp / "pairs.jsonl", synthetic_pairs(80))
-    cfg = pipeline_config(tmp, data)
+    # a budget far above what the tiny stages need: every stage plans all its steps, and records it
+    cfg = pipeline_config(tmp, data, pipeline={"time_budget_minutes": 30}, sft={"lr_scheduler": "constant"},
+                          rm={"lr_scheduler": "constant"})
     out = run_ok(["pipeline", str(cfg), "--no-progress"])
     return {"config": cfg, "run": tmp / "run", "out": out}
 
@@ -53,8 +56,11 @@ def test_pipeline_runs_every_stage_then_skips_finished_ones(tiny_run):
     run = tiny_run["run"]
     for stage in ("sft", "rm", "ppo"):
         assert (run / stage / "final" / "eval.json").is_file()
-    timings = json.loads((run / "pipeline.json").read_text())
-    assert list(timings) == ["data", "sft", "rm", "ppo", "eval", "export"]
+    record = json.loads((run / "pipeline.json").read_text())
+    assert list(record["seconds"]) == ["data", "sft", "rm", "ppo", "eval", "export"]
+    assert {s: p["planned_steps"] for s, p in record["plans"].items()} == {"sft": 4, "rm": 4, "ppo": 4}
+    assert record["replay_overrides"] == "sft.max_steps=4 rm.max_steps=4 ppo.steps=4 pipeline.time_budget_minutes=null"
+    assert "time budget" in tiny_run["out"] and "the same run on any machine" in tiny_run["out"]
     again = run_ok(["pipeline", str(tiny_run["config"]), "--no-progress"])
     for stage in ("sft", "rm", "ppo", "eval", "export"):
         assert f"pipeline: {stage} is complete, skipped" in again

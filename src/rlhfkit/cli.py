@@ -66,11 +66,11 @@ def cmd_pipeline(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    timings = run_pipeline(cfg, args.from_stage, show_progress=not args.no_progress)
+    record = run_pipeline(cfg, args.from_stage, show_progress=not args.no_progress)
     from .engine.distributed import is_main
 
     if is_main():
-        shown = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+        shown = ", ".join(f"{k} {v:.0f}s" for k, v in record["seconds"].items())
         print(f"pipeline: done in {time.perf_counter() - start:.0f}s ({shown}) → {cfg.output_dir}")
 
 

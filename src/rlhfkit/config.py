@@ -307,6 +307,18 @@ class ExportConfig(Section):
 
 class PipelineConfig(Section):
     alignment: Literal["ppo", "dpo"] = "ppo"  # dpo: DPO from the SFT model instead of RM + PPO
+    # Finish the pipeline within this wall time: each training stage gets a share of what is left and
+    # plans its number of steps (at most the configured one) from the step times it measures.
+    time_budget_minutes: float | None = Field(None, gt=0)
+    budget_shares: dict[Literal["sft", "rm", "ppo", "dpo", "eval"], float] = Field(
+        default_factory=lambda: {"sft": 3.0, "rm": 7.0, "ppo": 4.0, "dpo": 7.0, "eval": 1.0})
+
+    @field_validator("budget_shares")
+    @classmethod
+    def _shares(cls, v):
+        if any(s <= 0 for s in v.values()):
+            raise ValueError(f"shares must be positive, got {v}")
+        return v
 
 
 class RunConfig(Section):

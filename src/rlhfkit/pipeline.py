@@ -4,6 +4,10 @@ A stage whose complete output exists is skipped (a training stage is complete wh
 eval.json, written last); an interrupted stage resumes from its latest checkpoint (each stage's own
 auto-resume); `--from STAGE` deletes that stage's outputs and every later stage's, and reruns them.
 Wall time per stage goes to <run>/pipeline.json.
+
+With `pipeline.time_budget_minutes`, each training stage gets, when it starts, a share of the time left
+(`pipeline.budget_shares`, over the stages still to run, eval included) and plans its steps to fit
+(train/budget.py). The plans go to pipeline.json with the overrides that replay them on any machine.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from .errors import ConfigError
 from .paths import write_text_atomic
 
 ALL_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "export")
+TRAINING = ("sft", "rm", "ppo", "dpo")
+STEPS_KEY = {"sft": "sft.max_steps", "rm": "rm.max_steps", "dpo": "dpo.max_steps", "ppo": "ppo.steps"}
 
 
 def stages_for(cfg: Config) -> list[str]:
@@ -46,7 +52,7 @@ def reset(cfg: Config, stage: str) -> None:
         shutil.rmtree(stage_output(cfg, stage), ignore_errors=True)
 
 
-def run_stage(cfg: Config, stage: str, show_progress: bool) -> None:
+def run_stage(cfg: Config, stage: str, show_progress: bool, budget=None) -> None:
     from .data.prepare import prepare
 
     if stage == "data":
@@ -56,19 +62,19 @@ def run_stage(cfg: Config, stage: str, show_progress: bool) -> None:
     elif stage == "sft":
         from .train.sft import run_sft
 
-        run_sft(cfg, show_progress)
+        run_sft(cfg, show_progress, budget=budget)
     elif stage == "rm":
         from .train.reward import run_rm
 
-        run_rm(cfg, show_progress)
+        run_rm(cfg, show_progress, budget=budget)
     elif stage == "ppo":
         from .train.ppo.trainer import run_ppo
 
-        run_ppo(cfg, show_progress)
+        run_ppo(cfg, show_progress, budget=budget)
     elif stage == "dpo":
         from .train.dpo import run_dpo
 
-        run_dpo(cfg, show_progress)
+        run_dpo(cfg, show_progress, budget=budget)
     elif stage == "eval":
         if D.is_main():
             evaluate_and_report(cfg, show_progress)
@@ -107,30 +113,75 @@ def export_run(cfg: Config, src: Path | None = None) -> dict:
     return summary
 
 
+def check_budget(cfg: Config, stages: list[str]) -> None:
+    """A budgeted stage's plan must replay exactly: its LR schedule may not depend on its step count."""
+    from .train.budget import check_budgetable
+
+    for stage in stages:
+        if stage not in TRAINING:
+            continue
+        if stage not in cfg.pipeline.budget_shares:
+            raise ConfigError(f"pipeline.budget_shares has no share for {stage} (it lists {sorted(cfg.pipeline.budget_shares)})")
+        sections = {"ppo.actor": cfg.ppo.actor, "ppo.critic": cfg.ppo.critic} if stage == "ppo" else {stage: getattr(cfg, stage)}
+        for name, t in sections.items():
+            check_budgetable(name, t.lr_scheduler, t.warmup_ratio)
+
+
+def stage_budget(cfg: Config, stage: str, todo: list[str], started: float):
+    """This stage's share of the time left, over the stages still to run that have a share."""
+    from .train.budget import StageBudget
+
+    if cfg.pipeline.time_budget_minutes is None or stage not in TRAINING:
+        return None
+    shares = cfg.pipeline.budget_shares
+    now = time.perf_counter()
+    left = cfg.pipeline.time_budget_minutes * 60 - (now - started)
+    weight = shares[stage] / sum(shares.get(s, 0.0) for s in todo)
+    return StageBudget(seconds=max(left * weight, 0.0), started=now)
+
+
 def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool = True) -> dict:
+    started = time.perf_counter()
     stages = stages_for(cfg)
     if from_stage is not None and from_stage not in stages:
         raise ConfigError(f"--from {from_stage!r}: this pipeline's stages are {stages}")
+    if cfg.pipeline.time_budget_minutes is not None:
+        check_budget(cfg, stages)
     D.init_distributed()
-    timings_file = cfg.output_dir / "pipeline.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    record_file = cfg.output_dir / "pipeline.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    timings, plans = record.setdefault("seconds", {}), record.setdefault("plans", {})
+    record["time_budget_minutes"] = cfg.pipeline.time_budget_minutes
     rerun = stages[stages.index(from_stage):] if from_stage else []
     for stage in rerun:
         reset(cfg, stage)
         timings.pop(stage, None)
+        plans.pop(stage, None)
     D.barrier()
+    todo = [s for s in stages if not is_complete(cfg, s)]
     for stage in stages:
-        if is_complete(cfg, stage):
+        if stage not in todo:
             if D.is_main():
                 print(f"pipeline: {stage} is complete, skipped", flush=True)
             continue
+        budget = stage_budget(cfg, stage, todo[todo.index(stage):], started)
         if D.is_main():
-            print(f"pipeline: {stage} ...", flush=True)
+            print(f"pipeline: {stage} ..." + (f" (time budget {budget.seconds:.0f}s)" if budget else ""), flush=True)
         t0 = time.perf_counter()
-        run_stage(cfg, stage, show_progress)
+        run_stage(cfg, stage, show_progress, budget)
         took = time.perf_counter() - t0
         timings[stage] = took  # for a resumed stage: the part since the resume
+        plan_file = stage_output(cfg, stage) / "plan.json"
+        if plan_file.is_file():
+            plans[stage] = json.loads(plan_file.read_text())
         if D.is_main():
-            write_text_atomic(timings_file, json.dumps(timings, indent=1))
+            write_text_atomic(record_file, json.dumps(record, indent=1))
             print(f"pipeline: {stage} done in {took:.1f}s", flush=True)
-    return timings
+    if plans and D.is_main():
+        planned = ", ".join(f"{s} {p['planned_steps']}/{p['configured_steps']}" for s, p in plans.items())
+        replay = " ".join(f"{STEPS_KEY[s]}={p['planned_steps']}" for s, p in plans.items())
+        record["replay_overrides"] = f"{replay} pipeline.time_budget_minutes=null"
+        write_text_atomic(record_file, json.dumps(record, indent=1))
+        print(f"pipeline: planned steps {planned}; the same run on any machine: {record['replay_overrides']}",
+              flush=True)
+    return record

@@ -61,6 +61,12 @@ class Tracker:
             if advance:
                 self._bar.update(1)
 
+    def set_total(self, total: int) -> None:
+        """The number of steps changed (a time budget planned fewer)."""
+        if self._bar is not None and self._bar.total != total:
+            self._bar.total = total
+            self._bar.refresh()
+
     def write(self, text: str) -> None:
         if self.enabled:
             (self._bar.write if self._bar is not None else print)(text)

@@ -12,6 +12,7 @@ from ..config import Config
 from ..models.loading import load_causal_lm, load_tokenizer
 from .common import (TokenLogprobLM, begin_stage, model_config_for, pair_stage, save_causal_lm, stage_data,
                      trainable_causal_lm)
+from .budget import StageBudget
 from .loop import run_stage
 from .losses import dpo_loss, response_token_mask
 from .sft import sft_stage_dir
@@ -48,7 +49,7 @@ def pair_logprobs(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     return per_row[:half], per_row[half:]
 
 
-def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
+def run_dpo(cfg: Config, show_progress: bool = True, budget: StageBudget | None = None) -> dict:
     out_dir = dpo_stage_dir(cfg)
     cfg = begin_stage(cfg, out_dir, "dpo")
     t = cfg.dpo
@@ -74,6 +75,6 @@ def run_dpo(cfg: Config, show_progress: bool = True) -> dict:
 
     stage = pair_stage("dpo", train, evals, pad_id, loss, lambda engine, out: save_causal_lm(engine, tokenizer, out, t),
                        ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected"))
-    return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"))
+    return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"), budget)
 
 

@@ -20,6 +20,7 @@ from ..engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, fin
 from ..paths import link_or_copy, make_temp_dir, publish_dir
 from ..tracking import Tracker
 from .batching import Blend, StepSchedule, rank_micro_batches
+from .budget import StageBudget, StepPlanner
 
 
 @dataclass
@@ -39,8 +40,9 @@ class Stage:
 
 
 def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups: list[dict], out_dir: Path,
-              show_progress: bool = True, config_dump: dict | None = None) -> dict:
-    """Train, evaluating before/during/after, checkpointing and resuming. Returns the final eval metrics."""
+              show_progress: bool = True, config_dump: dict | None = None, budget: StageBudget | None = None) -> dict:
+    """Train, evaluating before/during/after, checkpointing and resuming. Returns the final eval metrics.
+    With a budget, the number of steps is planned from measured times (train/budget.py)."""
     out_dir = Path(out_dir)
     rank, world = D.init_distributed()
     seed_everything(t.seed)  # the same RNG state at step 0 however much randomness building the model used
@@ -55,15 +57,19 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         start = int(state["step"])
     if D.is_main():  # metrics past the resumed step (or all, on a fresh start) are redone
         truncate_metrics(out_dir / "metrics.jsonl", start if ckpts else -1)
-    tracker = Tracker(out_dir, schedule.total_steps, start, desc=stage.name, enabled=D.is_main(),
+    planner = StepPlanner(budget, stage.name, schedule.total_steps, t.eval_every, t.save_every,
+                          out_dir / "plan.json", resumed=bool(ckpts))
+    total = planner.total
+    tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(),
                       show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
                       config=config_dump)
     if ckpts:
-        tracker.write(f"{stage.name}: resumed from {ckpts[-1]} at step {start}/{schedule.total_steps}")
+        tracker.write(f"{stage.name}: resumed from {ckpts[-1]} at step {start}/{total}")
 
     if start == 0:
-        tracker.log(0, evaluate(stage, engine, t))
-    for step in range(start, schedule.total_steps):
+        tracker.log(0, timed(evaluate, planner.timed_eval)(stage, engine, t))
+    step = start
+    while step < total:
         t0 = time.perf_counter()
         engine.train()
         rows_idx = schedule.rows_for_step(step)
@@ -78,25 +84,38 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         keys = sorted(sums)
         totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
         took = time.perf_counter() - t0
-        done = step + 1
+        done = step = step + 1
+        total = planner.after_step(done, took)
+        tracker.set_total(total)
         logged = {"train/loss": totals.pop("loss") / n_units, "train/lr": engine.lr,
                   "train/grad_norm": engine.grad_norm(), "train/step_time_s": took,
                   "train/tokens_per_s": stage.tokens(all_rows) / took}
         logged.update({f"train/{k}": v / n_units for k, v in totals.items()})
-        tracker.log(done, logged if done % t.log_every == 0 or done == schedule.total_steps else {}, advance=True)
-        if t.eval_every and done % t.eval_every == 0 and done < schedule.total_steps:
-            tracker.log(done, evaluate(stage, engine, t))
-        if t.save_every and done % t.save_every == 0 and done < schedule.total_steps:
-            save_checkpoint(engine, stage, out_dir, done, t.keep_checkpoints)
+        tracker.log(done, logged if done % t.log_every == 0 or done == total else {}, advance=True)
+        if t.eval_every and done % t.eval_every == 0 and done < total:
+            tracker.log(done, timed(evaluate, planner.timed_eval)(stage, engine, t))
+        if t.save_every and done % t.save_every == 0 and done < total:
+            timed(save_checkpoint, planner.timed_save)(engine, stage, out_dir, done, t.keep_checkpoints)
 
     final = evaluate(stage, engine, t)
-    tracker.log(schedule.total_steps, final)
-    ckpt = save_checkpoint(engine, stage, out_dir, schedule.total_steps, t.keep_checkpoints)
+    tracker.log(total, final)
+    ckpt = save_checkpoint(engine, stage, out_dir, total, t.keep_checkpoints)
+    planner.write()
     if D.is_main():
         publish_final(ckpt / "model", out_dir / "final", final)
     D.barrier()
     tracker.close()
     return final
+
+
+def timed(fn, record):
+    """fn, reporting its wall time to record(seconds) after each call."""
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        record(time.perf_counter() - t0)
+        return out
+    return call
 
 
 @torch.no_grad()

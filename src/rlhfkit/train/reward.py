@@ -19,6 +19,7 @@ from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
 from ..models.reward import RewardModel
 from .batching import collate_pairs
 from .common import base_config, begin_stage, gathered_weights, model_config_for, pair_stage, stage_data
+from .budget import StageBudget
 from .loop import run_stage
 from .losses import bradley_terry_loss, pair_metrics
 
@@ -49,7 +50,7 @@ def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return scores[:half], scores[half:]
 
 
-def run_rm(cfg: Config, show_progress: bool = True) -> dict:
+def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None = None) -> dict:
     out_dir = rm_stage_dir(cfg)
     cfg = begin_stage(cfg, out_dir, "rm")
     t = cfg.rm
@@ -72,7 +73,7 @@ def run_rm(cfg: Config, show_progress: bool = True) -> dict:
 
     stage = pair_stage("rm", train, evals, pad_id, loss, export,
                        ("accuracy", "margin", "chosen_score", "rejected_score"))
-    return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"))
+    return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"), budget)
 
 
 @torch.no_grad()

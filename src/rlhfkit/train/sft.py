@@ -13,6 +13,7 @@ from ..config import Config
 from ..models.loading import load_tokenizer
 from .batching import collate_sft, count_sft_targets
 from .common import begin_stage, save_causal_lm, stage_data, trainable_causal_lm
+from .budget import StageBudget
 from .loop import Stage, run_stage
 
 
@@ -20,7 +21,7 @@ def sft_stage_dir(cfg: Config) -> Path:
     return cfg.output_dir / "sft"
 
 
-def run_sft(cfg: Config, show_progress: bool = True) -> dict:
+def run_sft(cfg: Config, show_progress: bool = True, budget: StageBudget | None = None) -> dict:
     cfg = begin_stage(cfg, sft_stage_dir(cfg), "sft")
     t = cfg.sft
     train, evals, pad_id = stage_data(cfg, 1, show_progress)
@@ -44,4 +45,4 @@ def run_sft(cfg: Config, show_progress: bool = True) -> dict:
         eval_metrics=lambda s: {"eval/perplexity": math.exp(min(s["loss"] / max(s["units"], 1), 50.0))},
         tokens=lambda rows: sum(len(r["input_ids"]) for r in rows),
     )
-    return run_stage(stage, t, model, groups, sft_stage_dir(cfg), show_progress, cfg.model_dump(mode="json"))
+    return run_stage(stage, t, model, groups, sft_stage_dir(cfg), show_progress, cfg.model_dump(mode="json"), budget)

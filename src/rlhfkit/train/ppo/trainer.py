@@ -27,7 +27,8 @@ from ...models.reward import RewardModel
 from ...tracking import Tracker
 from ..batching import StepSchedule, collate_sft, count_sft_targets
 from ..common import base_config, begin_stage, gathered_weights, model_config_for, save_causal_lm, stage_data, write_causal_lm
-from ..loop import publish_final, truncate_metrics
+from ..budget import StageBudget, StepPlanner
+from ..loop import publish_final, timed, truncate_metrics
 from . import formulas as PF
 from .ema import ActorEMA
 from .experience import (Experience, RewardScorer, actor_logprobs, critic_values, explained_variance_over_ranks,
@@ -42,8 +43,9 @@ def ppo_stage_dir(cfg: Config) -> Path:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None):
-        self.out_dir, self.show_progress = ppo_stage_dir(cfg), show_progress
+    def __init__(self, cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None,
+                 budget: StageBudget | None = None):
+        self.out_dir, self.show_progress, self.budget = ppo_stage_dir(cfg), show_progress, budget
         cfg = self.cfg = begin_stage(cfg, self.out_dir, "ppo")
         p = self.p = cfg.ppo
         seed_everything(p.seed)
@@ -93,24 +95,31 @@ class PPOTrainer:
         start = self._resume()
         if D.is_main():
             truncate_metrics(self.out_dir / "metrics.jsonl", start if start else -1)
-        tracker = Tracker(self.out_dir, p.steps, start, desc="ppo", enabled=D.is_main(),
+        planner = StepPlanner(self.budget, "ppo", p.steps, p.eval_every, p.save_every, self.out_dir / "plan.json",
+                              resumed=start > 0)
+        total = planner.total
+        tracker = Tracker(self.out_dir, total, start, desc="ppo", enabled=D.is_main(),
                           show_progress=self.show_progress, wandb_project=p.wandb_project,
                           run_name=self.out_dir.name, config=self.cfg.model_dump(mode="json"))
         if start:
-            tracker.write(f"ppo: resumed at step {start}/{p.steps}")
+            tracker.write(f"ppo: resumed at step {start}/{total}")
         else:
-            tracker.log(0, self.evaluate(0))
-        for step in range(start, p.steps):
-            metrics = self.step(step)
-            done = step + 1
+            tracker.log(0, timed(self.evaluate, planner.timed_eval)(0))
+        done = start
+        while done < total:
+            metrics = self.step(done)
+            done += 1
+            total = planner.after_step(done, metrics["time/step"])
+            tracker.set_total(total)
             tracker.log(done, metrics, advance=True)
-            if p.eval_every and done % p.eval_every == 0 and done < p.steps:
-                tracker.log(done, self.evaluate(done))
-            if p.save_every and done % p.save_every == 0 and done < p.steps:
-                self.save_checkpoint(done)
-        final = self.evaluate(p.steps)
-        tracker.log(p.steps, final)
-        ckpt = self.save_checkpoint(p.steps)
+            if p.eval_every and done % p.eval_every == 0 and done < total:
+                tracker.log(done, timed(self.evaluate, planner.timed_eval)(done))
+            if p.save_every and done % p.save_every == 0 and done < total:
+                timed(self.save_checkpoint, planner.timed_save)(done)
+        final = self.evaluate(total)
+        tracker.log(total, final)
+        ckpt = self.save_checkpoint(total)
+        planner.write()
         if D.is_main():
             publish_final(ckpt / "model", self.out_dir / "final", final)
             if self.ema is not None:
@@ -322,8 +331,9 @@ class PPOTrainer:
         return int(state["step"])
 
 
-def run_ppo(cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None) -> dict:
-    return PPOTrainer(cfg, show_progress, reward_model).train()
+def run_ppo(cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None,
+            budget: StageBudget | None = None) -> dict:
+    return PPOTrainer(cfg, show_progress, reward_model, budget).train()
 
 
 def _with_accumulation(t, rows_per_process: int):

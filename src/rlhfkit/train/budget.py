@@ -1,0 +1,105 @@
+"""How many steps of a stage fit in its time budget, from the step, eval and checkpoint times it measures.
+
+The pipeline gives each training stage a share of `pipeline.time_budget_minutes`. The stage trains with
+its configured number of steps as the upper bound; after a warm-up step it knows what a step costs here,
+and after every step it shrinks the plan, if needed, so that the remaining steps, the evals and
+checkpoints they bring, and the final eval and checkpoint end before the stage's deadline. The plan only
+ever shrinks, and it is written to <stage>/plan.json and printed: the same config with
+`max_steps` (`ppo.steps`) set to the planned number replays the run exactly on another machine, because a
+budgeted stage must use a learning-rate schedule that does not depend on the total number of steps.
+A resumed stage keeps the plan it recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine import distributed as D
+from ..errors import ConfigError
+from ..paths import write_text_atomic
+
+WARMUP_STEPS = 1  # the first step (allocations, kernel selection) is not a step time
+
+
+@dataclass
+class StageBudget:
+    seconds: float  # wall time the stage may use from `started` (its start, model loading included)
+    started: float  # time.perf_counter() when the stage began
+
+
+class StepPlanner:
+    def __init__(self, budget: StageBudget | None, name: str, total: int, eval_every: int, save_every: int,
+                 plan_file: Path, resumed: bool):
+        self.budget, self.name, self.total = budget, name, total
+        self.configured = total
+        self.eval_every, self.save_every = eval_every, save_every
+        self.plan_file = Path(plan_file)
+        self.step_times: list[float] = []
+        self.eval_s = self.save_s = 0.0
+        self.saves_seen = 0
+        self.steps_planned_at: int | None = None
+        if budget is not None and resumed and self.plan_file.is_file():  # it finishes its recorded plan
+            self.total = int(json.loads(self.plan_file.read_text())["planned_steps"])
+            self.budget = None
+        elif budget is not None and D.is_main():
+            self.plan_file.unlink(missing_ok=True)
+
+    def timed_eval(self, seconds: float) -> None:
+        self.eval_s = max(self.eval_s, seconds)
+
+    def timed_save(self, seconds: float) -> None:
+        self.save_s = max(self.save_s, seconds)
+        self.saves_seen += 1
+
+    def after_step(self, done: int, seconds: float) -> int:
+        """Record a step's time; returns the (possibly smaller) planned total."""
+        self.step_times.append(seconds)
+        if self.budget is None or len(self.step_times) <= WARMUP_STEPS:
+            return self.total
+        step_s = statistics.median(self.step_times[WARMUP_STEPS:])
+        save_s = self.save_s if self.saves_seen else 3 * step_s  # guess until a checkpoint was timed
+        left = self.budget.seconds - (time.perf_counter() - self.budget.started)
+        planned = self.total
+        while planned > done and self._cost(done, planned, step_s, save_s) > left:
+            planned -= 1
+        planned = D.all_reduce_min(planned)  # every process stops after the same step
+        if planned != self.total or self.steps_planned_at is None:
+            self.total, self.steps_planned_at = planned, done
+            if not D.is_main():
+                return self.total
+            print(f"{self.name}: time budget {self.budget.seconds:.0f}s → {planned} of {self.configured} steps "
+                  f"(step {step_s:.2f}s, eval {self.eval_s:.1f}s, checkpoint {save_s:.1f}s)", flush=True)
+            self.write()
+        return self.total
+
+    def _cost(self, done: int, n: int, step_s: float, save_s: float) -> float:
+        """Seconds from now to the end of the stage if it stops after step n."""
+        between = range(done + 1, n)
+        evals = sum(1 for s in between if self.eval_every and s % self.eval_every == 0)
+        saves = sum(1 for s in between if self.save_every and s % self.save_every == 0)
+        return (n - done) * step_s + (evals + 1) * self.eval_s + (saves + 1) * save_s
+
+    def write(self) -> None:
+        """plan.json: what was planned and what it was planned from (rewritten when the plan changes)."""
+        if self.budget is None or not D.is_main():
+            return  # no budget, or resumed: the recorded plan stands
+        times = self.step_times[WARMUP_STEPS:] or self.step_times
+        write_text_atomic(self.plan_file, json.dumps({
+            "budget_s": self.budget.seconds, "configured_steps": self.configured, "planned_steps": self.total,
+            "median_step_s": statistics.median(times) if times else None, "eval_s": self.eval_s,
+            "checkpoint_s": self.save_s}, indent=1))
+
+
+def check_budgetable(stage: str, lr_scheduler: str, warmup_ratio: float) -> None:
+    """A planned stage must replay exactly with max_steps set to its plan: its schedule may not depend on
+    the total number of steps."""
+    if lr_scheduler not in ("constant", "constant_with_warmup") or warmup_ratio:
+        raise ConfigError(
+            f"pipeline.time_budget_minutes plans {stage}'s number of steps while it trains, but "
+            f"{stage}.lr_scheduler {lr_scheduler!r}" + (" with warmup_ratio" if warmup_ratio else "") +
+            " depends on that number: use lr_scheduler constant or constant_with_warmup with warmup_steps, "
+            "or drop the time budget")
