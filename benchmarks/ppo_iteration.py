@@ -1,7 +1,7 @@
 """The reference PPO iteration: the figure rlhfkit's PPO speed is judged by, side by side with TRL 0.28.0.
 
-    .venv/bin/python benchmarks/ppo_iteration.py                       # rlhfkit bf16-lora, bf16, fp32; TRL fp32
-    .venv/bin/python benchmarks/ppo_iteration.py --sides bf16 --iters 2    # quick look at one setting
+    .venv/bin/python benchmarks/ppo_iteration.py                  # fp32, fp32-lora, TRL fp32 (+ bf16-lora if native)
+    .venv/bin/python benchmarks/ppo_iteration.py --sides fp32 --iters 2   # quick look at one setting
 
 The iteration (the same on every side)
 * SmolLM2-135M-Instruct as actor, reference, critic and reward (critic and reward: the same backbone with a
@@ -13,14 +13,26 @@ The iteration (the same on every side)
 * 1 PPO epoch, 1 mini-batch of 8: one actor and one critic optimizer step (AdamW).
 * Median seconds per iteration over --iters iterations after --warmup, with the split generation /
   experience (the four models scoring the rollouts) / training, tokens generated, and peak memory
-  (max RSS on CPU, max allocated on GPU).
+  (max RSS on CPU, max allocated on GPU), each side with the precision it ran in.
+* The machine (CPU model, threads, torch's CPU capability, native bf16 or not, what `dtype: auto` resolves
+  to) is printed at the start and beside the report, and stored with the results, each worker's own too.
+* Ratio: TRL's seconds per iteration / a side's (> 1: rlhfkit is faster). TRL runs in fp32, so only the
+  fp32 sides compare at the same precision; a bf16 side's ratio is printed labelled as a different precision.
 
-Sides, each in its own fresh process (all rlhfkit sides score right-padded rows, padded to the longest)
-* bf16-lora: rlhfkit's best settings for a CPU: actor and critic with LoRA (r 16, alpha 32, on the
-  attention projections q, k, v, o; the critic's value head trains fully) under DeepSpeed bf16 (fp32 master
-  weights, ZeRO-1), bf16 reference and reward, bf16 rollout copy with LoRA merged.
-* bf16: the same without LoRA (full fine-tuning of actor and critic in bf16).
-* fp32: everything in fp32 (actor, critic, reference, reward, rollouts), full fine-tuning.
+Sides, each in its own fresh process (all rlhfkit sides score right-padded rows, padded to the longest). Every
+rlhfkit side states its precision for actor, critic, reference, reward and rollout copy (never `auto`).
+By default: fp32, fp32-lora, trl, and bf16-lora where bf16 is native (a CPU with AVX512-BF16 or AMX, a GPU
+with bf16); on other machines bf16 runs a slow fallback, so it is left out unless asked for with --sides.
+* fp32: everything in fp32 (actor, critic, reference, reward, rollouts), full fine-tuning. The rollout copy
+  is then exactly the trained actor (full fine-tune, same precision, no dropout), so rlhfkit reuses the
+  rollout's log-probs as PPO's old log-probs and skips one actor forward per step (bf16 does the same).
+* fp32-lora: actor and critic with LoRA (r 16, alpha 32, on the attention projections q, k, v, o; the
+  critic's value head trains fully), everything in fp32, fp32 rollout copy with LoRA merged. Merged
+  weights round differently from the actor's separate adapters, so the actor recomputes the old
+  log-probs (both LoRA sides do).
+* bf16-lora: the same LoRA under DeepSpeed bf16 (fp32 master weights, ZeRO-1), bf16 reference and reward,
+  bf16 rollout copy with LoRA merged: rlhfkit's best settings on a CPU with native bf16.
+* bf16: full fine-tuning of actor and critic in bf16, the rest as bf16-lora.
 * trl: TRL 0.28.0's PPOTrainer (the last TRL with PPO) in fp32, in its own virtualenv made by this script
   (benchmarks/.venv-trl-ppo: trl==0.28.0, transformers==4.57.6, torch==2.13.0). transformers 4.57 cannot
   read the config and tokenizer files transformers 5 writes (rope_parameters, the tokenizer class), so TRL
@@ -53,12 +65,18 @@ TRL_VENV = REPO / "benchmarks" / ".venv-trl-ppo"
 TRL_PINS = {"trl": "0.28.0", "transformers": "4.57.6", "torch": "2.13.0"}
 RESULT = "RESULT "
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention only (rlhfkit's default)
+SIDE_DTYPE = {"fp32": "float32", "fp32-lora": "float32", "bf16": "bfloat16", "bf16-lora": "bfloat16",
+              "trl": "float32"}
+DEFAULT_SIDES = ["fp32", "fp32-lora", "trl", "bf16-lora"]
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--sides", default="bf16-lora,bf16,fp32,trl")
+    ap.add_argument("--sides", default=None,
+                    help=f"comma-separated, of {', '.join(SIDE_DTYPE)} (default: {','.join(DEFAULT_SIDES)}; "
+                         "bf16 sides only where bf16 is native)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=8)
@@ -102,7 +120,7 @@ def prepare_inputs(args, work: Path) -> dict:
 def rlhfkit_config(args, work: Path, inputs: dict, side: str):
     from rlhfkit.config import Config
 
-    dtype = "float32" if side == "fp32" else "bfloat16"
+    dtype = SIDE_DTYPE[side]
     trainable = {"dtype": dtype, "micro_batch_size": args.prompts, "learning_rate": 1e-6}
     if side.endswith("lora"):
         trainable["lora"] = {"r": 16, "alpha": 32, "target_modules": LORA_TARGETS}
@@ -116,7 +134,7 @@ def rlhfkit_config(args, work: Path, inputs: dict, side: str):
         "ppo": {"actor_model": inputs["model_dir"], "critic_model": inputs["reward_dir"],
                 "reward_model": inputs["reward_dir"], "rollout_batch_size": args.prompts, "ppo_epochs": 1,
                 "sampling": {"max_new_tokens": args.new_tokens, "temperature": 0.7},
-                "rollout_dtype": "float32" if side == "fp32" else "auto",
+                "rollout_dtype": dtype,
                 "actor": trainable, "critic": trainable,
                 "reference": {"dtype": dtype}, "reward": {"dtype": dtype}, "steps": args.warmup + args.iters},
     }
@@ -148,7 +166,10 @@ def worker_rlhfkit(args, work: Path, side: str) -> dict:
         if step >= args.warmup:
             per_step.append(m)
     med = lambda k: statistics.median(m[k] for m in per_step)  # noqa: E731
-    return {"side": side, "seconds_per_iteration": med("time/step"), "generation_s": med("time/generation"),
+    return {"side": side, "dtype": trainer.actor_t.dtype,
+            "rollout_dtype": str(trainer.policy.model.dtype).removeprefix("torch."),
+            "old_logprobs_from_rollout": trainer.policy.exact,
+            "seconds_per_iteration": med("time/step"), "generation_s": med("time/generation"),
             "experience_s": med("time/experience"), "training_s": med("time/training"),
             "tokens_generated": per_step[-1]["tokens/generated"], "peak_memory_gb": peak_memory_gb(),
             "threads": torch.get_num_threads(), "iterations": [m["time/step"] for m in per_step]}
@@ -242,7 +263,8 @@ trainer.train()
 steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])][spec["warmup"]:]
 gens = gen_times[spec["warmup"]:]
 rest = [s - g for s, g in zip(steps, gens)]
-print("RESULT " + json.dumps({"side": "trl", "seconds_per_iteration": statistics.median(steps),
+print("RESULT " + json.dumps({"side": "trl", "dtype": str(policy.dtype).removeprefix("torch."),
+      "seconds_per_iteration": statistics.median(steps),
       "generation_s": statistics.median(gens), "experience_plus_training_s": statistics.median(rest),
       "tokens_generated": n * spec["new_tokens"],
       "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -277,21 +299,28 @@ def run_trl(args, work: Path) -> dict:
 
 # --- driver -----------------------------------------------------------------------------------------
 def main() -> None:
+    from rlhfkit.engine.precision import machine_summary
+
     args = parse_args()
     if args.worker:
         work = Path(args.work_dir)
         result = run_trl(args, work) if args.worker == "trl" else worker_rlhfkit(args, work, args.worker)
+        result["machine"] = machine_summary()  # what this side's process saw (threads, bf16, environment)
         print(RESULT + json.dumps(result), flush=True)
         return
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
+    sides = choose_sides(args.sides)
+    args.sides = ",".join(sides)  # the results record the sides that ran
     work = Path(tempfile.mkdtemp(prefix="ppo-iteration-"))
     try:
         (work / "inputs.json").write_text(json.dumps(prepare_inputs(args, work)))
         results = []
-        for side in args.sides.split(","):
+        for side in sides:
             cmd = [sys.executable, __file__, "--worker", side, "--work-dir", str(work), "--iters", str(args.iters),
                    "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len),
                    "--new-tokens", str(args.new_tokens), "--model", args.model]
-            print(f"{side}:", flush=True)
+            print(f"{side} ({SIDE_DTYPE[side]}):", flush=True)
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             out_lines = []
             for line in p.stdout:
@@ -304,28 +333,58 @@ def main() -> None:
             if p.returncode != 0 or not found:
                 raise SystemExit(f"{side} failed:\n{''.join(out_lines)[-3000:]}\n{err[-5000:]}")
             results.append(found[0])
-        report(results, args)
+        report(results, args, machine)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(results: list[dict], args) -> None:
+def choose_sides(asked: str | None) -> list[str]:
+    """The sides asked for, else the default less its bf16 sides where bf16 is not native: there bf16 runs
+    a slow fallback (tens of times slower than fp32), no figure to judge rlhfkit by."""
+    from rlhfkit.engine.precision import native_bf16, why_auto
+
+    if asked:
+        sides = asked.split(",")
+        unknown = [s for s in sides if s not in SIDE_DTYPE]
+        if unknown:
+            raise SystemExit(f"unknown sides {unknown}; choose from {', '.join(SIDE_DTYPE)}")
+        return sides
+    if native_bf16():
+        return DEFAULT_SIDES
+    print(f"note: {why_auto()}: bf16 sides left out of the default (ask for them with --sides)", flush=True)
+    return [s for s in DEFAULT_SIDES if SIDE_DTYPE[s] != "bfloat16"]
+
+
+def report(results: list[dict], args, machine: str) -> None:
     print(f"\nreference PPO iteration: {args.model}, {args.prompts} prompts ≤ {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, 1 epoch, 1 mini-batch; median of {args.iters} after {args.warmup} warm-up")
-    print(f"{'side':<6} {'s/iter':>7} {'generation':>11} {'experience':>11} {'training':>9} {'tokens':>7} {'peak GB':>8}")
+    print(f"machine: {machine}")
+    for r in results:
+        if r["machine"] != machine:
+            print(f"  {r['side']} worker saw: {r['machine']}")
+    print(f"{'side':<9} {'dtype':<8} {'s/iter':>7} {'generation':>11} {'experience':>11} {'training':>9} "
+          f"{'tokens':>7} {'peak GB':>8}")
     for r in results:
         exp = r.get("experience_s")
         train = r.get("training_s")
         rest = f"{'(exp+train)':>11} {r['experience_plus_training_s']:>9.2f}" if exp is None else f"{exp:>11.2f} {train:>9.2f}"
-        print(f"{r['side']:<6} {r['seconds_per_iteration']:>7.2f} {r['generation_s']:>11.2f} {rest} "
+        print(f"{r['side']:<9} {r['dtype']:<8} {r['seconds_per_iteration']:>7.2f} {r['generation_s']:>11.2f} {rest} "
               f"{int(r['tokens_generated']):>7} {r['peak_memory_gb']:>8.2f}")
-    by = {r["side"]: r["seconds_per_iteration"] for r in results}
-    for ours in ("bf16-lora", "bf16", "fp32"):
-        if ours in by and "trl" in by:
-            print(f"speed-up of rlhfkit {ours} over TRL 0.28 fp32: {by['trl'] / by[ours]:.2f}x")
+    trl = next((r for r in results if r["side"] == "trl"), None)
+    if trl:
+        print("speed-up over TRL 0.28 (TRL s/iter ÷ rlhfkit s/iter, > 1: rlhfkit faster):")
+        for r in results:
+            if r is trl:
+                continue
+            ratio = trl["seconds_per_iteration"] / r["seconds_per_iteration"]
+            if r["dtype"] == trl["dtype"]:
+                print(f"  {r['side']} vs TRL {SHORT[trl['dtype']]}: {ratio:.2f}x")
+            else:
+                print(f"  {r['side']} ({SHORT[r['dtype']]}) vs TRL ({SHORT[trl['dtype']]}), "
+                      f"different precision: {ratio:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    out.write_text(json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=1))
     print(f"results → {out}")
 
 

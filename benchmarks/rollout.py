@@ -8,11 +8,15 @@ Both sides sample (temperature 0.7) from the same left-padded real prompts (hh p
 --new-tokens tokens per row (EOS is not a stop here), so both do the same amount of decoding work.
 
 * plain: the fp32 model as loaded, `model.generate(do_sample=True, ...)` under torch.no_grad.
-* rlhfkit: what PPO uses for experience: the RolloutPolicy inference copy (weights copied from the training
-  engine, the rollout dtype — bf16 on CPUs with AVX512-BF16/AMX and on GPUs — dropout off, KV cache) and
-  rlhfkit.engine.generation.generate with per-prompt seeds.
+* rlhfkit: what PPO uses for experience: the RolloutPolicy inference copy (weights copied from an fp32
+  training engine, at --rollout-dtype, dropout off, KV cache) and rlhfkit.engine.generation.generate with
+  per-prompt seeds. --rollout-dtype defaults to auto, as ppo.rollout_dtype does: bf16 where it is native
+  (a CPU with AVX512-BF16 or AMX, a GPU with bf16), else fp32.
 
-Prints tokens/s of each side per batch size (median of --repeats runs after one warm-up) and the ratio.
+Prints the machine (CPU model, threads, torch's CPU capability, native bf16 or not, what `auto` resolves to)
+and the resolved rollout dtype, then tokens/s of each side per batch size with the precision each ran in
+(median of --repeats runs after one warm-up) and the ratio; the ratio compares two precisions unless the
+rollout dtype is float32.
 """
 
 from __future__ import annotations
@@ -67,31 +71,37 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rollout-dtype", default="auto")
+    ap.add_argument("--rollout-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                    help="auto: bfloat16 where bf16 is native, else float32 (float16 on a GPU without bf16)")
     args = ap.parse_args()
 
     from rlhfkit.config import ModelConfig, TrainConfig
     from rlhfkit.engine.backend import TrainEngine, param_groups
     from rlhfkit.engine.generation import SamplingConfig, generate, pad_left
+    from rlhfkit.engine.precision import DTYPES, machine_summary, resolve_dtype
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.train.common import TokenLogprobLM
-    from rlhfkit.train.ppo.rollout import RolloutPolicy, resolve_rollout_dtype
+    from rlhfkit.train.ppo.rollout import RolloutPolicy
 
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
+    dtype = resolve_dtype(args.rollout_dtype, "--rollout-dtype")
     torch.manual_seed(0)
     mcfg = ModelConfig(name_or_path=args.model)
     tok = load_tokenizer(mcfg)
     plain = load_causal_lm(mcfg, dtype="float32").eval()
     actor = TokenLogprobLM(load_causal_lm(mcfg, dtype="float32"))
-    t = TrainConfig(micro_batch_size=1)
+    t = TrainConfig(micro_batch_size=1, dtype="float32")  # the copy starts from the same weights as plain's
     engine = TrainEngine(actor, t, 1, param_groups(actor, 1e-6, 0.0))
-    dtype = resolve_rollout_dtype(args.rollout_dtype)
-    policy = RolloutPolicy(engine, t, dtype)
+    policy = RolloutPolicy(engine, t, DTYPES[dtype])
     no_stop = [plain.config.vocab_size]  # an id no model can emit: every row decodes exactly --new-tokens tokens
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.7)
 
     print(f"model {args.model}, {args.new_tokens} new tokens, prompts ≤ {args.prompt_len} tokens, "
-          f"torch threads {torch.get_num_threads()}, rollout dtype {str(dtype).split('.')[-1]}")
-    print(f"{'batch':>5} {'plain fp32 tok/s':>17} {'rlhfkit tok/s':>14} {'ratio':>6}")
+          f"torch threads {torch.get_num_threads()}, rollout dtype {dtype}"
+          f"{' (auto)' if args.rollout_dtype == 'auto' else ''}")
+    print(f"{'batch':>5} {'plain dtype':>11} {'plain tok/s':>12} {'rlhfkit dtype':>13} {'rlhfkit tok/s':>14} "
+          f"{'ratio':>6}")
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = real_prompts(tok, batch, args.prompt_len)
         ids, lengths = pad_left(prompts, tok.pad_token_id)
@@ -111,7 +121,9 @@ def main() -> None:
 
         tokens = batch * args.new_tokens
         plain_s, ours_s = timed(run_plain, args.repeats), timed(run_ours, args.repeats)
-        print(f"{batch:>5} {tokens / plain_s:>17.1f} {tokens / ours_s:>14.1f} {plain_s / ours_s:>5.2f}x", flush=True)
+        print(f"{batch:>5} {'float32':>11} {tokens / plain_s:>12.1f} {dtype:>13} {tokens / ours_s:>14.1f} "
+              f"{plain_s / ours_s:>5.2f}x", flush=True)
+    print(f"machine: {machine}")
 
 
 if __name__ == "__main__":

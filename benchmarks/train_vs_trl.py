@@ -1,6 +1,6 @@
 """rlhfkit vs TRL: training throughput of one SFT and one reward-model configuration, side by side.
 
-    .venv/bin/python benchmarks/train_vs_trl.py --model smollm2-135m-instruct --steps 6 --micro-batch 8 --dtype bfloat16
+    .venv/bin/python benchmarks/train_vs_trl.py --model smollm2-135m-instruct --steps 6 --micro-batch 8 --dtype auto
     .venv/bin/python benchmarks/train_vs_trl.py --model tiny-random --steps 2 --micro-batch 4      # quick check
 
 Method
@@ -28,12 +28,15 @@ Method
   rlhfkit's response-only loss), RM gets chosen_ids + rejected_ids. A TrainerCallback records on_step_begin
   and on_step_end; the step time is the time from the previous step's end to this step's end, which, like
   rlhfkit's, includes fetching and collating the batch (begin->end is reported as well).
-* Shared settings: model (the same converted directory), micro batch, gradient_accumulation_steps=1, dtype,
+* Shared settings: model (the same converted directory), micro batch, gradient_accumulation_steps=1, dtype
+  (--dtype, default auto: bfloat16 where the CPU runs it natively, AVX512-BF16 or AMX, else float32),
   learning rate, AdamW betas/eps/weight decay (torch.optim.AdamW on both sides, non-fused on CPU),
   LR schedule and warmup, gradient clipping, no gradient checkpointing, no eval, no checkpoint saving,
   logging off. The first step of each run is warm-up and is not timed on either side.
 * Result: tokens/s = real (non-padding) tokens of the timed steps / their summed step time; ratio =
-  rlhfkit tokens/s / TRL tokens/s (> 1: rlhfkit is faster).
+  rlhfkit tokens/s / TRL tokens/s (> 1: rlhfkit is faster). Every row shows the precision it ran in; the
+  machine (CPU model, threads, torch's CPU capability, native bf16 or not, what `auto` resolves to) is
+  printed at the start and beside the table and stored in the results, as each side's process saw it.
 
 Known differences (they are part of what the frameworks do, not of the benchmark; see the report's notes)
 * Precision: with bfloat16, rlhfkit runs DeepSpeed bf16 (bf16 weights and activations, fp32 master weights
@@ -81,7 +84,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per stage")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps before them")
     p.add_argument("--micro-batch", type=int, default=8, help="rows (SFT) or pairs (RM) per step")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="auto: bfloat16 where bf16 is native, else float32")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--max-prompt-len", type=int, default=128)
     p.add_argument("--stages", default="sft,rm", help="comma-separated subset of sft,rm")
@@ -192,15 +196,14 @@ def _per_step(per_row: list[int], batch: int) -> list[int]:
 
 
 # --- rlhfkit ------------------------------------------------------------------------------------------
-def run_rlhfkit(stage: str, cfg, rows: list[dict], pad_id: int, threads: int | None) -> dict:
+def run_rlhfkit(stage: str, cfg, rows: list[dict], pad_id: int) -> dict:
     """Run the real stage in process on the selected rows; return per-step times and tokens from metrics.jsonl."""
     import torch
+    from rlhfkit.engine.precision import machine_summary
     from rlhfkit.tracking import read_metrics
     from rlhfkit.train import reward, sft
     from rlhfkit.train.batching import Blend
 
-    if threads:
-        torch.set_num_threads(threads)
     module, run, t = (sft, sft.run_sft, cfg.sft) if stage == "sft" else (reward, reward.run_rm, cfg.rm)
     table = schedule_ordered_table(rows, t)
 
@@ -216,19 +219,23 @@ def run_rlhfkit(stage: str, cfg, rows: list[dict], pad_id: int, threads: int | N
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the end-of-run checkpoint: large, not needed
     return {"step_s": [m["train/step_time_s"] for m in logged],
             "tokens": [round(m["train/tokens_per_s"] * m["train/step_time_s"]) for m in logged],
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "dtype": t.dtype, "machine": machine_summary()}
 
 
 # --- TRL ----------------------------------------------------------------------------------------------
 TRL_RUNNER = r'''
 """Runs TRL's SFTTrainer or RewardTrainer on pre-tokenized rows; prints per-step times as JSON."""
-import json, sys, time
+import importlib.util, json, sys, time
 
 spec = json.load(open(sys.argv[1]))
 
 import datasets, torch, transformers, trl
 if spec["threads"]:
     torch.set_num_threads(spec["threads"])
+# rlhfkit's precision module (it needs only torch) describes the machine as this process sees it
+_precision = importlib.util.spec_from_file_location("precision", spec["precision_py"])
+precision = importlib.util.module_from_spec(_precision)
+_precision.loader.exec_module(precision)
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           TrainerCallback)
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
@@ -316,6 +323,8 @@ print("TRL_RESULT " + json.dumps({
     "tokens": batch_tokens[:n],
     "targets": batch_targets[:n],
     "threads": torch.get_num_threads(),
+    "dtype": "bfloat16" if args.bf16 else str(model.dtype).removeprefix("torch."),  # bf16: autocast
+    "machine": precision.machine_summary(),
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                  "datasets": datasets.__version__},
 }))
@@ -324,6 +333,7 @@ print("TRL_RESULT " + json.dumps({
 
 def run_trl(stage: str, python: Path, cfg, rows: list[dict], pad_id: int, work: Path, threads: int | None) -> dict:
     """Run the TRL runner on the same rows with the stage's settings; return its parsed JSON."""
+    from rlhfkit.engine import precision as precision_module
     from rlhfkit.models.loading import resolve_model_dir
 
     t = cfg.sft if stage == "sft" else cfg.rm
@@ -334,6 +344,7 @@ def run_trl(stage: str, python: Path, cfg, rows: list[dict], pad_id: int, work: 
                                  + "\n" for r in rows))
     spec_file.write_text(json.dumps({
         "stage": stage, "rows": str(rows_file), "output_dir": str(work / "out"), "pad_id": pad_id, "threads": threads,
+        "precision_py": precision_module.__file__,  # the runner loads it for its machine line
         "model_dir": resolve_model_dir(mcfg.name_or_path, mcfg, mcfg.revision),
         "max_steps": t.max_steps, "micro_batch": t.micro_batch_size, "dtype": t.dtype, "seed": t.seed,
         "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler, "adam_betas": list(t.adam_betas),
@@ -366,20 +377,26 @@ def summarize(run: dict, warmup: int, expected_tokens: list[int], who: str, stag
     return {"timed_steps": len(times), "median_step_s": statistics.median(times),
             "tokens_per_step": statistics.mean(tokens), "tokens_per_s": sum(tokens) / sum(times),
             "step_s": run["step_s"], "tokens": run["tokens"], "torch_threads": run["threads"],
+            "dtype": run["dtype"], "machine": run["machine"],
             **({"compute_s": run["compute_s"]} if "compute_s" in run else {})}
 
 
 def print_table(result: dict) -> None:
     print()
-    print(f"{'stage':<6} {'framework':<9} {'rows/step':>9} {'timed steps':>11} {'median step s':>13} "
+    print(f"{'stage':<6} {'framework':<9} {'dtype':<8} {'rows/step':>9} {'timed steps':>11} {'median step s':>13} "
           f"{'tokens/step':>11} {'tokens/s':>10}")
     for stage, r in result["stages"].items():
         for who in ("rlhfkit", "trl"):
             s = r[who]
-            print(f"{stage:<6} {who:<9} {r['rows_per_step']:>9} {s['timed_steps']:>11} {s['median_step_s']:>13.3f} "
-                  f"{s['tokens_per_step']:>11.0f} {s['tokens_per_s']:>10.1f}")
-        print(f"{stage:<6} ratio rlhfkit/TRL tokens/s: {r['ratio_rlhfkit_over_trl']:.2f}x")
+            print(f"{stage:<6} {who:<9} {s['dtype']:<8} {r['rows_per_step']:>9} {s['timed_steps']:>11} "
+                  f"{s['median_step_s']:>13.3f} {s['tokens_per_step']:>11.0f} {s['tokens_per_s']:>10.1f}")
+        print(f"{stage:<6} ratio rlhfkit/TRL tokens/s ({r['rlhfkit']['dtype']}): {r['ratio_rlhfkit_over_trl']:.2f}x")
     print()
+    print("machine:  ", result["machine"])
+    for stage, r in result["stages"].items():
+        for who in ("rlhfkit", "trl"):
+            if r[who]["machine"] != result["machine"]:
+                print(f"  {stage} {who} saw: {r[who]['machine']}")
     print("precision:", result["precision"])
     print("versions: ", ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
     print("model:    ", result["model"], f"(max_seq_len {result['max_seq_len']}, max_prompt_len {result['max_prompt_len']})")
@@ -439,8 +456,17 @@ def main() -> None:
     out = Path(args.out).resolve()
     os.chdir(REPO)  # the configs' data paths (../shared) are relative to the repository root
 
+    import torch
     import transformers
     from rlhfkit.data.prepare import prepare
+    from rlhfkit.engine.precision import machine_summary, resolve_dtype
+
+    if args.threads:  # before the machine line, so it shows the threads both sides run with
+        torch.set_num_threads(args.threads)
+    asked, args.dtype = args.dtype, resolve_dtype(args.dtype, "--dtype")
+    if args.dtype not in ("bfloat16", "float32"):  # auto on a GPU without bf16: TRL's side has no float16 here
+        raise SystemExit(f"--dtype {asked} resolved to {args.dtype}; this benchmark runs bfloat16 or float32")
+    print(f"machine: {machine_summary()}\ndtype: {args.dtype}{' (auto)' if asked == 'auto' else ''}", flush=True)
 
     n_steps = args.warmup + args.steps
     n_rows = n_steps * args.micro_batch
@@ -451,7 +477,8 @@ def main() -> None:
         cfg = load_bench_config(args, work / "rlhfkit", n_steps)
         manifest = prepare(cfg, show_progress=False)
         pad_id = int(manifest["tokenizer"]["pad_id"])
-        result = {"model": args.model, "config": args.config, "dtype": args.dtype, "micro_batch": args.micro_batch,
+        result = {"model": args.model, "config": args.config, "machine": machine_summary(), "dtype": args.dtype,
+                  "micro_batch": args.micro_batch,
                   "warmup_steps": args.warmup, "timed_steps": args.steps, "max_seq_len": args.max_seq_len,
                   "max_prompt_len": args.max_prompt_len, "stages": {}}
         trl_versions: dict = {}
@@ -460,7 +487,7 @@ def main() -> None:
             expected = step_tokens(stage, rows, args.micro_batch)
             print(f"{stage}: rlhfkit, {n_steps} steps of {args.micro_batch} rows ...", flush=True)
             t0 = time.perf_counter()
-            ours = run_rlhfkit(stage, cfg, rows, pad_id, args.threads)
+            ours = run_rlhfkit(stage, cfg, rows, pad_id)
             print(f"{stage}: rlhfkit done in {time.perf_counter() - t0:.0f}s; TRL ...", flush=True)
             t0 = time.perf_counter()
             theirs = run_trl(stage, python, cfg, rows, pad_id, work / "trl" / stage, args.threads)
