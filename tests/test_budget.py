@@ -19,11 +19,12 @@ def test_planner_fits_steps_evals_and_checkpoints_in_the_budget(tmp_path):
                           save_every=0, plan_file=plan_file, resumed=False)
     planner.timed_eval(5.0)
     assert planner.after_step(1, 30.0) == 20  # the warm-up step plans nothing
-    # step 10 s; left ≈ 100 s − ε; after step n: (n − 2)·10 + final eval 5 + final checkpoint (guessed 3 steps)
-    assert planner.after_step(2, 10.0) == 8
-    assert json.loads(plan_file.read_text())["planned_steps"] == 8
-    planner.timed_save(1.0)
-    assert planner.after_step(3, 10.0) == 8  # a plan never grows back
+    # step 10 s; left ≈ 100 s − ε; after step n: (n − 2)·10 + final eval 5 + final checkpoint (guessed 2 steps)
+    assert planner.after_step(2, 10.0) == 9
+    assert json.loads(plan_file.read_text())["planned_steps"] == 9
+    planner.timed_save(1.0)  # a checkpoint took 1 s, not the 20 s guessed: the plan grows again
+    assert planner.after_step(3, 10.0) == 12  # (n − 3)·10 + 5 + 1 ≤ 100
+    assert json.loads(plan_file.read_text())["planned_steps"] == 12
 
 
 def test_planner_counts_the_evals_and_checkpoints_the_remaining_steps_bring(tmp_path):

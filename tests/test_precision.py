@@ -19,10 +19,12 @@ from rlhfkit.train.common import TokenLogprobLM, trainable_causal_lm, write_caus
 
 @pytest.fixture
 def cpu_kind(monkeypatch):
-    """Pretend to be a CPU with or without native bf16 (no GPU, nothing forced)."""
-    def set_kind(native: bool):
+    """Pretend to be a CPU with or without native bf16, bf16 matmuls `speedup` times as fast as fp32's
+    (no GPU, nothing forced)."""
+    def set_kind(native: bool, speedup: float = 2.3):
         monkeypatch.delenv(P.FORCE_FP32_ENV, raising=False)
         monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(P, "cpu_bf16_speedup", lambda: speedup)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     return set_kind
 
@@ -35,6 +37,19 @@ def test_auto_is_bf16_only_where_native_and_fp32_elsewhere(cpu_kind, monkeypatch
     cpu_kind(False)
     assert P.resolve_dtype("auto") == "float32"
     assert P.resolve_dtype("float16") == "float16"
+    cpu_kind(True, speedup=0.56)  # AVX512-BF16 without AMX (a measured Xeon): native, but slower than fp32
+    assert P.resolve_dtype("auto") == "float32"
+
+
+def test_the_bf16_probe_is_measured_once_and_shared_through_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    P.cpu_bf16_speedup.cache_clear()
+    first = P.cpu_bf16_speedup()
+    assert first > 0 and (tmp_path / "cpu_bf16_speedup.json").is_file()
+    P.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(P, "_matmul_seconds", lambda *a: pytest.fail("measured twice"))
+    assert P.cpu_bf16_speedup() == first  # another process or stage reads the same answer
+    P.cpu_bf16_speedup.cache_clear()
 
 
 def test_explicit_bf16_without_native_bf16_is_kept_with_one_warning(cpu_kind, caplog):

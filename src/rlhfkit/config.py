@@ -311,7 +311,7 @@ class PipelineConfig(Section):
     # plans its number of steps (at most the configured one) from the step times it measures.
     time_budget_minutes: float | None = Field(None, gt=0)
     budget_shares: dict[Literal["sft", "rm", "ppo", "dpo", "eval"], float] = Field(
-        default_factory=lambda: {"sft": 3.0, "rm": 7.0, "ppo": 4.0, "dpo": 7.0, "eval": 1.0})
+        default_factory=lambda: {"sft": 2.0, "rm": 7.0, "ppo": 5.0, "dpo": 7.0, "eval": 2.0})
 
     @field_validator("budget_shares")
     @classmethod

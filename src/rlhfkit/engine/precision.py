@@ -1,10 +1,15 @@
 """Precision chosen by the machine, and casts that keep a model the function it was trained as.
 
 `auto` (the default of every model's `dtype`) resolves to
-- bfloat16 where the hardware runs it natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX;
+- bfloat16 where the hardware runs it natively and fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16
+  or AMX on which a bf16 matmul is also measured faster than fp32;
 - float16 on a GPU without bf16 (trained with loss scaling);
 - float32 everywhere else. On an AVX2-only CPU a bf16 matmul falls back to a slow path (measured 47x
-  slower than fp32 on a 2-core AMD Zen 3), so no default may depend on bf16 being there.
+  slower than fp32 on a 2-core AMD Zen 3), so no default may depend on bf16 being there. Native is not
+  always fast either: on a 2-core Intel Xeon with AVX512-BF16 but no AMX, oneDNN's bf16 matmul ran at
+  140 GFLOP/s against 252 in fp32 (a bf16 SFT step of SmolLM2 took 25 s, fp32 11 s), while a Zen 4 runs
+  bf16 at ~420 against ~180. So on a CPU `auto` times one matmul in each precision once (~0.2 s; kept in
+  the user cache per CPU model, thread count and torch version, so every process and stage agrees).
 
 `RLHFKIT_NO_NATIVE_BF16=1` makes `auto` resolve as on a CPU without bf16 (fp32), to measure or test the
 fp32 path on a machine that has bf16.
@@ -50,12 +55,47 @@ def forced_fp32() -> bool:
 
 
 def native_bf16() -> bool:
-    """Whether bf16 is native where rlhfkit computes (the GPU when there is one, else the CPU)."""
+    """Whether bf16 is native, and the fast precision, where rlhfkit computes (the GPU when there is one,
+    else the CPU: native instructions and a matmul measured faster than in fp32)."""
     if forced_fp32():
         return False
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
+    return cpu_has_native_bf16() and cpu_bf16_speedup() > 1.1
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """bf16 over fp32 matmul throughput on this CPU (a SmolLM2-sized projection), measured once and kept in
+    the user cache, so that concurrent processes and later stages resolve `auto` alike."""
+    import json
+
+    from filelock import FileLock
+
+    from ..paths import cache_root
+
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
+    key = f"{model}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    path = cache_root() / "cpu_bf16_speedup.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if key not in known:
+            known[key] = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+            path.write_text(json.dumps(known, indent=1))
+    return known[key]
+
+
+def _matmul_seconds(dtype: torch.dtype, reps: int = 5) -> float:
+    import time
+
+    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return (time.perf_counter() - start) / reps
 
 
 def auto_dtype() -> str:
@@ -72,7 +112,9 @@ def why_auto() -> str:
         return f"{FORCE_FP32_ENV} is set"
     if torch.cuda.is_available():
         return f"GPU {torch.cuda.get_device_name()} ({'with' if native_bf16() else 'without'} bf16)"
-    return f"CPU {'with' if cpu_has_native_bf16() else 'without'} native bf16 (AVX512-BF16/AMX)"
+    if not cpu_has_native_bf16():
+        return "CPU without native bf16 (no AVX512-BF16/AMX)"
+    return f"CPU with native bf16, bf16 matmul measured {cpu_bf16_speedup():.2f}x fp32's speed"
 
 
 _warned: set[str] = set()
@@ -82,10 +124,15 @@ def resolve_dtype(name: str, where: str = "dtype") -> str:
     """`auto` → the machine's precision; an explicit bf16 on a CPU without it is kept, with one warning."""
     if name == "auto":
         return auto_dtype()
-    if name == "bfloat16" and not torch.cuda.is_available() and not cpu_has_native_bf16() and where not in _warned:
-        _warned.add(where)
-        log.warning("%s: bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX) runs in a slow fallback, "
-                    "often 10-50x slower than float32; use dtype: auto or float32", where)
+    if name == "bfloat16" and not torch.cuda.is_available() and where not in _warned:
+        if not cpu_has_native_bf16():
+            _warned.add(where)
+            log.warning("%s: bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX) runs in a slow fallback, "
+                        "often 10-50x slower than float32; use dtype: auto or float32", where)
+        elif not forced_fp32() and cpu_bf16_speedup() < 1.0:
+            _warned.add(where)
+            log.warning("%s: bfloat16 matmuls on this CPU run at %.2fx fp32's speed (native bf16 without AMX); "
+                        "dtype: auto would use float32", where, cpu_bf16_speedup())
     return name
 
 
@@ -114,8 +161,12 @@ def machine_summary() -> str:
         model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
                      platform.processor() or "unknown CPU")
         kind = f"CPU {model}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}"
-    bf16 = "native bf16" if (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or (
-        not torch.cuda.is_available() and cpu_has_native_bf16()) else "no native bf16"
+    if torch.cuda.is_available():
+        bf16 = "bf16" if torch.cuda.is_bf16_supported() else "no bf16"
+    elif cpu_has_native_bf16():
+        bf16 = f"native bf16 (bf16 matmul {cpu_bf16_speedup():.2f}x fp32's speed)"
+    else:
+        bf16 = "no native bf16"
     forced = f", {FORCE_FP32_ENV}=1" if forced_fp32() else ""
     return f"{kind}; {bf16}{forced}; dtype auto → {auto_dtype()}"
 

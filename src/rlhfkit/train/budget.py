@@ -2,9 +2,10 @@
 
 The pipeline gives each training stage a share of `pipeline.time_budget_minutes`. The stage trains with
 its configured number of steps as the upper bound; after a warm-up step it knows what a step costs here,
-and after every step it shrinks the plan, if needed, so that the remaining steps, the evals and
-checkpoints they bring, and the final eval and checkpoint end before the stage's deadline. The plan only
-ever shrinks, and it is written to <stage>/plan.json and printed: the same config with
+and after every step it re-plans: the largest number of steps whose remaining steps, the evals and
+checkpoints they bring, and the final eval and checkpoint end before the stage's deadline (step times
+settle over the first steps, so an early plan may grow again). The plan is written to <stage>/plan.json
+and printed when it changes: the same config with
 `max_steps` (`ppo.steps`) set to the planned number replays the run exactly on another machine, because a
 budgeted stage must use a learning-rate schedule that does not depend on the total number of steps.
 A resumed stage keeps the plan it recorded.
@@ -61,9 +62,9 @@ class StepPlanner:
         if self.budget is None or len(self.step_times) <= WARMUP_STEPS:
             return self.total
         step_s = statistics.median(self.step_times[WARMUP_STEPS:])
-        save_s = self.save_s if self.saves_seen else 3 * step_s  # guess until a checkpoint was timed
+        save_s = self.save_s if self.saves_seen else 2 * step_s  # a guess until a checkpoint was timed
         left = self.budget.seconds - (time.perf_counter() - self.budget.started)
-        planned = self.total
+        planned = self.configured
         while planned > done and self._cost(done, planned, step_s, save_s) > left:
             planned -= 1
         planned = D.all_reduce_min(planned)  # every process stops after the same step

@@ -23,7 +23,7 @@ from .budget import StageBudget
 from .loop import run_stage
 from .losses import bradley_terry_loss, pair_metrics
 
-STATS_ROWS = 256  # training pairs scored for the stored mean/std
+STATS_ROWS = 128  # training pairs scored for the stored mean/std (256 scores)
 
 
 def rm_stage_dir(cfg: Config) -> Path:
