@@ -26,6 +26,8 @@ with bf16); on other machines bf16 runs a slow fallback, so it is left out unles
 * fp32: everything in fp32 (actor, critic, reference, reward, rollouts), full fine-tuning. The rollout copy
   is then exactly the trained actor (full fine-tune, same precision, no dropout), so rlhfkit reuses the
   rollout's log-probs as PPO's old log-probs and skips one actor forward per step (bf16 does the same).
+* fp32-recompute: fp32 with ppo.reuse_rollout_logprobs off (the actor recomputes the old log-probs): what
+  the reuse saves.
 * fp32-lora: actor and critic with LoRA (r 16, alpha 32, on the attention projections q, k, v, o; the
   critic's value head trains fully), everything in fp32, fp32 rollout copy with LoRA merged. Merged
   weights round differently from the actor's separate adapters, so the actor recomputes the old
@@ -65,8 +67,8 @@ TRL_VENV = REPO / "benchmarks" / ".venv-trl-ppo"
 TRL_PINS = {"trl": "0.28.0", "transformers": "4.57.6", "torch": "2.13.0"}
 RESULT = "RESULT "
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention only (rlhfkit's default)
-SIDE_DTYPE = {"fp32": "float32", "fp32-lora": "float32", "bf16": "bfloat16", "bf16-lora": "bfloat16",
-              "trl": "float32"}
+SIDE_DTYPE = {"fp32": "float32", "fp32-recompute": "float32", "fp32-lora": "float32", "bf16": "bfloat16",
+              "bf16-lora": "bfloat16", "trl": "float32"}
 DEFAULT_SIDES = ["fp32", "fp32-lora", "trl", "bf16-lora"]
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
@@ -136,7 +138,8 @@ def rlhfkit_config(args, work: Path, inputs: dict, side: str):
                 "sampling": {"max_new_tokens": args.new_tokens, "temperature": 0.7},
                 "rollout_dtype": dtype,
                 "actor": trainable, "critic": trainable,
-                "reference": {"dtype": dtype}, "reward": {"dtype": dtype}, "steps": args.warmup + args.iters},
+                "reference": {"dtype": dtype}, "reward": {"dtype": dtype}, "steps": args.warmup + args.iters,
+                "reuse_rollout_logprobs": side != "fp32-recompute"},
     }
     return Config.model_validate(raw)
 
@@ -168,7 +171,7 @@ def worker_rlhfkit(args, work: Path, side: str) -> dict:
     med = lambda k: statistics.median(m[k] for m in per_step)  # noqa: E731
     return {"side": side, "dtype": trainer.actor_t.dtype,
             "rollout_dtype": str(trainer.policy.model.dtype).removeprefix("torch."),
-            "old_logprobs_from_rollout": trainer.policy.exact,
+            "old_logprobs_from_rollout": trainer.reuse_logprobs,
             "seconds_per_iteration": med("time/step"), "generation_s": med("time/generation"),
             "experience_s": med("time/experience"), "training_s": med("time/training"),
             "tokens_generated": per_step[-1]["tokens/generated"], "peak_memory_gb": peak_memory_gb(),

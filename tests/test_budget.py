@@ -21,10 +21,10 @@ def test_planner_fits_steps_evals_and_checkpoints_in_the_budget(tmp_path):
     assert planner.after_step(1, 30.0) == 20  # the warm-up step plans nothing
     # step 10 s; left ≈ 100 s − ε; after step n: (n − 2)·10 + final eval 5 + final checkpoint (guessed 2 steps)
     assert planner.after_step(2, 10.0) == 9
-    assert json.loads(plan_file.read_text())["planned_steps"] == 9
+    assert json.loads(plan_file.read_text())["planned"] == 9
     planner.timed_save(1.0)  # a checkpoint took 1 s, not the 20 s guessed: the plan grows again
     assert planner.after_step(3, 10.0) == 12  # (n − 3)·10 + 5 + 1 ≤ 100
-    assert json.loads(plan_file.read_text())["planned_steps"] == 12
+    assert json.loads(plan_file.read_text())["planned"] == 12
 
 
 def test_planner_counts_the_evals_and_checkpoints_the_remaining_steps_bring(tmp_path):
@@ -40,7 +40,7 @@ def test_planner_counts_the_evals_and_checkpoints_the_remaining_steps_bring(tmp_
 
 
 def test_a_resumed_stage_keeps_its_recorded_plan(tmp_path):
-    (tmp_path / "plan.json").write_text(json.dumps({"planned_steps": 7, "configured_steps": 20}))
+    (tmp_path / "plan.json").write_text(json.dumps({"planned": 7, "configured": 20}))
     planner = StepPlanner(StageBudget(seconds=1.0, started=time.perf_counter()), "sft", 20, 0, 0,
                           tmp_path / "plan.json", resumed=True)
     assert planner.total == 7 and planner.after_step(3, 100.0) == 7
@@ -71,8 +71,8 @@ def test_a_budgeted_stage_replays_exactly_with_its_planned_steps(tmp_path):
     budgeted = config("a", max_steps=400)
     run_sft(budgeted, show_progress=False, budget=StageBudget(seconds=2.0, started=time.perf_counter()))
     plan = json.loads((tmp_path / "a" / "run" / "sft" / "plan.json").read_text())
-    assert 2 <= plan["planned_steps"] < 400 and plan["configured_steps"] == 400
-    run_sft(config("b", max_steps=plan["planned_steps"]), show_progress=False)
+    assert 2 <= plan["planned"] < 400 and plan["configured"] == 400
+    run_sft(config("b", max_steps=plan["planned"]), show_progress=False)
     a = load_file(tmp_path / "a" / "run" / "sft" / "final" / "model.safetensors")
     b = load_file(tmp_path / "b" / "run" / "sft" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

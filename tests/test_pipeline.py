@@ -58,8 +58,9 @@ def test_pipeline_runs_every_stage_then_skips_finished_ones(tiny_run):
         assert (run / stage / "final" / "eval.json").is_file()
     record = json.loads((run / "pipeline.json").read_text())
     assert list(record["seconds"]) == ["data", "sft", "rm", "ppo", "eval", "export"]
-    assert {s: p["planned_steps"] for s, p in record["plans"].items()} == {"sft": 4, "rm": 4, "ppo": 4}
-    assert record["replay_overrides"] == "sft.max_steps=4 rm.max_steps=4 ppo.steps=4 pipeline.time_budget_minutes=null"
+    assert {s: p["planned"] for s, p in record["plans"].items()} == {"sft": 4, "rm": 4, "ppo": 4, "eval": 6}
+    assert record["replay_overrides"] == ("sft.max_steps=4 rm.max_steps=4 ppo.steps=4 eval.max_prompts=6 "
+                                          "pipeline.time_budget_minutes=null")
     assert "time budget" in tiny_run["out"] and "the same run on any machine" in tiny_run["out"]
     again = run_ok(["pipeline", str(tiny_run["config"]), "--no-progress"])
     for stage in ("sft", "rm", "ppo", "eval", "export"):
@@ -80,6 +81,21 @@ def test_eval_compares_final_with_sft_and_keeps_every_generation(tiny_run):
     # win rate recomputed from the kept generations, ties counted half
     wins = sum((g["rm_final"] > g["rm_sft"]) + 0.5 * (g["rm_final"] == g["rm_sft"]) for g in gens) / len(gens)
     assert s["rm_win_rate"] == pytest.approx(wins)
+
+
+def test_eval_reads_the_sft_perplexity_and_rm_accuracy_its_stages_measured(tiny_run):
+    """They are the same figures on the same rows: eval reads them instead of a second pass, and a fresh
+    computation agrees."""
+    from rlhfkit.config import load_config
+    from rlhfkit.eval.compare import Comparison
+
+    run = tiny_run["run"]
+    results = json.loads((run / "eval" / "eval.json").read_text())
+    assert results["sft_perplexity"] == json.loads((run / "sft" / "final" / "eval.json").read_text())["eval/perplexity"]
+    assert results["rm_accuracy"] == json.loads((run / "rm" / "final" / "eval.json").read_text())["eval/accuracy"]
+    cmp = Comparison(load_config(tiny_run["config"]))
+    assert cmp.perplexity(cmp.baseline) == pytest.approx(results["sft_perplexity"], rel=1e-4)
+    assert cmp.rm_accuracy() == pytest.approx(results["rm_accuracy"])
 
 
 @pytest.mark.parametrize("qtype,tolerance", [("f16", 2e-3), ("q8_0", 3e-2)])

@@ -138,13 +138,16 @@ def test_ppo_reference_and_eval_and_chat_and_dpo_reference_match_the_trained_mod
     want = logits(trained_bf16, ids)
     reference = FrozenModel(load_causal_lm(ModelConfig(name_or_path=tiny_dir), dtype="float32"),
                             FrozenModelConfig(dtype="bfloat16"))
+    reference_zero3 = FrozenModel(load_causal_lm(ModelConfig(name_or_path=tiny_dir), dtype="float32"),
+                                  FrozenModelConfig(dtype="bfloat16", zero_stage=3))  # DeepSpeed's own cast
     chat_model, _ = load_chat_model(tiny_dir, "bfloat16")
     dpo_ref = frozen_reference(ModelConfig(name_or_path=tiny_dir), "bfloat16")
     cfg = make_config(tmp_path, [{"name": "d", "path": "x.jsonl"}])
     cfg.eval.policy = cfg.eval.baseline = tiny_dir
     cfg.eval.reward_model, cfg.eval.dtype = str(_reward_dir(tmp_path, tiny_dir)), "bfloat16"
     cmp = Comparison(cfg)
-    for name, lm in (("ppo reference", reference.module), ("chat", chat_model), ("dpo reference", dpo_ref.lm),
+    for name, lm in (("ppo reference", reference.module), ("ppo reference, ZeRO-3", reference_zero3),
+                     ("chat", chat_model), ("dpo reference", dpo_ref.lm),
                      ("eval policy", cmp.policy), ("eval baseline", cmp.baseline)):
         assert (logits(lm, ids) - want).abs().max() <= TOL, name
 
@@ -194,11 +197,11 @@ def test_rollout_copy_matches_the_trained_actor(tiny_dir, ids):
 
 # --- PPO at step 0 -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,lora", [("bfloat16", 8), ("float32", 0)])
-def test_ppo_step0_kl_between_actor_and_reference_is_zero(tmp_path, dtype, lora):
-    """Reference at the actor's precision (the default): the same function at step 0. With a LoRA actor the
-    old log-probs come from the actor's forward, like the reference's: KL exactly 0. A full fine-tune
-    reuses the sampler's log-probs (KV-cached decoding, the same weights): 0 up to float rounding."""
+@pytest.mark.parametrize("dtype,lora,reuse", [("bfloat16", 8, True), ("float32", 0, False), ("float32", 0, True)])
+def test_ppo_step0_kl_between_actor_and_reference_is_zero(tmp_path, dtype, lora, reuse):
+    """Reference at the actor's precision (the default): the same function at step 0. When the old log-probs
+    come from the actor's forward, like the reference's, the KL is exactly 0. A full fine-tune that reuses
+    the sampler's log-probs (KV-cached decoding, the same weights) gets 0 up to float rounding."""
     from rlhfkit.tracking import read_metrics
     from rlhfkit.train.ppo.trainer import run_ppo
     from test_ppo import ppo_config
@@ -209,7 +212,7 @@ def test_ppo_step0_kl_between_actor_and_reference_is_zero(tmp_path, dtype, lora)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", synthetic_pairs(40))
     path = ppo_config(tmp_path, prompts, steps=1, eval_every=0, eval_prompts=4,
                       actor={"dtype": dtype, "learning_rate": 1e-3, "lora": {"r": lora}},
-                      critic={"dtype": dtype, "learning_rate": 1e-3})
+                      critic={"dtype": dtype, "learning_rate": 1e-3}, reuse_rollout_logprobs=reuse)
     raw = yaml.safe_load(path.read_text())
     del raw["ppo"]["reference"]  # default: auto → the actor's precision
     path.write_text(yaml.safe_dump(raw))
@@ -218,10 +221,10 @@ def test_ppo_step0_kl_between_actor_and_reference_is_zero(tmp_path, dtype, lora)
     eval_kl = [r["eval/kl"] for r in rows if "eval/kl" in r]
     step_kl = [r["objective/kl"] for r in rows if "objective/kl" in r]
     assert eval_kl[0] == 0.0  # both through a full forward
-    if lora:
+    if lora or not reuse:
         assert step_kl[0] == 0.0
     else:
-        assert abs(step_kl[0]) < 1e-4
+        assert step_kl[0] != 0.0 and abs(step_kl[0]) < 1e-4  # the sampler's log-probs were used
 
 
 class _LengthReward(torch.nn.Module):

@@ -248,6 +248,9 @@ class PPOConfig(Section):
     generation_batch_size: int | None = Field(None, ge=1)  # prompts per generate() call; default: all of a process's
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     rollout_dtype: Precision = "auto"
+    # When the rollout copy is exactly the trained actor (full fine-tune, the actor's precision, no dropout),
+    # the log-probs the sampler computed are the old log-probs: one actor forward fewer per step.
+    reuse_rollout_logprobs: bool = True
     steps: int = Field(30, ge=1)  # PPO steps (rollout + update)
 
     # PPO

@@ -6,8 +6,8 @@ auto-resume); `--from STAGE` deletes that stage's outputs and every later stage'
 Wall time per stage goes to <run>/pipeline.json.
 
 With `pipeline.time_budget_minutes`, each training stage gets, when it starts, a share of the time left
-(`pipeline.budget_shares`, over the stages still to run, eval included) and plans its steps to fit
-(train/budget.py). The plans go to pipeline.json with the overrides that replay them on any machine.
+(`pipeline.budget_shares`, over the stages still to run) and plans its steps to fit (train/budget.py);
+eval plans how many prompts of each set it answers (eval/compare.py). The plans go to pipeline.json with the overrides that replay them on any machine.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from .paths import write_text_atomic
 
 ALL_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "export")
 TRAINING = ("sft", "rm", "ppo", "dpo")
-STEPS_KEY = {"sft": "sft.max_steps", "rm": "rm.max_steps", "dpo": "dpo.max_steps", "ppo": "ppo.steps"}
+PLANNED = ("sft", "rm", "ppo", "dpo", "eval")  # stages that plan their work from a time budget
+PLAN_KEY = {"sft": "sft.max_steps", "rm": "rm.max_steps", "dpo": "dpo.max_steps", "ppo": "ppo.steps",
+            "eval": "eval.max_prompts"}
 
 
 def stages_for(cfg: Config) -> list[str]:
@@ -77,7 +79,7 @@ def run_stage(cfg: Config, stage: str, show_progress: bool, budget=None) -> None
         run_dpo(cfg, show_progress, budget=budget)
     elif stage == "eval":
         if D.is_main():
-            evaluate_and_report(cfg, show_progress)
+            evaluate_and_report(cfg, show_progress, budget)
         D.barrier()
     elif stage == "export":
         if D.is_main():
@@ -85,11 +87,11 @@ def run_stage(cfg: Config, stage: str, show_progress: bool, budget=None) -> None
         D.barrier()
 
 
-def evaluate_and_report(cfg: Config, show_progress: bool = True) -> dict:
+def evaluate_and_report(cfg: Config, show_progress: bool = True, budget=None) -> dict:
     from .eval.compare import format_table, run_eval
     from .eval.report import build_report
 
-    results = run_eval(cfg, show_progress)
+    results = run_eval(cfg, show_progress, budget)
     print(format_table(results))
     print(f"report → {build_report(cfg.output_dir)}")
     return results
@@ -118,10 +120,10 @@ def check_budget(cfg: Config, stages: list[str]) -> None:
     from .train.budget import check_budgetable
 
     for stage in stages:
+        if stage in PLANNED and stage not in cfg.pipeline.budget_shares:
+            raise ConfigError(f"pipeline.budget_shares has no share for {stage} (it lists {sorted(cfg.pipeline.budget_shares)})")
         if stage not in TRAINING:
             continue
-        if stage not in cfg.pipeline.budget_shares:
-            raise ConfigError(f"pipeline.budget_shares has no share for {stage} (it lists {sorted(cfg.pipeline.budget_shares)})")
         sections = {"ppo.actor": cfg.ppo.actor, "ppo.critic": cfg.ppo.critic} if stage == "ppo" else {stage: getattr(cfg, stage)}
         for name, t in sections.items():
             check_budgetable(name, t.lr_scheduler, t.warmup_ratio)
@@ -131,7 +133,7 @@ def stage_budget(cfg: Config, stage: str, todo: list[str], started: float):
     """This stage's share of the time left, over the stages still to run that have a share."""
     from .train.budget import StageBudget
 
-    if cfg.pipeline.time_budget_minutes is None or stage not in TRAINING:
+    if cfg.pipeline.time_budget_minutes is None or stage not in PLANNED:
         return None
     shares = cfg.pipeline.budget_shares
     now = time.perf_counter()
@@ -178,8 +180,8 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
             write_text_atomic(record_file, json.dumps(record, indent=1))
             print(f"pipeline: {stage} done in {took:.1f}s", flush=True)
     if plans and D.is_main():
-        planned = ", ".join(f"{s} {p['planned_steps']}/{p['configured_steps']}" for s, p in plans.items())
-        replay = " ".join(f"{STEPS_KEY[s]}={p['planned_steps']}" for s, p in plans.items())
+        planned = ", ".join(f"{s} {p['planned']}/{p['configured']}" for s, p in plans.items())
+        replay = " ".join(f"{PLAN_KEY[s]}={p['planned']}" for s, p in plans.items())
         record["replay_overrides"] = f"{replay} pipeline.time_budget_minutes=null"
         write_text_atomic(record_file, json.dumps(record, indent=1))
         print(f"pipeline: planned steps {planned}; the same run on any machine: {record['replay_overrides']}",

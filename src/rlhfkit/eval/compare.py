@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from ..errors import ConfigError
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
+from ..train.budget import StageBudget
 from ..engine.precision import DTYPES, cast_params, resolve_precision, why_auto
 from ..train.common import TokenLogprobLM, model_config_for
 from ..train.ppo.experience import RewardScorer, response_kl
@@ -110,9 +112,9 @@ class Comparison:
         return RewardScorer(rm.eval().requires_grad_(False))
 
     @torch.no_grad()
-    def answer(self, model, prompts: list[np.ndarray]):
-        """Rollouts of `model` on the prompts (per-prompt seeds shared by both models), in batches."""
-        seeds = [self.e.seed * 1_000_003 + j for j in range(len(prompts))]
+    def answer(self, model, prompts: list[np.ndarray], start: int = 0):
+        """Rollouts of `model` on the prompts (per-prompt seeds, by index in the set, shared by both models)."""
+        seeds = [self.e.seed * 1_000_003 + start + j for j in range(len(prompts))]
         return sample_rollouts(model, prompts, seeds, self.e.batch_size, self.tokenizer.pad_token_id, self.stop_ids,
                                self.sampling)
 
@@ -129,11 +131,24 @@ class Comparison:
             out.append(kl.float().cpu())
         return torch.cat(out)
 
-    def compare_set(self, name: str, prompts: list[np.ndarray], sink) -> dict:
-        pol, base = self.answer(self.policy, prompts), self.answer(self.baseline, prompts)
-        pol_scores, base_scores = self.score_parts(pol), self.score_parts(base)
-        kl = self.kl_to_baseline(pol)
-        stats = {"prompts": len(prompts), "kl_to_sft": float(kl.mean())}
+    def compare_set(self, name: str, prompts: list[np.ndarray], sink, planner: "PromptPlanner | None" = None) -> dict:
+        """Both models answer batch by batch, judged as they go; a planner may stop the set early."""
+        pol, base, scored, kls = [], [], [], []
+        for i in range(0, len(prompts), self.e.batch_size):
+            if planner is not None and i >= planner.cap:
+                break
+            t0 = time.perf_counter()
+            chunk = prompts[i:i + self.e.batch_size]
+            p, b = self.answer(self.policy, chunk, i), self.answer(self.baseline, chunk, i)
+            pol, base = pol + p, base + b
+            scored.append((self.score_parts(p), self.score_parts(b)))
+            kls.append(self.kl_to_baseline(p))
+            if planner is not None:
+                planner.timed(len(chunk), time.perf_counter() - t0)
+        pol_scores = {j: torch.cat([s[0][j] for s in scored]) for j in self.judges}
+        base_scores = {j: torch.cat([s[1][j] for s in scored]) for j in self.judges}
+        kl = torch.cat(kls)
+        stats = {"prompts": len(kl), "kl_to_sft": float(kl.mean())}
         for label, parts in (("final", pol), ("sft", base)):
             lengths = torch.cat([p.response_lengths for p in parts]).float()
             ended = torch.cat([p.ended for p in parts]).float()
@@ -193,27 +208,70 @@ class Comparison:
         return correct / len(rows)
 
 
-def run_eval(cfg: Config, show_progress: bool = True) -> dict:
+class PromptPlanner:
+    """How many prompts of each set fit in eval's time budget: eval.max_prompts, or, once the first batch
+    has been answered and judged, the same smaller count (a multiple of the batch size) for every set.
+    Prompts are seeded by their index, so `eval.max_prompts=<plan>` replays the same evaluation."""
+
+    def __init__(self, budget: StageBudget | None, n_sets: int, max_prompts: int, batch: int, plan_file: Path):
+        self.budget, self.n_sets, self.batch, self.plan_file = budget, n_sets, batch, plan_file
+        self.cap = self.configured = max_prompts
+
+    def timed(self, prompts: int, seconds: float) -> None:
+        if self.budget is None:
+            return
+        left = self.budget.seconds - (time.perf_counter() - self.budget.started)
+        fit = prompts + int(max(left, 0.0) / (seconds / prompts))  # prompts over all sets, this batch's included
+        self.cap = min(self.configured, max(self.batch, fit // self.n_sets // self.batch * self.batch))
+        self.budget = None  # planned once, from the first batch
+        print(f"eval: time budget → {self.cap} of {self.configured} prompts per set "
+              f"({seconds / prompts:.1f}s per prompt)", flush=True)
+        write_text_atomic(self.plan_file, json.dumps({"unit": "prompts per set", "configured": self.configured,
+                                                      "planned": self.cap, "seconds_per_prompt": seconds / prompts}))
+
+
+def run_eval(cfg: Config, show_progress: bool = True, budget: StageBudget | None = None) -> dict:
+    """With a budget, the fixed work (perplexity, RM accuracy) comes first and the prompt sets share the
+    rest (PromptPlanner)."""
     prepare(cfg, show_progress=show_progress)  # a cache hit after the training stages
     cmp = Comparison(cfg)
     out_dir = eval_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").unlink(missing_ok=True)
     renderer = Renderer(cmp.tokenizer, cfg.data)
     sets = prompt_sets(cfg, renderer)
     results: dict = {"policy": cmp.policy_path, "baseline": cmp.baseline_path, "reward_model": cmp.reward_path,
                      "second_judge": cfg.eval.second_judge, "sampling": cfg.eval.sampling.model_dump(), "sets": {}}
+    # The baseline's perplexity and the judge's accuracy on these very splits are what the SFT and RM stages
+    # measured last (same model, same rows, same precision): read them instead of computing them again.
+    same_sft_rows = cfg.sft.max_eval_batches is None and cfg.sft.loss_on == "response"
+    results["sft_perplexity"] = stage_figure(cmp.baseline_path, sft_stage_dir(cfg), "eval/perplexity", same_sft_rows,
+                                             lambda: cmp.perplexity(cmp.baseline))
+    results["final_perplexity"] = cmp.perplexity(cmp.policy)
+    results["rm_accuracy"] = stage_figure(cmp.reward_path, rm_stage_dir(cfg), "eval/accuracy",
+                                          cfg.rm.max_eval_batches is None, cmp.rm_accuracy)
+    planner = PromptPlanner(budget, len(sets), cfg.eval.max_prompts, cfg.eval.batch_size, out_dir / "plan.json")
     tmp = out_dir / "generations.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as sink:
         for name, prompts in sets.items():
             if show_progress:
-                print(f"eval: {name} ({len(prompts)} prompts)", flush=True)
-            results["sets"][name] = cmp.compare_set(name, prompts, sink)
+                print(f"eval: {name} ({min(len(prompts), planner.cap)} prompts)", flush=True)
+            results["sets"][name] = cmp.compare_set(name, prompts, sink, planner)
     tmp.replace(out_dir / "generations.jsonl")
-    results["sft_perplexity"] = cmp.perplexity(cmp.baseline)
-    results["final_perplexity"] = cmp.perplexity(cmp.policy)
-    results["rm_accuracy"] = cmp.rm_accuracy()
     write_text_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
     return results
+
+
+def stage_figure(model_path: str, stage_dir: Path, key: str, same_rows: bool, compute):
+    """`key` from <stage>/final/eval.json when model_path is that stage's final model and the stage evaluated
+    the same rows (its whole eval split, scored the same way), else compute()."""
+    final = stage_dir / "final"
+    summary = final / "eval.json"
+    if same_rows and Path(model_path).resolve() == final.resolve() and summary.is_file():
+        value = json.loads(summary.read_text()).get(key)
+        if value is not None:
+            return value
+    return compute()
 
 
 def format_table(results: dict) -> str:

@@ -5,9 +5,9 @@ its configured number of steps as the upper bound; after a warm-up step it knows
 and after every step it re-plans: the largest number of steps whose remaining steps, the evals and
 checkpoints they bring, and the final eval and checkpoint end before the stage's deadline (step times
 settle over the first steps, so an early plan may grow again). The plan is written to <stage>/plan.json
-and printed when it changes: the same config with
-`max_steps` (`ppo.steps`) set to the planned number replays the run exactly on another machine, because a
-budgeted stage must use a learning-rate schedule that does not depend on the total number of steps.
+and printed when it changes: the same config with `max_steps` (`ppo.steps`) set to the planned number
+replays the run exactly on another machine, because a budgeted stage must use a learning-rate schedule
+that does not depend on the total number of steps.
 A resumed stage keeps the plan it recorded.
 """
 
@@ -42,9 +42,9 @@ class StepPlanner:
         self.step_times: list[float] = []
         self.eval_s = self.save_s = 0.0
         self.saves_seen = 0
-        self.steps_planned_at: int | None = None
+        self.planned_once = False
         if budget is not None and resumed and self.plan_file.is_file():  # it finishes its recorded plan
-            self.total = int(json.loads(self.plan_file.read_text())["planned_steps"])
+            self.total = int(json.loads(self.plan_file.read_text())["planned"])
             self.budget = None
         elif budget is not None and D.is_main():
             self.plan_file.unlink(missing_ok=True)
@@ -57,7 +57,7 @@ class StepPlanner:
         self.saves_seen += 1
 
     def after_step(self, done: int, seconds: float) -> int:
-        """Record a step's time; returns the (possibly smaller) planned total."""
+        """Record a step's time; returns the planned number of steps."""
         self.step_times.append(seconds)
         if self.budget is None or len(self.step_times) <= WARMUP_STEPS:
             return self.total
@@ -68,8 +68,8 @@ class StepPlanner:
         while planned > done and self._cost(done, planned, step_s, save_s) > left:
             planned -= 1
         planned = D.all_reduce_min(planned)  # every process stops after the same step
-        if planned != self.total or self.steps_planned_at is None:
-            self.total, self.steps_planned_at = planned, done
+        if planned != self.total or not self.planned_once:
+            self.total, self.planned_once = planned, True
             if not D.is_main():
                 return self.total
             print(f"{self.name}: time budget {self.budget.seconds:.0f}s → {planned} of {self.configured} steps "
@@ -90,7 +90,7 @@ class StepPlanner:
             return  # no budget, or resumed: the recorded plan stands
         times = self.step_times[WARMUP_STEPS:] or self.step_times
         write_text_atomic(self.plan_file, json.dumps({
-            "budget_s": self.budget.seconds, "configured_steps": self.configured, "planned_steps": self.total,
+            "unit": "steps", "budget_s": self.budget.seconds, "configured": self.configured, "planned": self.total,
             "median_step_s": statistics.median(times) if times else None, "eval_s": self.eval_s,
             "checkpoint_s": self.save_s}, indent=1))
 

@@ -84,6 +84,7 @@ class PPOTrainer:
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
         self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype))
         self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
+        self.reuse_logprobs = p.reuse_rollout_logprobs and self.policy.exact
 
     @property
     def mini_batch(self) -> int:
@@ -168,7 +169,7 @@ class PPOTrainer:
         the batch is split over processes or generation batches."""
         size = self.p.generation_batch_size or max(len(prompts), 1)
         return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
-                                               self.sampling, return_logprobs=self.policy.exact), self.pad_id)
+                                               self.sampling, return_logprobs=self.reuse_logprobs), self.pad_id)
 
     def update(self, exp: Experience, step: int) -> dict:
         """ppo_epochs passes over the batch; per mini-batch one actor and one critic optimizer step.
