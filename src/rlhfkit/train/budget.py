@@ -34,7 +34,7 @@ class StageBudget:
 
 class StepPlanner:
     def __init__(self, budget: StageBudget | None, name: str, total: int, eval_every: int, save_every: int,
-                 plan_file: Path, resumed: bool):
+                 plan_file: Path, resumed: bool, save_guess_steps: float = 2.0):
         self.budget, self.name, self.total = budget, name, total
         self.configured = total
         self.eval_every, self.save_every = eval_every, save_every
@@ -42,6 +42,7 @@ class StepPlanner:
         self.step_times: list[float] = []
         self.eval_s = self.save_s = 0.0
         self.saves_seen = 0
+        self.save_guess_steps = save_guess_steps  # a checkpoint's cost in steps, until one was timed
         self.planned_once = False
         if budget is not None and resumed and self.plan_file.is_file():  # it finishes its recorded plan
             self.total = int(json.loads(self.plan_file.read_text())["planned"])
@@ -62,7 +63,7 @@ class StepPlanner:
         if self.budget is None or len(self.step_times) <= WARMUP_STEPS:
             return self.total
         step_s = statistics.median(self.step_times[WARMUP_STEPS:])
-        save_s = self.save_s if self.saves_seen else 2 * step_s  # a guess until a checkpoint was timed
+        save_s = self.save_s if self.saves_seen else self.save_guess_steps * step_s
         left = self.budget.seconds - (time.perf_counter() - self.budget.started)
         planned = self.configured
         while planned > done and self._cost(done, planned, step_s, save_s) > left:

@@ -37,6 +37,7 @@ class Stage:
     # metrics computed at eval time from the summed metrics: {name: fn(sums) -> value}
     eval_metrics: Callable[[dict], dict] | None = None
     tokens: Callable[[list[dict]], int] = lambda rows: 0
+    checkpoint_cost_steps: float = 2.0  # a time budget's guess of a checkpoint's cost until one is timed
 
 
 def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups: list[dict], out_dir: Path,
@@ -58,7 +59,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     if D.is_main():  # metrics past the resumed step (or all, on a fresh start) are redone
         truncate_metrics(out_dir / "metrics.jsonl", start if ckpts else -1)
     planner = StepPlanner(budget, stage.name, schedule.total_steps, t.eval_every, t.save_every,
-                          out_dir / "plan.json", resumed=bool(ckpts))
+                          out_dir / "plan.json", resumed=bool(ckpts), save_guess_steps=stage.checkpoint_cost_steps)
     total = planner.total
     tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(),
                       show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,

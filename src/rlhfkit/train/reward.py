@@ -73,6 +73,7 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
 
     stage = pair_stage("rm", train, evals, pad_id, loss, export,
                        ("accuracy", "margin", "chosen_score", "rejected_score"))
+    stage.checkpoint_cost_steps = 6.0  # the export scores STATS_ROWS pairs: ~5 steps' worth of forward passes
     return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"), budget)
 
 
