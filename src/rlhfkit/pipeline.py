@@ -7,7 +7,8 @@ Wall time per stage goes to <run>/pipeline.json.
 
 With `pipeline.time_budget_minutes`, each training stage gets, when it starts, a share of the time left
 (`pipeline.budget_shares`, over the stages still to run) and plans its steps to fit (train/budget.py);
-eval plans how many prompts of each set it answers (eval/compare.py). The plans go to pipeline.json with the overrides that replay them on any machine.
+eval plans how many prompts of each set it answers (eval/compare.py). The plans go to pipeline.json with
+the overrides that replay them on any machine.
 """
 
 from __future__ import annotations
