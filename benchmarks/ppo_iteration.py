@@ -365,13 +365,13 @@ def report(results: list[dict], args, machine: str) -> None:
     for r in results:
         if r["machine"] != machine:
             print(f"  {r['side']} worker saw: {r['machine']}")
-    print(f"{'side':<9} {'dtype':<8} {'s/iter':>7} {'generation':>11} {'experience':>11} {'training':>9} "
+    print(f"{'side':<14} {'dtype':<8} {'s/iter':>7} {'generation':>11} {'experience':>11} {'training':>9} "
           f"{'tokens':>7} {'peak GB':>8}")
     for r in results:
         exp = r.get("experience_s")
         train = r.get("training_s")
         rest = f"{'(exp+train)':>11} {r['experience_plus_training_s']:>9.2f}" if exp is None else f"{exp:>11.2f} {train:>9.2f}"
-        print(f"{r['side']:<9} {r['dtype']:<8} {r['seconds_per_iteration']:>7.2f} {r['generation_s']:>11.2f} {rest} "
+        print(f"{r['side']:<14} {r['dtype']:<8} {r['seconds_per_iteration']:>7.2f} {r['generation_s']:>11.2f} {rest} "
               f"{int(r['tokens_generated']):>7} {r['peak_memory_gb']:>8.2f}")
     trl = next((r for r in results if r["side"] == "trl"), None)
     if trl:
