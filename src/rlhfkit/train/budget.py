@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..engine import distributed as D
 from ..errors import ConfigError
 from ..paths import write_text_atomic
@@ -73,8 +75,8 @@ class StepPlanner:
             self.total, self.planned_once = planned, True
             if not D.is_main():
                 return self.total
-            print(f"{self.name}: time budget {self.budget.seconds:.0f}s → {planned} of {self.configured} steps "
-                  f"(step {step_s:.2f}s, eval {self.eval_s:.1f}s, checkpoint {save_s:.1f}s)", flush=True)
+            tqdm.write(f"{self.name}: time budget {self.budget.seconds:.0f}s → {planned} of {self.configured} steps "
+                       f"(step {step_s:.2f}s, eval {self.eval_s:.1f}s, checkpoint {save_s:.1f}s)")  # above the bar
             self.write()
         return self.total
 
