@@ -26,12 +26,12 @@ from ..data.readers import iter_file_records
 from ..data.records import BadRecord, to_example
 from ..data.render import Renderer, build_prompts
 from ..engine import distributed as D
+from ..engine.precision import DTYPES, cast_params, resolve_precision, why_auto
 from ..errors import ConfigError
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.budget import StageBudget
-from ..engine.precision import DTYPES, cast_params, resolve_precision, why_auto
 from ..train.common import TokenLogprobLM, model_config_for
 from ..train.ppo.experience import RewardScorer, response_kl
 from ..train.ppo.models import load_reward_model
