@@ -54,9 +54,12 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def make_temp_dir(final: Path) -> Path:
-    """A temp dir beside `final` (same filesystem, so publish_dir's rename is atomic)."""
+    """A temp dir beside `final` (same filesystem, so publish_dir's rename is atomic), with the permissions
+    a plain mkdir would give (mkdtemp makes it owner-only, and the rename would publish that)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -64,4 +67,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is owner-only
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
