@@ -155,7 +155,11 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0)  # steps; 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
-    resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete checkpoint
+    resume: Literal["auto", "never", "force"] = "auto"  # auto: continue from the latest intact checkpoint
+    # made with the same settings; force: also under changed settings; never: start fresh
+    # Optimizer steps with a non-finite loss or gradient norm that may be skipped (no update) before the run
+    # stops; 0: the first one stops it.
+    max_nonfinite_steps: int = Field(0, ge=0)
     seed: int = 42
     wandb_project: str | None = None
 
@@ -276,7 +280,7 @@ class PPOConfig(Section):
     samples_logged: int = Field(4, ge=0)  # eval prompt/response pairs written to samples.jsonl
     save_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
-    resume: Literal["auto", "never"] = "auto"
+    resume: Literal["auto", "never", "force"] = "auto"  # as in TrainConfig
     seed: int = 42
     wandb_project: str | None = None
 
@@ -352,9 +356,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -369,6 +375,22 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, path, overrides)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key written twice in one mapping is an error: PyYAML keeps the last one
+    silently, so a section repeated further down the file would reset everything set in the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); write each key once",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -386,6 +408,9 @@ def apply_override(raw: dict, item: str) -> None:
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
         node = node[part]
+        if not isinstance(node, (dict, list)):
+            done = ".".join(parts[:i + 1])
+            raise ConfigError(f"override {item!r}: {done} is a single value ({node!r}), it has no key {nxt!r}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as e:
