@@ -13,6 +13,7 @@ gradient is then exactly that of the global mean, however the step was cut into 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..paths import publish_dir
+from ..errors import RlhfkitError
+from ..paths import file_sha256, publish_dir, write_text_atomic
 from . import distributed as D
 from .precision import resolve_dtype
 
@@ -102,6 +104,7 @@ class TrainEngine:
         self._scale = t.gradient_accumulation_steps * self.world
         self._zero_stage = effective_zero_stage(t)
         self._grad_norm: float | None = None
+        self._skipped = 0
 
     @property
     def module(self) -> torch.nn.Module:
@@ -127,7 +130,18 @@ class TrainEngine:
             # DeepSpeed reports no grad norm at ZeRO-0; the gradients are plain .grad tensors here.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+            if self._grad_norm is not None and not math.isfinite(self._grad_norm):
+                # Skip the update, as DeepSpeed's ZeRO optimizers do: AdamW leaves params without a grad alone.
+                self.module.zero_grad(set_to_none=True)
+                self._skipped += 1
         self.engine.step()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite gradient (fp16's loss-scale overflows not counted)."""
+        if self._zero_stage == 0:
+            return self._skipped
+        return 0 if self.cfg.dtype == "float16" else int(self.engine.skipped_steps)
 
     @property
     def lr(self) -> float:
@@ -143,13 +157,23 @@ class TrainEngine:
     # --- weights -----------------------------------------------------------------------------------
     def full_state_dict(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights on rank 0 (None elsewhere; on every rank with all_ranks), gathered one
-        parameter at a time under ZeRO-3."""
+        parameter at a time under ZeRO-3. Trained in half precision: the fp32 master weights."""
         import deepspeed
+
+        from deepspeed.utils import safe_get_full_fp32_param
 
         out: dict[str, torch.Tensor] = {}
         zero3 = self._zero_stage == 3
         keep = all_ranks or self.rank == 0
+        # Trained in bf16/fp16, the module holds half-precision copies; export the optimizer's fp32 master
+        # weights instead (a collective under ZeRO, so every rank asks). Frozen params have none.
+        half = self.cfg.dtype != "float32"
         for name, p in self.module.named_parameters():
+            master = safe_get_full_fp32_param(p) if half and p.requires_grad else None
+            if master is not None:
+                if keep:
+                    out[name] = master.detach().to("cpu", torch.float32, copy=True)
+                continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero3):
                 if keep:
                     out[name] = _dense(p).to("cpu", torch.float32, copy=True)
@@ -168,8 +192,19 @@ class TrainEngine:
         torch.save(_rng_state(), ckpt_dir / f"rng_rank{self.rank}.pt")
 
     def load_state(self, ckpt_dir: Path) -> dict:
+        """Weights, optimizer moments, schedule position and RNG of a checkpoint. The hyperparameters stay
+        those of this run's config (torch's load_state_dict would bring back the checkpoint's): equal when
+        the settings did not change, and the new ones from here on under resume=force."""
+        groups = self.optimizer.param_groups
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         _, client_state = self.engine.load_checkpoint(str(ckpt_dir / "engine"), tag="state",
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        sched = self.scheduler
+        sched.base_lrs = [c["initial_lr"] for c in configured]
+        for g, c, base, factor in zip(groups, configured, sched.base_lrs, sched.lr_lambdas):
+            g.update({k: v for k, v in c.items() if k not in ("lr", "initial_lr")}, initial_lr=c["initial_lr"])
+            g["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]
         rng = ckpt_dir / f"rng_rank{self.rank}.pt"
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
@@ -207,16 +242,59 @@ def seed_everything(seed: int) -> None:
 
 
 # --- checkpoint directories ------------------------------------------------------------------------
+# A checkpoint is published by renaming its temp dir into place after COMPLETE is written into it, last.
+# COMPLETE lists every file with its size and SHA-256, so a file lost or damaged later (a disk error, a
+# partial copy between machines) is detected before a resume reads it.
 COMPLETE = "COMPLETE"
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under root/checkpoints, oldest first."""
+    """Published checkpoints under root/checkpoints whose files are all there at their recorded size,
+    oldest first."""
+    return [d for d in published_checkpoints(root) if checkpoint_problem(d, hashes=False) is None]
+
+
+def published_checkpoints(root: Path) -> list[Path]:
+    """Every checkpoint dir that was renamed into place (COMPLETE written), oldest first."""
     base = Path(root) / "checkpoints"
     if not base.is_dir():
         return []
     done = [d for d in base.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / COMPLETE).is_file()]
     return sorted(done, key=lambda d: int(d.name.split("-")[1]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest intact checkpoint (every file's hash checked), saying which damaged ones it passed over."""
+    base = Path(root) / "checkpoints"
+    published = published_checkpoints(root)
+    verdicts = [checkpoint_problem(d) for d in reversed(published)] if D.is_main() else []
+    verdicts = D.broadcast_object(verdicts)  # one verdict for every rank (and one pass over the files)
+    for ckpt, problem in zip(reversed(published), verdicts):
+        if problem is None:
+            return ckpt
+        if D.is_main():
+            print(f"rlhfkit: checkpoint {ckpt} is damaged ({problem}); trying the one before it", flush=True)
+    if published:
+        raise RlhfkitError(f"every checkpoint under {base} is damaged (see above); start fresh with "
+                           f"resume=never or delete {base}")
+    return None
+
+
+def checkpoint_problem(ckpt: Path, hashes: bool = True) -> str | None:
+    """None when every file COMPLETE lists is there with its size (and hash); else what is wrong."""
+    try:
+        listed = json.loads((ckpt / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return f"{COMPLETE} unreadable: {e}"
+    for rel, (size, digest) in (listed or {}).items():  # no list: written before lists existed
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+        if hashes and file_sha256(f) != digest:
+            return f"{rel} does not match its SHA-256"
+    return None
 
 
 def begin_checkpoint(root: Path, step: int) -> Path:
@@ -233,9 +311,11 @@ def finish_checkpoint(tmp: Path, step: int, keep: int, meta: dict) -> Path:
     final = tmp.parent / f"step-{step:07d}"
     D.barrier()  # every rank has written its part
     if D.is_main():
-        (tmp / COMPLETE).write_text(json.dumps(meta))
+        files = {str(f.relative_to(tmp)): [f.stat().st_size, file_sha256(f)]
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        write_text_atomic(tmp / COMPLETE, json.dumps({**meta, "files": files}, indent=1))
         publish_dir(tmp, final)
-        for old in checkpoint_dirs(tmp.parent.parent)[:-keep]:
+        for old in published_checkpoints(tmp.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return final
