@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # bitsandbytes warns on import that an optional hub kernel package is missing
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if getattr(args, "no_progress", False):
+        silence_library_progress_bars()
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args.func(args)
     except RlhfkitError as e:
@@ -191,8 +196,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlhfkit: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("rlhfkit: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 143
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"rlhfkit: error: {e.strerror}: {e.filename or ''}\n"
+              "Nothing half-written was published; fix that and rerun the same command (it resumes from the "
+              "last complete checkpoint).", file=sys.stderr)
+        return 2
     _leave_process_group()
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's kill, `kill PID`), raised where the program is, like Ctrl-C's KeyboardInterrupt:
+    temp dirs are not published, and the rerun resumes from the last complete checkpoint."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+# Not a bug of ours: the machine (disk full, quota, read-only or forbidden paths).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def silence_library_progress_bars() -> None:
+    """--no-progress: also the bars transformers and huggingface_hub draw (e.g. "Loading weights")."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def _leave_process_group() -> None:

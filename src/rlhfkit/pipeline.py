@@ -22,6 +22,7 @@ from .config import Config
 from .engine import distributed as D
 from .errors import ConfigError
 from .paths import write_text_atomic
+from .train.guards import lock_run
 
 ALL_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "export")
 TRAINING = ("sft", "rm", "ppo", "dpo")
@@ -143,6 +144,23 @@ def stage_budget(cfg: Config, stage: str, todo: list[str], started: float):
     return StageBudget(seconds=max(left * weight, 0.0), started=now)
 
 
+def check_unchanged(cfg: Config, stage: str) -> None:
+    """A finished stage is skipped only if it was made with today's settings."""
+    from .engine.precision import resolve_precision
+    from .train.common import stage_inputs
+    from .train.guards import recorded_changes, stage_fingerprint
+
+    if stage not in TRAINING:
+        return
+    resolved = resolve_precision(cfg)
+    changes = recorded_changes(stage_output(cfg, stage), stage_fingerprint(resolved, stage, stage_inputs(resolved, stage)))
+    if changes:
+        listed = "\n  ".join(changes)
+        raise ConfigError(f"{stage} finished with other settings than this config's:\n  {listed}\n"
+                          f"Rerun it and the stages after it: `rlhfkit pipeline CONFIG --from {stage}`; "
+                          f"or restore the settings it was made with.")
+
+
 def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool = True) -> dict:
     started = time.perf_counter()
     stages = stages_for(cfg)
@@ -151,6 +169,7 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
     if cfg.pipeline.time_budget_minutes is not None:
         check_budget(cfg, stages)
     D.init_distributed()
+    lock_run(cfg.output_dir)
     record_file = cfg.output_dir / "pipeline.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     timings, plans = record.setdefault("seconds", {}), record.setdefault("plans", {})
@@ -164,6 +183,7 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
     todo = [s for s in stages if not is_complete(cfg, s)]
     for stage in stages:
         if stage not in todo:
+            check_unchanged(cfg, stage)
             if D.is_main():
                 print(f"pipeline: {stage} is complete, skipped", flush=True)
             continue

@@ -4,7 +4,6 @@ in the run dir, and wandb when it is installed and enabled. Only rank 0 writes."
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -42,7 +41,9 @@ class Tracker:
     def log(self, step: int, metrics: dict, advance: bool = False) -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        # NaN/inf are logged as such (JSON's NaN/Infinity, as Python and pandas read them): a diverging run
+        # must show in its metrics, not vanish from them.
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if not clean:
             if advance and self._bar is not None:
                 self._bar.update(1)

@@ -12,11 +12,12 @@ from torch import nn
 from ..config import Config, ModelConfig, TrainConfig, save_resolved_config
 from ..data.prepare import load_phase, prepare
 from ..engine import distributed as D
-from ..engine.backend import TrainEngine, param_groups, seed_everything
+from ..engine.backend import TrainEngine, checkpoint_dirs, param_groups, seed_everything
 from ..engine.precision import DTYPES, resolve_precision, why_auto
 from ..models.lora import apply_lora, merge_lora_state_dict
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend, collate_pairs
+from .guards import guard_resume, lock_run, require_finite_weights, stage_fingerprint
 from .loop import Stage
 from .losses import selected_token_logprobs
 
@@ -42,12 +43,32 @@ def begin_stage(cfg: Config, out_dir: Path, stage: str) -> Config:
     """Every stage starts here: process group, precision resolved for this machine (and said), seeds
     (before any model is built), resolved config. Returns the resolved config the stage runs on."""
     D.init_distributed()
+    lock_run(cfg.output_dir)
     cfg = resolve_precision(cfg)
-    seed_everything((cfg.ppo.actor if stage == "ppo" else getattr(cfg, stage)).seed)
+    section = getattr(cfg, stage)
+    guard_resume(out_dir, stage, stage_fingerprint(cfg, stage, stage_inputs(cfg, stage)), section.resume,
+                 bool(checkpoint_dirs(out_dir)))
+    seed_everything((cfg.ppo.actor if stage == "ppo" else section).seed)
     if D.is_main():
         print(f"{stage}: precision {precision_summary(cfg, stage)} (auto: {why_auto()})", flush=True)
         save_resolved_config(cfg, out_dir)
     return cfg
+
+
+def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
+    """The models a stage starts from (their identity is part of what its checkpoints depend on)."""
+    if stage == "rm":
+        return {"model": cfg.rm.model or cfg.model.name_or_path}
+    if stage == "dpo":
+        from .dpo import dpo_start_model
+
+        return {"model": dpo_start_model(cfg)}
+    if stage == "ppo":
+        from .ppo.models import actor_start, reward_start
+
+        reward = reward_start(cfg)
+        return {"actor": actor_start(cfg), "reward": reward, "critic": cfg.ppo.critic_model or reward}
+    return {"model": cfg.model.name_or_path}
 
 
 def precision_summary(cfg: Config, stage: str) -> str:
@@ -143,6 +164,7 @@ def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) ->
     sd = gathered_weights(engine, t, prefix="lm.")
     if not D.is_main():
         return
+    require_finite_weights(sd, str(out))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module = engine.module.lm

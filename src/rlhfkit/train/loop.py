@@ -4,6 +4,7 @@ checkpoints, exact resume, metrics. A stage supplies a `Stage`: its data, collat
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections import Counter
@@ -16,11 +17,12 @@ import torch
 
 from ..config import TrainConfig
 from ..engine import distributed as D
-from ..engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, finish_checkpoint, seed_everything
+from ..engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
 from ..paths import link_or_copy, make_temp_dir, publish_dir
 from ..tracking import Tracker
 from .batching import Blend, StepSchedule, rank_micro_batches
 from .budget import StageBudget, StepPlanner
+from .guards import NonFiniteGuard
 
 
 @dataclass
@@ -52,21 +54,22 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     engine = TrainEngine(model, t, schedule.total_steps, param_groups)
 
     start = 0
-    ckpts = checkpoint_dirs(out_dir) if t.resume == "auto" else []
-    if ckpts:
-        state = engine.load_state(ckpts[-1])
+    ckpt = latest_checkpoint(out_dir) if t.resume != "never" else None
+    if ckpt:
+        state = engine.load_state(ckpt)
         start = int(state["step"])
     if D.is_main():  # metrics past the resumed step (or all, on a fresh start) are redone
-        truncate_metrics(out_dir / "metrics.jsonl", start if ckpts else -1)
+        truncate_metrics(out_dir / "metrics.jsonl", start if ckpt else -1)
     planner = StepPlanner(budget, stage.name, schedule.total_steps, t.eval_every, t.save_every,
-                          out_dir / "plan.json", resumed=bool(ckpts), save_guess_steps=stage.checkpoint_cost_steps)
+                          out_dir / "plan.json", resumed=bool(ckpt), save_guess_steps=stage.checkpoint_cost_steps)
     total = planner.total
     tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(),
                       show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
                       config=config_dump)
-    if ckpts:
-        tracker.write(f"{stage.name}: resumed from {ckpts[-1]} at step {start}/{total}")
+    if ckpt:
+        tracker.write(f"{stage.name}: resumed from {ckpt} at step {start}/{total}")
 
+    guard = NonFiniteGuard(stage.name, out_dir, t.max_nonfinite_steps)
     if start == 0:
         tracker.log(0, timed(evaluate, planner.timed_eval)(stage, engine, t))
     step = start
@@ -92,7 +95,9 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
                   "train/grad_norm": engine.grad_norm(), "train/step_time_s": took,
                   "train/tokens_per_s": stage.tokens(all_rows) / took}
         logged.update({f"train/{k}": v / n_units for k, v in totals.items()})
-        tracker.log(done, logged if done % t.log_every == 0 or done == total else {}, advance=True)
+        finite = all(v is None or math.isfinite(v) for v in logged.values())
+        tracker.log(done, logged if done % t.log_every == 0 or done == total or not finite else {}, advance=True)
+        guard.check(done, {k: logged[k] for k in ("train/loss", "train/grad_norm")})
         if t.eval_every and done % t.eval_every == 0 and done < total:
             tracker.log(done, timed(evaluate, planner.timed_eval)(stage, engine, t))
         if t.save_every and done % t.save_every == 0 and done < total:
@@ -127,14 +132,18 @@ def evaluate(stage: Stage, engine: TrainEngine, t: TrainConfig) -> dict:
     engine.eval()
     rank, world = D.init_distributed()
     idx = np.array_split(np.arange(len(stage.eval)), world)[rank]
-    batches = [idx[i:i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
+    # Every rank runs as many forwards as the largest shard needs (ZeRO-3 gathers parameters collectively,
+    # so one rank with a batch fewer would hang the others); a shard that is done repeats a row, unused.
+    n_batches = math.ceil(math.ceil(len(stage.eval) / world) / t.micro_batch_size)
     if t.max_eval_batches:
-        batches = batches[: t.max_eval_batches]
+        n_batches = min(n_batches, t.max_eval_batches)
     sums: Counter = Counter()
-    for mb in batches:
-        rows = [stage.eval.row(int(i)) for i in mb]
+    for b in range(n_batches):
+        mb = idx[b * t.micro_batch_size:(b + 1) * t.micro_batch_size]
+        rows = [stage.eval.row(int(i)) for i in (mb if len(mb) else [0])]
         loss_sum, metrics = stage.loss(engine, stage.collate(rows))
-        sums.update({"loss": loss_sum.item(), "units": stage.units(rows), **metrics})
+        if len(mb):
+            sums.update({"loss": loss_sum.item(), "units": stage.units(rows), **metrics})
     keys = ["loss", "units"] + sorted(k for k in sums if k not in ("loss", "units"))
     totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
     out = {"eval/loss": totals["loss"] / max(totals["units"], 1)}

@@ -1,0 +1,208 @@
+"""Run guards: what stops a run before it produces silently wrong results."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import distributed as D
+from ..errors import RlhfkitError
+from ..paths import write_text_atomic
+
+
+class NonFiniteError(RlhfkitError):
+    """Training produced a non-finite loss, gradient norm or weight."""
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps with a non-finite loss or gradient norm (the backend skipped their update) and
+    stops the run, naming the step and the last good checkpoint, once more than `tolerance` were seen."""
+
+    def __init__(self, stage: str, out_dir: Path, tolerance: int):
+        self.stage, self.out_dir, self.tolerance = stage, Path(out_dir), tolerance
+        self.seen = 0
+        self.warned_zero_grad = False
+
+    def check(self, step: int, values: dict[str, float | None]) -> None:
+        bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
+        if not bad:
+            self._warn_zero_gradient(step, values)
+            return
+        self.seen += 1
+        shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        if self.seen <= self.tolerance:
+            if D.is_main():
+                print(f"{self.stage}: step {step}: {shown}; update skipped ({self.seen} of "
+                      f"{self.stage}.max_nonfinite_steps={self.tolerance} allowed)", flush=True)
+            return
+        from ..engine.backend import checkpoint_dirs
+
+        ckpts = checkpoint_dirs(self.out_dir)
+        last = (f"the last good checkpoint is {ckpts[-1]}; rerun with a lower learning rate and "
+                f"{self.stage}.resume=force to continue from it, or {self.stage}.resume=never to start over"
+                if ckpts else "no checkpoint was saved before it; rerun with a lower learning rate")
+        raise NonFiniteError(f"{self.stage}: training diverged at step {step}: {shown}. Nothing was published "
+                             f"as final/; {last} (or allow skipped steps with {self.stage}.max_nonfinite_steps).")
+
+    def _warn_zero_gradient(self, step: int, values: dict) -> None:
+        """A gradient of exactly 0 with a finite loss: the model is saturated (e.g. a huge learning rate
+        blew the logits up) and can no longer learn. Say so once; the run goes on."""
+        norms = [v for k, v in values.items() if k.endswith("grad_norm") and v is not None]
+        if norms and all(v == 0.0 for v in norms) and not self.warned_zero_grad and D.is_main():
+            self.warned_zero_grad = True
+            print(f"{self.stage}: warning: gradient norm is exactly 0 at step {step}; the model is no longer "
+                  "learning (saturated outputs? check the learning rate)", flush=True)
+
+
+def require_finite_weights(state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write weights with NaN/inf in them (a diverged run must not publish a model)."""
+    bad = [name for name, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"{what}: refusing to save non-finite weights ({shown}); the run diverged "
+                             "(lower the learning rate and rerun)")
+
+
+# --- one run per output dir --------------------------------------------------------------------------
+_held: dict[Path, int] = {}  # locks this process holds: path -> open fd (kept open: the lock lives with it)
+
+
+def lock_output_dir(out_dir: Path) -> None:
+    """Hold an exclusive lock on the run's output dir for the life of this process.
+
+    flock(2) is released by the kernel when its holder dies, so a lock left by a killed run is taken over
+    without a word; a live holder is named by the pid it wrote. Taking it twice in one process (the
+    pipeline runs several stages) is a no-op."""
+    out_dir = Path(out_dir)
+    path = out_dir / ".rlhfkit.lock"
+    if path in _held:
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RlhfkitError(f"output dir {out_dir} is a file; set run.output_dir to a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RlhfkitError(f"cannot write to the output dir {out_dir}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RlhfkitError(f"{out_dir} is in use by another rlhfkit run ({holder}); wait for it to finish, "
+                           "or give this run another run.output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _held[path] = fd
+
+
+def lock_run(out_dir: Path) -> None:
+    """lock_output_dir on rank 0, the outcome shared: if rank 0 cannot have it, every rank stops."""
+    error = None
+    if D.is_main():
+        try:
+            lock_output_dir(out_dir)
+        except RlhfkitError as e:
+            error = e
+    if D.all_reduce_min(0 if error else 1) == 0:
+        raise error or RlhfkitError(f"rank 0 could not lock {out_dir}")
+
+
+# --- resume only under the settings a checkpoint was made with ---------------------------------------
+# Keys of a training section that do not change what is computed (or are planned/recorded elsewhere).
+NOT_MATH = {"eval_every", "max_eval_batches", "save_every", "keep_checkpoints", "log_every", "resume",
+            "wandb_project", "max_nonfinite_steps", "micro_batch_size", "gradient_checkpointing",
+            "offload_optimizer", "offload_param", "eval_prompts", "samples_logged", "generation_batch_size"}
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def stage_fingerprint(cfg, stage: str, inputs: dict[str, str]) -> dict[str, object]:
+    """Flat {key: value} of what a stage's checkpoints depend on: its math settings (the section with
+    micro-batch size replaced by the global batch size, which is what the math sees), the model and data
+    sections with the identity of each data file, the models it starts from, and the world size."""
+    world = D.init_distributed()[1]
+    section = getattr(cfg, stage).model_dump(mode="json")
+    fp: dict[str, object] = {}
+    _flatten(fp, stage, section)
+    if stage != "ppo":  # PPO's batches are ppo.rollout_batch_size / mini_batch_size, in the section
+        t = getattr(cfg, stage)
+        fp[f"{stage}.global_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world
+    _flatten(fp, "model", cfg.model.model_dump(mode="json"))
+    _flatten(fp, "data", cfg.data.model_dump(mode="json"))
+    fp["run.seed"] = cfg.run.seed
+    fp["world_size"] = world
+    for ds in cfg.data.datasets:
+        for key in ("path", "eval_path"):
+            if getattr(ds, key):
+                fp[f"data file {getattr(ds, key)}"] = file_identity(Path(getattr(ds, key)))
+    for role, path in inputs.items():
+        fp[f"input {role}"] = f"{path} @ {file_identity(Path(path))}"
+    return {k: v for k, v in fp.items() if k.rsplit(".", 1)[-1] not in NOT_MATH}
+
+
+def _flatten(out: dict, prefix: str, value) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(out, f"{prefix}.{k}", v)
+    else:
+        out[prefix] = value
+
+
+def file_identity(path: Path) -> str:
+    """Size and modification time of a file, or of a model dir's files: changes when the content is
+    rewritten, at no cost for multi-GB files (a hash would read them all)."""
+    if path.is_file():
+        st = path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+        h = hashlib.sha256("".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files).encode())
+        return h.hexdigest()[:16]
+    return "missing" if any(sep in str(path) for sep in ("/", os.sep)) else "hub or built-in name"
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {_shown(old.get(k, '(unset)'))} → {_shown(new.get(k, '(unset)'))}" for k in keys
+            if old.get(k, "(unset)") != new.get(k, "(unset)")]
+
+
+def _shown(v) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else v
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def recorded_changes(out_dir: Path, fingerprint: dict) -> list[str]:
+    """How the settings differ from those a stage's outputs were made with ([] when unknown)."""
+    path = Path(out_dir) / FINGERPRINT_FILE
+    try:
+        return fingerprint_changes(json.loads(path.read_text()), fingerprint) if path.is_file() else []
+    except (OSError, ValueError):
+        return []
+
+
+def guard_resume(out_dir: Path, stage: str, fingerprint: dict, resume: str, has_checkpoints: bool) -> None:
+    """Stop before resuming a checkpoint made under other settings (it would silently mix the two);
+    otherwise record the fingerprint the checkpoints about to be written depend on."""
+    path = Path(out_dir) / FINGERPRINT_FILE
+    if has_checkpoints and resume != "never":
+        changes = recorded_changes(out_dir, fingerprint)
+        if changes and resume == "auto":
+            listed = "\n  ".join(changes)
+            raise RlhfkitError(
+                f"{out_dir} has checkpoints of a {stage} run made with other settings:\n  {listed}\n"
+                f"Start fresh: delete {out_dir} (or set {stage}.resume=never, or `rlhfkit pipeline --from {stage}`);"
+                f" continue from the checkpoint under the new settings anyway: {stage}.resume=force")
+        if changes and D.is_main():
+            print(f"{stage}: resuming under changed settings ({stage}.resume=force): " + "; ".join(changes), flush=True)
+    if D.is_main():
+        write_text_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True))
+    D.barrier()
