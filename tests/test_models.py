@@ -83,3 +83,78 @@ def test_embedded_smollm2_gguf_loads_and_answers_in_english():
     assert "Paris" in reply
     assert re.fullmatch(r"[A-Za-z0-9 ,.'!?\-\n]+", reply.strip()), reply  # plain English text
     assert (resolve_model_dir("smollm2-135m-instruct") + "/model.safetensors")
+
+
+def test_a_damaged_cached_builtin_is_rebuilt_saying_so(tmp_path, monkeypatch, caplog):
+    """The cache dir's manifest (sizes, SHA-256) is checked on use: a file changed in place is found and rebuilt."""
+    from rlhfkit.config import TinyModelConfig
+    from rlhfkit.models.builtin import materialize_builtin
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    tiny = TinyModelConfig(seed=11)
+    cached = materialize_builtin("tiny-random", tiny)
+    weights = cached / "model.safetensors"
+    good = weights.read_bytes()
+    with open(weights, "r+b") as f:  # same size, one byte changed: only the hash can tell
+        f.seek(len(good) // 2)
+        f.write(bytes([good[len(good) // 2] ^ 0xFF]))
+    with caplog.at_level("WARNING", logger="rlhfkit.models.builtin"):
+        again = materialize_builtin("tiny-random", tiny)
+    assert again == cached and weights.read_bytes() == good
+    assert f"the cached model {cached} is damaged (model.safetensors does not match its SHA-256" in caplog.text
+
+
+def test_a_partial_cached_builtin_is_rebuilt_saying_so(tmp_path, monkeypatch, caplog):
+    from rlhfkit.config import TinyModelConfig
+    from rlhfkit.models.builtin import materialize_builtin
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    tiny = TinyModelConfig(seed=12)
+    cached = materialize_builtin("tiny-random", tiny)
+    (cached / "tokenizer.json").unlink()
+    with caplog.at_level("WARNING", logger="rlhfkit.models.builtin"):
+        materialize_builtin("tiny-random", tiny)
+    assert "damaged (tokenizer.json is missing); rebuilding it" in caplog.text
+    assert load_model_and_tokenizer(ModelConfig(name_or_path=str(cached)))[1].eos_token == "<|im_end|>"
+
+
+def _break_config(d):
+    (d / "config.json").unlink()
+
+
+def _garble_config(d):
+    (d / "config.json").write_text('{"model_type": "llama", ')
+
+
+def _drop_weights(d):
+    (d / "model.safetensors").unlink()
+
+
+def _truncate_weights(d):
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+
+
+def _drop_tokenizer(d):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).unlink()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_break_config, "{dir}: not a model directory (no config.json)"),
+    (_garble_config, "{dir}/config.json: not a valid JSON config"),
+    (_drop_weights, "{dir}: no model weights (none of model.safetensors"),
+    (_truncate_weights, "{dir}: cannot load the model weights (Error while deserializing header"),
+    (_drop_tokenizer, "{dir}: no tokenizer"),
+])
+def test_chat_on_a_broken_model_dir_names_it_and_the_fault(tmp_path, capsys, damage, message):
+    import shutil
+
+    from rlhfkit.cli import main
+
+    broken = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("tiny-random", ModelConfig(name_or_path="tiny-random")), broken)
+    damage(broken)
+    assert main(["chat", str(broken), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlhfkit: error: " + message.format(dir=broken)) and "Traceback" not in err

@@ -2,7 +2,9 @@
 
 Both are materialised once into a directory under the user cache (safetensors + tokenizer), and from
 then on load like any local HF directory. Materialisation holds a file lock and writes into a temp dir
-that is renamed into place, so two processes converting at once get one complete copy.
+that is renamed into place, so two processes converting at once get one complete copy. The dir's
+manifest (each file's size and SHA-256, written last) is checked on use, once per process: a damaged
+or partial copy is rebuilt, with a warning that says so.
 """
 
 from __future__ import annotations
@@ -58,17 +60,65 @@ def materialize_builtin(name: str, tiny: TinyModelConfig | None = None) -> Path:
 
 
 def _materialize(final: Path, build) -> Path:
-    if (final / _DONE).is_file():
+    if _intact(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
-        if (final / _DONE).is_file():  # another process finished it while we waited
+        problem = _damage(final)
+        if problem is None:  # another process finished it while we waited
             return final
+        if final.exists():
+            log.warning("the cached model %s is damaged (%s); rebuilding it", final, problem)
         tmp = make_temp_dir(final)
         build(tmp)
-        (tmp / _DONE).write_text(json.dumps({"source": final.name}))
+        _write_manifest(tmp, final.name)  # last: a dir with a valid manifest was written completely
         publish_dir(tmp, final)
+    _verified[final] = _signature(final)
     return final
+
+
+# Cache dirs this process has hashed, with the (size, mtime) of their files then: hashing is once per process.
+_verified: dict[Path, tuple] = {}
+
+
+def _intact(final: Path) -> bool:
+    if final in _verified and _verified[final] == _signature(final):
+        return True
+    if _damage(final) is not None:
+        return False
+    _verified[final] = _signature(final)
+    return True
+
+
+def _damage(final: Path) -> str | None:
+    """What is wrong with a cached dir (None when every file matches the manifest written after them)."""
+    try:
+        files = json.loads((final / _DONE).read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except FileNotFoundError:
+        return "no manifest: unfinished, or written by an older rlhfkit"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{_DONE} is not a valid manifest"
+    for name, (size, sha256) in expected.items():
+        path = final / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+        if file_sha256(path) != sha256:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def _write_manifest(out: Path, source: str) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
+    (out / _DONE).write_text(json.dumps({"source": source, "files": files}, indent=1))
+
+
+def _signature(final: Path) -> tuple | None:
+    if not final.is_dir():
+        return None
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in final.iterdir() if p.is_file()))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
