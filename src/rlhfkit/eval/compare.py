@@ -3,11 +3,13 @@
 For every prompt set (the run's held-out phase-3 prompts, and prompt files such as
 ../shared/data/eval/eval_prompts.jsonl.gz), both models answer every prompt with the same sampling
 settings and the same per-prompt seed; the reward model (and an optional second judge) scores each
-response at its last token. Reported per set: mean score of each model, win rate of the policy over the
-baseline (ties count half), KL of the policy to the baseline on the policy's own samples
-(Σ log π − log π_ref per response; the baseline is the PPO reference), response lengths and EOS rates.
+response at its last token. Reported per set: mean score of each model, the paired gain and the win rate
+of the policy over the baseline (ties count half), the gain at equal length, KL of the policy to the baseline
+on the policy's own samples (Σ log π − log π_ref per response; the baseline is the PPO reference), response
+lengths and EOS rates; 95% bootstrap intervals over prompts and flags (stats.py, docs/evaluation.md).
 Also: perplexity of both models on the phase-1 eval split and RM accuracy on the phase-2 eval pairs.
-Every generation is kept in eval/generations.jsonl; the summary is eval/eval.json.
+A judge whose tokenizer differs from the text's scores the decoded text re-encoded with its own tokenizer
+(ppo.retokenize, as in PPO). Every generation is kept in eval/generations.jsonl; the summary is eval/eval.json.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from ..train.budget import StageBudget
 from ..train.common import TokenLogprobLM, model_config_for
 from ..train.ppo.experience import RewardScorer, response_kl
 from ..train.ppo.models import load_reward_model
-from ..train.ppo.rollout import sample_rollouts, sampling_for
+from ..train.ppo.rollout import Rollout, sample_rollouts, sampling_for
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
+from .stats import Bootstrap, fmt, fmt_interval, set_statistics
 
 
 def eval_dir(cfg: Config) -> Path:
@@ -93,23 +96,25 @@ class Comparison:
         self.reward_path = _model_path(e.reward_model or cfg.ppo.reward_model, rm_stage_dir(cfg) / "final",
                                        "eval.reward_model")
         self.tokenizer = load_tokenizer(model_config_for(cfg, self.policy_path))
+        self.data_tokenizer = load_tokenizer(cfg.model)  # the one that encoded the run's prepared data
         dtype = DTYPES[e.dtype]
         if D.is_main():
             print(f"eval: precision {e.dtype} (auto: {why_auto()})", flush=True)
         self.policy = self._lm(self.policy_path, dtype)
         self.baseline = self._lm(self.baseline_path, dtype)
-        self.judges = {"rm": self._judge(self.reward_path, dtype)}
-        if e.second_judge:
-            self.judges["judge2"] = self._judge(e.second_judge, dtype)
+        judge_paths = {"rm": self.reward_path, **({"judge2": e.second_judge} if e.second_judge else {})}
+        self.judges = {name: self._judge(path, dtype) for name, path in judge_paths.items()}
         self.sampling, self.stop_ids = sampling_for(e.sampling, self.tokenizer)
 
     def _lm(self, path: str, dtype):
         lm = load_causal_lm(model_config_for(self.cfg, path), dtype="float32")
         return cast_params(lm, dtype, self.device).eval().requires_grad_(False)
 
-    def _judge(self, path: str, dtype):
+    def _judge(self, path: str, dtype) -> RewardScorer:
+        """Scores the policy's rollouts; built as PPO builds its reward (retokenizing where tokenizers differ)."""
         rm = cast_params(load_reward_model(path, self.cfg), dtype, self.device)
-        return RewardScorer(rm.eval().requires_grad_(False))
+        return RewardScorer(rm.eval().requires_grad_(False),
+                            retokenizer(self.cfg, self.tokenizer, f"the policy ({self.policy_path})", path))
 
     @torch.no_grad()
     def answer(self, model, prompts: list[np.ndarray], start: int = 0):
@@ -148,17 +153,15 @@ class Comparison:
         pol_scores = {j: torch.cat([s[0][j] for s in scored]) for j in self.judges}
         base_scores = {j: torch.cat([s[1][j] for s in scored]) for j in self.judges}
         kl = torch.cat(kls)
-        stats = {"prompts": len(kl), "kl_to_sft": float(kl.mean())}
+        stats, lengths = {"prompts": len(kl)}, {}
         for label, parts in (("final", pol), ("sft", base)):
-            lengths = torch.cat([p.response_lengths for p in parts]).float()
-            ended = torch.cat([p.ended for p in parts]).float()
-            stats[f"{label}_length"] = float(lengths.mean())
-            stats[f"{label}_eos_rate"] = float(ended.mean())
-        for judge in self.judges:
-            a, b = pol_scores[judge], base_scores[judge]
-            stats[f"{judge}_final_score"] = float(a.mean())
-            stats[f"{judge}_sft_score"] = float(b.mean())
-            stats[f"{judge}_win_rate"] = float(((a > b).float() + 0.5 * (a == b).float()).mean())
+            lengths[label] = torch.cat([p.response_lengths for p in parts])
+            stats[f"{label}_length"] = float(lengths[label].float().mean())
+            stats[f"{label}_eos_rate"] = float(torch.cat([p.ended for p in parts]).float().mean())
+        stats.update(set_statistics({j: s.numpy() for j, s in pol_scores.items()},
+                                    {j: s.numpy() for j, s in base_scores.items()},
+                                    lengths["final"].numpy(), lengths["sft"].numpy(), kl.numpy(),
+                                    Bootstrap(seed=self.e.seed)))
         i = 0
         for pp, bp in zip(pol, base):
             for k in range(len(pp.lengths)):
@@ -167,7 +170,8 @@ class Comparison:
                     "sft": self._text(bp, k), "final": self._text(pp, k),
                     **{f"{j}_sft": float(base_scores[j][i]) for j in self.judges},
                     **{f"{j}_final": float(pol_scores[j][i]) for j in self.judges},
-                    "kl_to_sft": float(kl[i]), "final_ended": bool(pp.ended[k]), "sft_ended": bool(bp.ended[k]),
+                    "kl_to_sft": float(kl[i]), "final_length": int(lengths["final"][i]),
+                    "sft_length": int(lengths["sft"][i]), "final_ended": bool(pp.ended[k]), "sft_ended": bool(bp.ended[k]),
                 }) + "\n")
                 i += 1
         return stats
@@ -194,18 +198,47 @@ class Comparison:
 
     @torch.no_grad()
     def rm_accuracy(self) -> float | None:
+        """Share of the phase-2 eval pairs whose chosen response the RM scores higher. The pairs are in the
+        data tokenizer's ids: a judge with another tokenizer scores them re-encoded with its own."""
         rows = Blend([t for _, t in load_phase(self.cfg.output_dir / "data", 2, "eval")])
         if len(rows) == 0:
             return None
-        judge = self.judges["rm"].reward
+        tok = self.data_tokenizer
+        judge = RewardScorer(self.judges["rm"].reward,
+                             retokenizer(self.cfg, tok, f"the prepared data ({self.cfg.model.name_or_path})",
+                                         self.reward_path))
+        eos_id = Renderer(tok, self.cfg.data).eos_id
         correct = 0.0
         for i in range(0, len(rows), self.e.batch_size):
-            batch = collate_pairs([rows.row(j) for j in range(i, min(i + self.e.batch_size, len(rows)))],
-                                  self.tokenizer.pad_token_id)
-            scores = judge(batch["input_ids"].to(self.device), batch["lengths"].to(self.device)).float()
+            pairs = pair_rollout([rows.row(j) for j in range(i, min(i + self.e.batch_size, len(rows)))],
+                                 tok.pad_token_id, eos_id)
+            scores = judge(pairs.to(self.device)).float()
             half = scores.shape[0] // 2
             correct += float((scores[:half] > scores[half:]).float().sum())
         return correct / len(rows)
+
+
+def retokenizer(cfg: Config, text_tokenizer, text_source: str, judge_path: str) -> tuple | None:
+    """(text tokenizer, judge tokenizer) for RewardScorer when they differ and ppo.retokenize allows
+    re-encoding; None when they agree token for token. As PPO decides (train/ppo/models.check_tokenizers)."""
+    judge_tokenizer = load_tokenizer(model_config_for(cfg, judge_path))
+    if (text_tokenizer.get_vocab() == judge_tokenizer.get_vocab()
+            and text_tokenizer.eos_token_id == judge_tokenizer.eos_token_id):
+        return None
+    if not cfg.ppo.retokenize:
+        raise ConfigError(f"eval: {text_source} and the judge ({judge_path}) use different tokenizers; set "
+                          "ppo.retokenize: true to score the decoded text re-tokenized for the judge")
+    return text_tokenizer, judge_tokenizer
+
+
+def pair_rollout(rows: list[dict], pad_id: int, eos_id: int) -> Rollout:
+    """Preference pairs (chosen rows then rejected rows) laid out as rollouts, so that a judge scores them as
+    it scores responses; a response ends when its last token is the data's EOS (not cut by max_seq_len)."""
+    batch = collate_pairs(rows, pad_id)
+    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    ended = torch.tensor([int(s[-1]) == eos_id for s in seqs])
+    return Rollout(batch["input_ids"], batch["lengths"], batch["prompt_lens"], batch["lengths"] - batch["prompt_lens"],
+                   ended)
 
 
 class PromptPlanner:
@@ -290,4 +323,23 @@ def format_table(results: dict) -> str:
     for key in ("sft_perplexity", "final_perplexity", "rm_accuracy"):
         if results.get(key) is not None:
             extra.append(f"{key} {results[key]:.4g}")
-    return "\n".join(lines + ["  ".join(extra)])
+    return "\n".join(lines + ["  ".join(extra)] + interval_lines(results, judges))
+
+
+def interval_lines(results: dict, judges: list[str]) -> list[str]:
+    """Per set and judge: mean scores, gain, win rate and gain at equal length with their intervals; per set:
+    KL and length difference with theirs, then the flags."""
+    lines = []
+    for name, s in results["sets"].items():
+        level = f"{s['bootstrap']['confidence']:.0%} CI"
+        for j in judges:
+            lines.append(f"{name} {j}: final {fmt(s[f'{j}_final_score'], '.3f')} "
+                         f"{fmt_interval(s[f'{j}_final_score_ci'], '.3f')} vs SFT {fmt(s[f'{j}_sft_score'], '.3f')} "
+                         f"{fmt_interval(s[f'{j}_sft_score_ci'], '.3f')}; gain {fmt(s[f'{j}_gain'])} "
+                         f"{fmt_interval(s[f'{j}_gain_ci'])} {level}, win {fmt(s[f'{j}_win_rate'], '.2f')} "
+                         f"{fmt_interval(s[f'{j}_win_rate_ci'], '.2f')}, at equal length "
+                         f"{fmt(s[f'{j}_gain_at_equal_length'])} {fmt_interval(s[f'{j}_gain_at_equal_length_ci'])}")
+        lines.append(f"{name}: KL to SFT {fmt(s['kl_to_sft'], '.3f')} {fmt_interval(s['kl_to_sft_ci'], '.3f')} nats, "
+                     f"length final − SFT {fmt(s['length_diff'], '+.1f')} {fmt_interval(s['length_diff_ci'], '+.1f')} tokens")
+        lines += [f"{name} flag {f['flag']}: {f['reason']}" for f in s["flags"]]
+    return lines

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..paths import write_text_atomic
 from ..tracking import read_metrics
+from .stats import fmt, fmt_interval
 
 CURVES = {
     "sft": ["train/loss", "eval/loss", "eval/perplexity"],
@@ -69,6 +70,38 @@ def _eval_table(results: dict) -> str:
     return f'<table id="eval-table">{head}{"".join(rows)}</table><p>{html.escape(extra)}</p>'
 
 
+def _interval_table(results: dict) -> str:
+    """Per set and judge: every figure with its bootstrap interval, then the set's flags (docs/evaluation.md)."""
+    judges = [j for j in ("rm", "judge2") if any(f"{j}_gain_ci" in s for s in results["sets"].values())]
+    cols = ["set", "judge", "prompts", "score SFT", "score final", "gain final − SFT", "win rate",
+            "gain at equal length", "score per extra token", "KL final‖SFT", "length final − SFT"]
+    rows, flags = [], []
+    for name, s in results["sets"].items():
+        if "bootstrap" not in s:  # written before intervals existed
+            continue
+        for j in judges:
+            cells = [name, j, s["prompts"],
+                     f"{fmt(s[f'{j}_sft_score'], '.3f')} {fmt_interval(s[f'{j}_sft_score_ci'], '.3f')}",
+                     f"{fmt(s[f'{j}_final_score'], '.3f')} {fmt_interval(s[f'{j}_final_score_ci'], '.3f')}",
+                     f"{fmt(s[f'{j}_gain'])} {fmt_interval(s[f'{j}_gain_ci'])}",
+                     f"{fmt(s[f'{j}_win_rate'], '.2f')} {fmt_interval(s[f'{j}_win_rate_ci'], '.2f')}",
+                     f"{fmt(s[f'{j}_gain_at_equal_length'])} {fmt_interval(s[f'{j}_gain_at_equal_length_ci'])}",
+                     fmt(s[f"{j}_score_per_token"], "+.4f"),
+                     f"{fmt(s['kl_to_sft'], '.3f')} {fmt_interval(s['kl_to_sft_ci'], '.3f')}",
+                     f"{fmt(s['length_diff'], '+.1f')} {fmt_interval(s['length_diff_ci'], '+.1f')}"]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        level = s["bootstrap"]["confidence"]
+        flags += [f"<li><b>{html.escape(name)}: {html.escape(f['flag'])}</b> {html.escape(f['reason'])}</li>"
+                  for f in s["flags"]]
+    if not rows:
+        return ""
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    note = (f"<p>Brackets: {level:.0%} percentile-bootstrap intervals over prompts (docs/evaluation.md). A gain "
+            "whose interval includes 0 is not distinguishable from no gain on these prompts.</p>")
+    flag_list = f'<ul id="eval-flags">{"".join(flags)}</ul>' if flags else "<p>No flags.</p>"
+    return f'<table id="eval-intervals">{head}{"".join(rows)}</table>{note}{flag_list}'
+
+
 def _samples(generations: Path) -> str:
     if not generations.is_file():
         return ""
@@ -105,7 +138,7 @@ def build_report(run_dir: Path) -> Path:
     results_file = run_dir / "eval" / "eval.json"
     if results_file.is_file():
         results = json.loads(results_file.read_text())
-        parts += ["<h2>Evaluation: final vs SFT</h2>", _eval_table(results),
+        parts += ["<h2>Evaluation: final vs SFT</h2>", _eval_table(results), _interval_table(results),
                   "<h2>Sample responses</h2>", _samples(run_dir / "eval" / "generations.jsonl")]
     else:
         parts.append("<p>No evaluation yet (run <code>rlhfkit eval</code>).</p>")
