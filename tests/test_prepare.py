@@ -6,9 +6,10 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from conftest import make_config, pref_records, write_jsonl
-from rlhfkit.config import ModelConfig
-from rlhfkit.data.prepare import load_phase, prepare
+from conftest import make_config, needs_shared, pref_records, write_jsonl
+from rlhfkit.config import DataConfig, ModelConfig
+from rlhfkit.data.prepare import Source, load_phase, prepare, split_dataset
+from rlhfkit.data.split import prompt_key
 from rlhfkit.models import load_tokenizer
 
 
@@ -35,6 +36,30 @@ def test_phases_and_splits_are_disjoint_and_sized(tmp_path, tiny_tokenizer, pref
     assert sum(map(len, groups)) == 50
     assert len(set().union(*groups)) == 50  # no record in two places
     assert (cfg.output_dir / "data" / "resolved_config.yaml").is_file()
+
+
+def normalised(text):
+    return " ".join(text.split()).casefold()
+
+
+def test_pairs_that_share_a_prompt_stay_on_one_side_of_every_split(tmp_path, tiny_tokenizer):
+    # 40 questions with 2 to 7 pairs each; a third of the repeats differ only in spacing and case.
+    records = []
+    for q in range(40):
+        for k in range(2 + q % 6):
+            text = f"What   is FACT {q}?" if k % 3 == 2 else f"What is fact {q}?"
+            records.append({"prompt": text, "chosen": f"Fact {q} is true ({k}).", "rejected": f"No idea {k}."})
+    path = write_jsonl(tmp_path / "many.jsonl", records)
+    cfg = make_config(tmp_path, [{"name": "m", "path": str(path)}], eval_fraction=0.2)
+    manifest = prepare(cfg, tokenizer=tiny_tokenizer, show_progress=False)
+    chunks = {(p, s): {normalised(t) for t in prompts_of(cfg, tiny_tokenizer, p, s)} for p in (1, 2, 3) for s in ("train", "eval")}
+    assert sum(map(len, chunks.values())) == len(set().union(*chunks.values())) == 40  # each question in one chunk
+    given = {(p, s): json.loads((cfg.output_dir / "data" / e["file"]).with_suffix(".stats.json").read_text())["records_in"]
+             for p in (1, 2, 3) for s in ("train", "eval") for e in manifest["phases"][str(p)][s]}
+    assert abs(sum(given[(p, "eval")] for p in (1, 2, 3)) - 0.2 * len(records)) <= 3.5  # within half a group
+    train = sum(given[(p, "train")] for p in (1, 2, 3))
+    for phase, share in ((1, 0.2), (2, 0.4), (3, 0.4)):
+        assert abs(given[(phase, "train")] - share * train) <= 3.5 + 3.5 + 1  # two cuts, and rounding
 
 
 def test_blend_sft_only_and_prompt_only(tmp_path, tiny_tokenizer, prefs_file):
@@ -123,3 +148,22 @@ def test_two_processes_building_the_same_cache(tmp_path, prefs_file):
     assert len(entries) == 6 and not [d for d in entries if d.name.startswith(".")]  # no temp dirs left
     a, b = (json.loads((tmp_path / f"run{i}" / "data" / "manifest.json").read_text()) for i in range(2))
     assert a["phases"] == b["phases"]
+
+
+def test_fine_grained_rlhf_questions_do_not_leak_from_train_to_eval():
+    """FineGrainedRLHF: 2103 pairs from 391 distinct questions. Split per record, 72 of 84 phase-2 eval pairs
+    shared their question with phase-2 training pairs, and 75 of 84 phase-3 eval prompts were PPO training
+    prompts. Split by prompt, none does, and each chunk stays near its share (210 eval pairs, 2:4:4)."""
+    path = needs_shared("data/preference/fgrlhf_qa_feedback_dev.shared.pairs.jsonl.gz")
+    cfg = DataConfig(datasets=[{"name": "fgrlhf", "path": str(path), "format": "preference"}])
+    chunks, _ = split_dataset(Source(cfg.datasets[0]), cfg)
+    keys = {sp: {prompt_key(ex.prompt) for ex in exs} for sp, exs in chunks.items()}
+    for a in keys:
+        for b in keys:
+            assert a == b or not keys[a] & keys[b], f"{a} and {b} share a prompt"
+    sizes = {sp: len(exs) for sp, exs in chunks.items()}
+    assert sum(sizes.values()) == 2103
+    assert abs(sum(n for (s, _), n in sizes.items() if s == "eval") - 210) <= 10
+    train = sum(n for (s, _), n in sizes.items() if s == "train")
+    for phase, share in ((1, 0.2), (2, 0.4), (3, 0.4)):
+        assert abs(sizes[("train", phase)] - share * train) <= 15

@@ -43,6 +43,8 @@ def test_plain_prompt_and_message_list():
         ({"prompt": "q", "chosen": ["a"], "rejected": "b"}, "wrong_type"),
         ({"prompt": "\n\nHuman: q\n\nAssistant: a", "chosen": "a", "rejected": "b"}, "bad_transcript"),
         (["not", "an", "object"], "not_an_object"),
+        ({"prompt": [{"role": "narrator", "content": "Once"}, {"role": "user", "content": "q"}], "chosen": "a",
+          "rejected": "b"}, "unknown_role"),
     ],
 )
 def test_bad_records_say_why_and_where(raw, reason):
@@ -50,3 +52,10 @@ def test_bad_records_say_why_and_where(raw, reason):
         to_example(raw, "preference", "data.jsonl:12", 0)
     assert err.value.reason == reason
     assert "data.jsonl:12" in str(err.value)
+
+
+def test_unknown_role_is_named_with_the_roles_allowed():
+    raw = {"prompt": [{"role": "user", "content": "q"}, {"role": "Narrator", "content": "x"}], "response": "a"}
+    with pytest.raises(BadRecord, match=r"prompt\[1\] has the role 'Narrator'; a message's role must be one of "
+                                        r"system, user, assistant"):
+        to_example(raw, "sft", "f:1", 0)

@@ -1,10 +1,12 @@
 """Data preparation (pipeline step 1): datasets → three phases × {train, eval} → tokenized tables.
 
 For each dataset: read and validate its records, carve an eval split when it ships none, cut train and
-eval into the phases by `phase_ratios`, then render and tokenize each (split, phase) chunk. Each chunk is
-cached under the SHA-256 of everything that changes its tokens, built under a lock and published by
-rename, so a second run (or a second process) reuses it. The run dir gets a copy (hard link where
-possible) of every chunk plus manifest.json, which later stages read.
+eval into the phases by `phase_ratios` (both cuts keep each prompt's records together, see split.py),
+then render and tokenize each (split, phase) chunk. Each chunk is cached under the SHA-256 of everything
+that changes its tokens, built under a lock, published by rename and checked against the checksums
+written with it before reuse, so a second run (or a second process) reuses it and a damaged one is
+rebuilt. The run dir gets a copy (hard link where possible) of every chunk plus manifest.json, which
+later stages read. Records skipped on the way are summed up once on the console (`skip_summary`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
+import sys
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +29,17 @@ from ..config import Config, DataConfig, DatasetConfig, save_resolved_config
 from ..errors import DataError
 from ..paths import cache_root, file_sha256, link_or_copy, make_temp_dir, publish_dir, write_text_atomic
 from . import registry
-from .readers import iter_file_records
+from .readers import check_data_file, iter_file_records
 from .records import BadRecord, Example, detect_format, to_example
 from .render import BUILDERS, MAX_REPORTED, Renderer
-from .split import carve_eval, split_phases
+from .split import carve_eval, prompt_key, split_phases
 from .table import TokenTable
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the tokenized layout changes, so old cache entries are never read
+CACHE_FORMAT = 2  # bump when what a chunk holds changes, so old cache entries are never read (2: split by prompt)
+ENTRY_FILES = ("table.npz", "stats.json")
+CHECKSUMS = "checksums.json"  # written last into a cache entry: the size and SHA-256 of each entry file
 PHASE_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
 FORMAT_PHASES = {"preference": [1, 2, 3], "sft": [1], "prompt": [3]}
 SPLITS = ("train", "eval")
@@ -72,8 +79,8 @@ class Source:
             self.has_eval = spec.eval_split is not None
         else:
             for label, path in (("path", ds.path), ("eval_path", ds.eval_path)):
-                if path is not None and not Path(path).is_file():
-                    raise DataError(f"dataset {ds.name!r}: {label}: data file not found: {path}")
+                if path is not None:
+                    check_data_file(path, f"dataset {ds.name!r}: {label}")
             self.format = ds.format or self._detect_local_format()
             self.has_eval = ds.eval_path is not None
 
@@ -140,9 +147,11 @@ def split_dataset(src: Source, cfg: DataConfig) -> tuple[dict[tuple[str, int], l
         evals, eval_report = load_examples(src, "eval", cfg.on_bad_record, cfg.max_eval_records)
         reports["eval"] = eval_report.to_dict()
     else:
-        if len(train) < 2:
-            raise DataError(f"dataset {key!r}: {len(train)} valid record(s), too few to carve out an eval split")
-        tr_idx, ev_idx = carve_eval(len(train), cfg.eval_fraction, cfg.seed, key, cfg.max_eval_records)
+        keys = [prompt_key(ex.prompt) for ex in train]
+        if len(set(keys)) < 2:
+            raise DataError(f"dataset {key!r}: {len(train)} valid record(s) with {len(set(keys))} distinct prompt(s), "
+                            f"too few to carve out an eval split that shares no prompt with train; give an eval_path")
+        tr_idx, ev_idx = carve_eval(keys, cfg.eval_fraction, cfg.seed, cfg.max_eval_records)
         train, evals = [train[i] for i in tr_idx], [train[i] for i in ev_idx]
         reports["eval"] = {"carved_from_train": len(evals)}
     phases = src.phases
@@ -153,7 +162,8 @@ def split_dataset(src: Source, cfg: DataConfig) -> tuple[dict[tuple[str, int], l
         ratios = [1.0]  # a single-phase dataset (SFT-only, prompt-only) gives all its records to that phase
     chunks = {}
     for split, records in (("train", train), ("eval", evals)):
-        for phase, idx in zip(phases, split_phases(len(records), ratios, cfg.seed, f"{key}:{split}")):
+        keys = [prompt_key(ex.prompt) for ex in records]
+        for phase, idx in zip(phases, split_phases(keys, ratios, cfg.seed)):
             chunks[(split, phase)] = [records[i] for i in idx]
     return chunks, reports
 
@@ -187,24 +197,51 @@ def _slug(name: str) -> str:
 
 
 def prepare_dataset(src: Source, renderer: Renderer, cfg: DataConfig, show_progress: bool) -> dict:
-    """Make sure every chunk of one dataset is in the cache. Returns {(split, phase): (dir, hit)}."""
+    """Make sure every chunk of one dataset is in the cache, intact. Returns {(split, phase): (dir, hit)}."""
     cache = data_cache_dir(cfg)
     identity = src.identity()
     fp = renderer.fingerprint()
     keys = {(s, p): chunk_key(identity, fp, cfg, s, p) for s in SPLITS for p in src.phases}
-    done = {sp: cache / k for sp, k in keys.items() if (cache / k / "stats.json").is_file()}
-    if len(done) == len(keys):
-        return {sp: (d, True) for sp, d in done.items()}
+    if all(entry_problem(cache / k) is None for k in keys.values()):
+        return {sp: (cache / k, True) for sp, k in keys.items()}
     lock_key = hashlib.sha256("".join(sorted(keys.values())).encode()).hexdigest()
     with FileLock(str(cache / f"{lock_key}.lock")):
-        missing = {sp: k for sp, k in keys.items() if not (cache / k / "stats.json").is_file()}
-        if missing:  # another process may have built them while we waited for the lock
+        # checked again: another process may have built them while we waited for the lock
+        problems = {sp: entry_problem(cache / k) for sp, k in keys.items()}
+        missing = {sp: k for sp, k in keys.items() if problems[sp] is not None}
+        for (split, phase), key in missing.items():
+            if (cache / key).exists():
+                print(f"data: cache entry {cache / key} ({src.ds.name!r}, phase {phase} {split}) is damaged: "
+                      f"{problems[(split, phase)]}; rebuilding it", file=sys.stderr, flush=True)
+        if missing:
             chunks, reports = split_dataset(src, cfg)
             for (split, phase), key in sorted(missing.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 _build_chunk(cache / key, chunks[(split, phase)], renderer, phase,
                              {"dataset": src.ds.name, "split": split, "phase": phase, "load": reports[split]},
                              desc=f"phase {phase} {split} {src.ds.name}", show_progress=show_progress)
     return {sp: (cache / k, sp not in missing) for sp, k in keys.items()}
+
+
+def entry_problem(entry: Path) -> str | None:
+    """What is wrong with a cache entry (absent, incomplete, or a file that is not what was written),
+    or None when it is intact."""
+    if not entry.is_dir():
+        return "absent"
+    try:
+        written = json.loads((entry / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        written = None
+    if not isinstance(written, dict):
+        return f"{CHECKSUMS} is missing or unreadable"
+    for name in ENTRY_FILES:
+        path, want = entry / name, written.get(name, {})
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, {want.get('bytes')} were written"
+        if file_sha256(path) != want.get("sha256"):
+            return f"{name} differs from what was written (SHA-256)"
+    return None
 
 
 def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase: int, header: dict,
@@ -215,6 +252,8 @@ def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase
     try:
         table.save(tmp / "table.npz")
         (tmp / "stats.json").write_text(json.dumps({**header, **stats.to_dict(table)}, indent=1, ensure_ascii=False))
+        checksums = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in ENTRY_FILES}
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1))
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,17 +261,21 @@ def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase
 
 
 def prepare(cfg: Config, tokenizer=None, show_progress: bool = True) -> dict:
-    """Prepare every dataset of the config; write run_dir/data/{manifest.json, phase*/...}. Returns the manifest."""
+    """Prepare every dataset of the config; write run_dir/data/{manifest.json, phase*/...}. Returns the manifest.
+
+    Prints the skip summary (`skip_summary`) the first time this process prepares this data."""
     from ..models.loading import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     renderer = Renderer(tokenizer, cfg.data)
     out = cfg.output_dir / "data"
     manifest = {"tokenizer": renderer.fingerprint() | {"pad_id": int(tokenizer.pad_token_id)},
+                "phase_ratios": list(cfg.data.phase_ratios), "datasets": [],
                 "phases": {str(p): {s: [] for s in SPLITS} for p in PHASE_NAMES}, "cache_hits": 0, "cache_misses": 0}
     manifest["tokenizer"].pop("chat_template", None)
     for ds in cfg.data.datasets:
         src = Source(ds)
+        manifest["datasets"].append({"name": ds.name, "format": src.format, "phases": src.phases})
         for (split, phase), (entry, hit) in sorted(prepare_dataset(src, renderer, cfg.data, show_progress).items()):
             rel = Path(f"phase{phase}") / split / f"{_slug(ds.name)}.npz"
             link_or_copy(entry / "table.npz", out / rel)
@@ -243,14 +286,143 @@ def prepare(cfg: Config, tokenizer=None, show_progress: bool = True) -> dict:
             manifest["cache_hits" if hit else "cache_misses"] += 1
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     save_resolved_config(cfg, out)
+    _print_skip_summary_once(out)
     return manifest
 
 
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `rlhfkit data prepare CONFIG` first")
+    return json.loads(path.read_text())
+
+
 def load_phase(data_dir: str | Path, phase: int, split: str) -> list[tuple[str, TokenTable]]:
-    """The prepared tables of one phase and split, one per dataset, as later stages read them."""
+    """The prepared tables of one phase and split, one per dataset, as later stages read them.
+
+    A train split without a single row is an error that says why: every caller trains on it."""
     data_dir = Path(data_dir)
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{manifest_path} not found: run `rlhfkit data prepare CONFIG` first")
-    manifest = json.loads(manifest_path.read_text())
-    return [(e["dataset"], TokenTable.load(data_dir / e["file"])) for e in manifest["phases"][str(phase)][split]]
+    manifest = read_manifest(data_dir)
+    tables = [(e["dataset"], _load_table(data_dir / e["file"])) for e in manifest["phases"][str(phase)][split]]
+    if split == "train" and not any(len(t) for _, t in tables):
+        raise DataError(why_no_training_rows(data_dir, manifest, phase))
+    return tables
+
+
+def _load_table(path: Path) -> TokenTable:
+    try:
+        return TokenTable.load(path)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}); "
+                        f"run `rlhfkit data prepare CONFIG` again to rebuild it") from None
+
+
+# ---- explaining what was skipped ----
+
+REASON_LABELS = {"invalid_json": "invalid JSON", "invalid_utf8": "invalid UTF-8",
+                 "duplicate_prompt": "repeated phase-3 prompt"}  # PPO uses each prompt once
+
+
+def why_no_training_rows(data_dir: Path, manifest: dict, phase: int) -> str:
+    """Why phase `phase` has no training rows, dataset by dataset: none fed it, its share was nothing, or
+    every record it got was dropped (and what reading the dataset skipped)."""
+    head = f"phase {phase} ({PHASE_NAMES[phase]}) has no training rows: "
+    entries = manifest["phases"][str(phase)]["train"]
+    if not entries:
+        fed = ", ".join(f"{d['name']!r} ({d['format']}) feeds phases {d['phases']}" for d in manifest.get("datasets", []))
+        return (head + f"no dataset feeds it ({fed}). A preference dataset feeds phases 1-3, an sft one phase 1, "
+                f"a prompt one phase 3, unless its `phases:` says otherwise")
+    why = [f"dataset {e['dataset']!r}: {_why_empty(_chunk_stats(data_dir, e), phase, manifest)}" for e in entries]
+    return head + "; ".join(why) + ". `rlhfkit data inspect CONFIG` shows more"
+
+
+def _why_empty(stats: dict, phase: int, manifest: dict) -> str:
+    load = stats.get("load", {})
+    if stats["records_in"] == 0:
+        why = (f"none of its {load.get('valid', '?')} valid training records went to phase {phase} "
+               f"(phase_ratios {manifest.get('phase_ratios', '?')}, whole prompts per phase)")
+    else:
+        dropped = _ReasonTally()
+        dropped.add(stats["dropped"], stats["dropped_examples"])
+        why = f"all {stats['records_in']} records it gave phase {phase} were dropped: {dropped}"
+    if load.get("skipped"):
+        skipped = _ReasonTally()
+        skipped.add(load["skipped"], load["skipped_examples"])
+        why += f" (reading it skipped {skipped.total()} of {load['read']} records: {skipped})"
+    return why
+
+
+def skip_summary(data_dir: str | Path) -> str:
+    """One line that sums up every record preparation skipped: unreadable or invalid when read, or
+    dropped when tokenized, by reason, each with where it first happened. "" when nothing was skipped.
+    It reads the prepared stats, so a cache hit reports the counts of the run that built the cache."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    read, tally, sources = 0, _ReasonTally(), set()
+    for splits in manifest["phases"].values():
+        for split, entries in splits.items():
+            for e in entries:
+                stats = _chunk_stats(data_dir, e)
+                load = stats.get("load", {})
+                if "read" in load and (e["dataset"], split) not in sources:  # one load report per source file
+                    sources.add((e["dataset"], split))
+                    read += load["read"]
+                    tally.add(load["skipped"], load["skipped_examples"])
+                tally.add(stats["dropped"], stats["dropped_examples"])
+    return f"data: skipped {tally.total()} of {read} records: {tally}" if tally.total() else ""
+
+
+_SUMMARIES_SHOWN: set[tuple[str, str]] = set()
+
+
+def _print_skip_summary_once(data_dir: Path) -> None:
+    """Print the skip summary on rank 0, once per process and data (every stage of a pipeline prepares)."""
+    from ..engine.distributed import is_main
+
+    text = skip_summary(data_dir)
+    if text and is_main() and (str(data_dir), text) not in _SUMMARIES_SHOWN:
+        _SUMMARIES_SHOWN.add((str(data_dir), text))
+        print(text, flush=True)
+
+
+def _chunk_stats(data_dir: Path, entry: dict) -> dict:
+    return json.loads((data_dir / entry["file"]).with_suffix(".stats.json").read_text())
+
+
+class _ReasonTally:
+    """Counts by reason, with the earliest place each reason was seen; str() lists them, most frequent first."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.first: dict[str, str] = {}
+
+    def add(self, counts: dict, examples: list[dict]) -> None:
+        self.counts.update(counts)
+        for x in examples:
+            known = self.first.get(x["reason"])
+            if known is None or _position(x["where"]) < _position(known):
+                self.first[x["reason"]] = x["where"]
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        parts = []
+        for reason, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            where = f" (first: {_short_where(self.first[reason])})" if reason in self.first else ""
+            parts.append(f"{n} {REASON_LABELS.get(reason, reason.replace('_', ' '))}{where}")
+        return ", ".join(parts)
+
+
+def _position(where: str) -> tuple[str, int]:
+    """("file", line) of a location such as "/d/f.jsonl:3", "/d/f.json:item 3" or "hub:name[train]#3"."""
+    m = re.match(r"(.*?)[:#](?:item |row )?(\d+)$", where)
+    return (m.group(1), int(m.group(2))) if m else (where, 0)
+
+
+def _short_where(where: str) -> str:
+    """"/long/path/f.jsonl:3" → "f.jsonl line 3", "/long/path/f.json:item 3" → "f.json:item 3"; hub locations stay."""
+    if where.startswith("hub:"):
+        return where
+    m = re.fullmatch(r"(.*):(\d+)", Path(where).name)
+    return f"{m.group(1)} line {m.group(2)}" if m else Path(where).name

@@ -17,20 +17,33 @@ from ..errors import DataError
 from .records import BadRecord
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark
 
 
 def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def check_data_file(path: str | Path, label: str = "") -> Path:
+    """The path as a Path, or a DataError saying what is wrong with it (missing, a directory, a file type
+    we cannot read). `label` names the setting in the message, e.g. "dataset 'x': eval_path"."""
+    path, label = Path(path), f"{label}: " if label else ""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.name.endswith(SUFFIXES))
+        listed = ", ".join(inside[:3]) + (", …" if len(inside) > 3 else "")
+        hint = f"; it holds {listed}: name one of them" if inside else ""
+        raise DataError(f"{label}{path} is a directory; expected one data file ({', '.join(SUFFIXES)}){hint}")
+    if not path.is_file():
+        raise DataError(f"{label}data file not found: {path}")
+    if not path.name.endswith(SUFFIXES):
+        raise DataError(f"{label}{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    return path
+
+
 def iter_file_records(path: str | Path) -> Iterator[tuple[str, dict | BadRecord]]:
     """Yield (location, record or BadRecord). Raises DataError for a missing, empty or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+    path = check_data_file(path)
     name = path.name
-    if not name.endswith(SUFFIXES):
-        raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
     count = 0
     try:
         if name.endswith((".jsonl", ".jsonl.gz")):
@@ -52,6 +65,8 @@ def _iter_jsonl(path: Path):
     with _open_binary(path) as f:
         for lineno, line in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            if lineno == 1:
+                line = line.removeprefix(BOM)  # editors on Windows start UTF-8 files with one
             if not line.strip():
                 continue  # blank lines are not records
             try:
@@ -67,7 +82,7 @@ def _iter_jsonl(path: Path):
 
 def _iter_json_array(path: Path):
     with _open_binary(path) as f:
-        raw = f.read()
+        raw = f.read().removeprefix(BOM)  # editors on Windows start UTF-8 files with one
     if not raw.strip():
         return
     try:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 ROLES = {"Human": "user", "Assistant": "assistant"}
+CHAT_ROLES = ("system", "user", "assistant")  # what chat templates render; anything else would be rendered blindly
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -88,6 +89,9 @@ def prompt_turns(prompt, where: str) -> list[dict]:
         for i, m in enumerate(prompt):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise BadRecord("wrong_type", f"prompt[{i}] must be {{role, content}} with string values", where)
+            if m["role"] not in CHAT_ROLES:
+                raise BadRecord("unknown_role", f"prompt[{i}] has the role {m['role']!r}; a message's role must be "
+                                f"one of {', '.join(CHAT_ROLES)}", where)
             turns.append({"role": m["role"], "content": m["content"]})
     elif isinstance(prompt, str):
         turns = parse_hh_transcript(prompt) if is_hh_transcript(prompt) else [{"role": "user", "content": prompt.strip()}]
