@@ -100,3 +100,27 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_recipes_validate(recipe):
     cfg = load_config(REPO / "configs" / recipe)
     assert cfg.ppo.rollout_batch_size % (cfg.ppo.mini_batch_size or cfg.ppo.rollout_batch_size) == 0
+
+
+def test_a_key_written_twice_is_an_error_naming_key_and_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `sft:` section silently reset the first one's settings."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("sft:\n  learning_rate: 3.0e-3\ndata:\n  datasets: [{name: d, path: x.jsonl}]\nsft:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"(?s)dup.yaml: .*duplicate key 'sft' \(first on line 1\).*line 5"):
+        load_config(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data:\n  datasets: [{name: d, path: x.jsonl}]\nsft:\n  epochs: 1\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'epochs' \(first on line 4\)"):
+        load_config(nested)
+
+
+def test_a_utf8_bom_in_the_config_is_fine(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + b"data:\n  datasets: [{name: d, path: x.jsonl}]\nsft:\n  epochs: 2\n")
+    assert load_config(path).sft.epochs == 2
+
+
+def test_an_override_below_a_single_value_is_an_error(tmp_path):
+    raw = {**MINIMAL, "sft": {"learning_rate": 1e-5}}
+    with pytest.raises(ConfigError, match=r"sft.learning_rate is a single value \(1e-05\), it has no key 'x'"):
+        load_config(write(tmp_path, raw), ["sft.learning_rate.x=1"])

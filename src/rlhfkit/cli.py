@@ -199,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("rlhfkit: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
         return 143
-    except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRNOS:
+    except Exception as e:
+        problem = machine_problem(e)
+        if problem is None:
             raise
-        print(f"rlhfkit: error: {e.strerror}: {e.filename or ''}\n"
-              "Nothing half-written was published; fix that and rerun the same command (it resumes from the "
-              "last complete checkpoint).", file=sys.stderr)
+        print(f"rlhfkit: error: {problem}\nNothing half-written was published; fix that and rerun the same "
+              "command (it resumes from the last complete checkpoint).", file=sys.stderr)
         return 2
     _leave_process_group()
     return 0
@@ -220,7 +220,19 @@ def _raise_terminated(signum, frame):
 
 
 # Not a bug of ours: the machine (disk full, quota, read-only or forbidden paths).
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def machine_problem(e: BaseException) -> str | None:
+    """The machine's fault behind an exception, if it is one: an OSError with one of those errnos, or a
+    library's own exception carrying its text (torch.save and safetensors wrap ENOSPC in theirs)."""
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e)
+    for code in ENVIRONMENT_ERRNOS:
+        if os.strerror(code) in text:
+            return f"{os.strerror(code)} (while writing: {text.splitlines()[0][:300]})"
+    return None
 
 
 def silence_library_progress_bars() -> None:

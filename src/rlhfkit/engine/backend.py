@@ -104,7 +104,6 @@ class TrainEngine:
         self._scale = t.gradient_accumulation_steps * self.world
         self._zero_stage = effective_zero_stage(t)
         self._grad_norm: float | None = None
-        self._skipped = 0
 
     @property
     def module(self) -> torch.nn.Module:
@@ -131,16 +130,27 @@ class TrainEngine:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
             if self._grad_norm is not None and not math.isfinite(self._grad_norm):
-                # Skip the update, as DeepSpeed's ZeRO optimizers do: AdamW leaves params without a grad alone.
-                self.module.zero_grad(set_to_none=True)
-                self._skipped += 1
+                self._skip_this_update()
+                return
         self.engine.step()
+
+    def _skip_this_update(self) -> None:
+        """Step DeepSpeed's bookkeeping without touching weights or optimizer state, the way its ZeRO
+        optimizers skip a step whose gradients overflowed: it sees `overflow`, counts a skipped step and
+        leaves the LR schedule where it is."""
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        self.optimizer.overflow = True
+        self.optimizer.step = lambda *args, **kwargs: None
+        try:
+            self.engine.step()
+        finally:
+            del self.optimizer.overflow, self.optimizer.step
 
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for a non-finite gradient (fp16's loss-scale overflows not counted)."""
-        if self._zero_stage == 0:
-            return self._skipped
         return 0 if self.cfg.dtype == "float16" else int(self.engine.skipped_steps)
 
     @property
