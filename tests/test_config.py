@@ -124,3 +124,23 @@ def test_an_override_below_a_single_value_is_an_error(tmp_path):
     raw = {**MINIMAL, "sft": {"learning_rate": 1e-5}}
     with pytest.raises(ConfigError, match=r"sft.learning_rate is a single value \(1e-05\), it has no key 'x'"):
         load_config(write(tmp_path, raw), ["sft.learning_rate.x=1"])
+
+
+BAD_CONFIGS = REPO / "tests" / "data" / "bad_configs"
+
+
+@pytest.mark.parametrize("name, said", [
+    ("duplicate_section.yaml", "duplicate key 'sft' (first on line 1)"),
+    ("duplicate_key.yaml", "duplicate key 'steps' (first on line 4)"),
+    ("not_a_mapping.yaml", "the top level must be a mapping"),
+    ("unknown_key.yaml", "sft.learning_rat: unknown key"),
+    ("bad_value.yaml", "sft.learning_rate: Input should be greater than 0"),
+    ("invalid_yaml.yaml", "not valid YAML"),
+    ("non_utf8.yaml", "not UTF-8 text"),
+    ("unset_env_var.yaml", "environment variable RLHFKIT_TEST_SURELY_UNSET is not set"),
+    ("bad_choice.yaml", "sft.resume: Input should be 'auto', 'never' or 'force'"),
+])
+def test_bad_config_corpus(name, said):
+    with pytest.raises(ConfigError) as err:
+        load_config(BAD_CONFIGS / name)
+    assert str(err.value).startswith(str(BAD_CONFIGS / name)) and said in str(err.value), str(err.value)
