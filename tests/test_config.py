@@ -144,3 +144,14 @@ def test_bad_config_corpus(name, said):
     with pytest.raises(ConfigError) as err:
         load_config(BAD_CONFIGS / name)
     assert str(err.value).startswith(str(BAD_CONFIGS / name)) and said in str(err.value), str(err.value)
+
+
+def test_another_models_section_does_not_inherit_model_tokenizer(tmp_path):
+    """With model.tokenizer set, the RM (or a stage output) must load its own tokenizer: inheriting it hid a
+    tokenizer mismatch between actor and RM."""
+    from rlhfkit.train.common import model_config_for
+
+    cfg = load_config(write(tmp_path, {**MINIMAL, "model": {"name_or_path": "base", "tokenizer": "tok", "revision": "v1"}}))
+    assert model_config_for(cfg, None).tokenizer == "tok"
+    other = model_config_for(cfg, "runs/x/rm/final")
+    assert other.name_or_path == "runs/x/rm/final" and other.tokenizer is None and other.revision is None

@@ -80,7 +80,11 @@ def precision_summary(cfg: Config, stage: str) -> str:
 
 
 def model_config_for(cfg: Config, name_or_path: str | None) -> ModelConfig:
-    return cfg.model if name_or_path is None else cfg.model.model_copy(update={"name_or_path": name_or_path})
+    """The model section for another model (a stage output, the RM): its own tokenizer, not `model.tokenizer`,
+    so that a tokenizer mismatch between actor and RM is seen rather than hidden."""
+    if name_or_path is None or name_or_path == cfg.model.name_or_path:
+        return cfg.model
+    return cfg.model.model_copy(update={"name_or_path": name_or_path, "tokenizer": None, "revision": None})
 
 
 def quantization_kwargs(t: TrainConfig) -> dict:
