@@ -63,11 +63,10 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
         from .dpo import dpo_start_model
 
         return {"model": dpo_start_model(cfg)}
-    if stage == "ppo":
-        from .ppo.models import actor_start, reward_start
-
-        reward = reward_start(cfg)
-        return {"actor": actor_start(cfg), "reward": reward, "critic": cfg.ppo.critic_model or reward}
+    if stage == "ppo":  # not ppo.models' actor_start/reward_start: a reward given in code needs no rm/final
+        actor = cfg.ppo.actor_model or str(cfg.output_dir / "sft" / "final")
+        reward = cfg.ppo.reward_model or str(cfg.output_dir / "rm" / "final")
+        return {"actor": actor, "reward": reward, "critic": cfg.ppo.critic_model or reward}
     return {"model": cfg.model.name_or_path}
 
 
