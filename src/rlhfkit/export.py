@@ -4,20 +4,23 @@ The HF directory holds merged weights (safetensors), tokenizer, chat template an
 and loads with `AutoModelForCausalLM.from_pretrained` alone. The GGUF file (f16 or q8_0) is written with
 the `gguf` package in llama.cpp's layout for Llama-architecture models (SmolLM2, Llama, Mistral-style):
 tensor names, q/k rows permuted to GGML's rotary layout, and the byte-level BPE tokenizer (tokens, types,
-merges, special ids, chat template). `check_gguf` reads the file back through transformers' GGUF loader
-and compares logits with the HF model.
+merges, special ids, chat template), as llama.cpp's own convert_hf_to_gguf.py writes them (a q8_0 file's
+tensors are byte-identical to its `--outtype q8_0`). `check_gguf` reads the file back through transformers'
+GGUF loader and compares logits with the HF model; `llamacpp_agreement` runs it in llama.cpp itself
+(llama-cpp-python, optional; benchmarks/gguf_llamacpp.py) and compares greedy chat replies.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, RlhfkitError
 from .paths import make_temp_dir, publish_dir
 
 GGUF_TYPES = ("f16", "q8_0")
@@ -43,7 +46,8 @@ def export_hf(src: Path, out: Path) -> Path:
     tmp = make_temp_dir(out)
     for name in _HF_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, tmp / name)
+            # content only: safetensors writes its files owner-only, and copy2 would carry that mode along
+            shutil.copyfile(src / name, tmp / name)
     if not (tmp / "generation_config.json").is_file():
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(src)).save_pretrained(tmp)
     publish_dir(tmp, out)
@@ -101,8 +105,11 @@ def write_gguf(model_dir: Path, out_file: Path, qtype: str = "f16") -> Path:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(rope_theta))
     w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)  # llama.cpp assumes hidden/heads without them
+    w.add_value_length(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, tok, model_dir, cfg.vocab_size)
 
     for name, tensor in weights.items():
@@ -134,8 +141,8 @@ def _add_tokenizer(w, tok, model_dir: Path, vocab_size: int) -> None:
     spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     if spec.get("model", {}).get("type") != "BPE":
         raise ConfigError("GGUF export supports byte-level BPE tokenizers")
-    special = set(tok.all_special_ids)
-    added = {t["id"] for t in spec.get("added_tokens", [])}
+    added = {t["id"]: t.get("special", False) for t in spec.get("added_tokens", [])}
+    special = set(tok.all_special_ids) | {i for i, is_special in added.items() if is_special}
     tokens, types = [], []
     for i in range(vocab_size):
         if i < len(tok):
@@ -171,3 +178,74 @@ def check_gguf(model_dir: Path, gguf_file: Path, text: str = "Human: What is the
     a, b = hf(ids).logits[0].float(), back(ids).logits[0].float()
     return {"max_abs_logit_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
             "same_argmax_share": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "tokens": int(ids.shape[1])}
+
+
+# Greedy chat replies through the GGUF's real consumer. transformers' GGUF reader (check_gguf) dequantizes
+# to fp32 and computes in fp32; llama.cpp computes a Q8_0 matmul on activations quantized to 8 bits per
+# block of 32 as well, so its logits move further (about 1-3 on SmolLM2-135M against 0.6) and a near-tie
+# between two next tokens can flip: greedy text then diverges from that token on. Where the HF model's top
+# token leads by at least `confident_margin`, llama.cpp must pick the same one (teacher-forced on the HF reply).
+LLAMACPP_PIN = "llama-cpp-python==0.3.36"
+
+
+@torch.no_grad()
+def hf_greedy_replies(model_dir: Path, prompts: list[str], max_tokens: int) -> tuple[object, list[dict]]:
+    """The HF model's own greedy chat replies (its chat template, EOS stops), with its logits along them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    replies = []
+    for prompt in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        reply = out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+        logits = model(torch.tensor([ids[0].tolist() + reply])).logits[0, ids.shape[1] - 1:-1]
+        replies.append({"prompt": prompt, "prompt_ids": ids[0].tolist(), "reply_ids": reply, "logits": logits.numpy(),
+                        "text": tok.decode(reply, skip_special_tokens=True)})
+    return tok, replies
+
+
+def llamacpp_agreement(gguf_file: Path, tok, replies: list[dict], max_tokens: int, first_n: int = 16,
+                       confident_margin: float = 2.0) -> dict:
+    """Load the GGUF in llama.cpp and compare with `replies` (from hf_greedy_replies): its greedy chat
+    completion (temperature 0, the GGUF's own chat template) and its logits teacher-forced on the HF replies.
+    Counts over the prompts (and reply positions), plus one row per prompt."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RlhfkitError(f"llama-cpp-python not installed: pip install {LLAMACPP_PIN}") from None
+
+    longest = max(len(r["prompt_ids"]) + max(len(r["reply_ids"]), max_tokens) for r in replies)
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=longest + 16, n_threads=min(4, os.cpu_count() or 1),
+                          logits_all=True, seed=0, verbose=False)
+    rows = [_compare_reply(llm, tok, r, max_tokens, first_n, confident_margin) for r in replies]
+    del llm
+    counts = {key: sum(row[key] for row in rows) for key in _COUNTED}
+    return {"prompts": len(rows), "first_n": first_n, "confident_margin": confident_margin, **counts,
+            "max_abs_logit_diff": max(row["max_abs_logit_diff"] for row in rows), "rows": rows}
+
+
+_COUNTED = ("identical", "first_n_agree", "same_prompt_tokens", "top1_agree", "positions", "confident_agree", "confident")
+
+
+def _compare_reply(llm, tok, r: dict, max_tokens: int, first_n: int, confident_margin: float) -> dict:
+    text = llm.create_chat_completion([{"role": "user", "content": r["prompt"]}], temperature=0.0, repeat_penalty=1.0,
+                                      max_tokens=max_tokens)["choices"][0]["message"]["content"]
+    prompt_ids = llm.tokenize(tok.decode(r["prompt_ids"]).encode("utf-8"), add_bos=False, special=True)
+    llm.reset()
+    llm.eval(r["prompt_ids"] + r["reply_ids"])
+    n, k = len(r["prompt_ids"]), len(r["reply_ids"])
+    logits, ref = np.asarray(llm.scores[n - 1:n - 1 + k]), r["logits"]
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    confident = top2[:, 1] - top2[:, 0] >= confident_margin
+    agree = logits.argmax(-1) == ref.argmax(-1)
+    # both texts re-tokenized: a greedy reply need not be the canonical tokenization of its own text
+    first = [tok(t, add_special_tokens=False).input_ids[:first_n] for t in (text, r["text"])]
+    return {"prompt": r["prompt"], "llamacpp_text": text, "hf_text": r["text"],
+            "identical": text.strip() == r["text"].strip(), "first_n_agree": first[0] == first[1],
+            "same_prompt_tokens": prompt_ids == r["prompt_ids"], "top1_agree": int(agree.sum()), "positions": k,
+            "confident_agree": int(agree[confident].sum()), "confident": int(confident.sum()),
+            "max_abs_logit_diff": float(np.abs(logits - ref).max()) if k else 0.0}
