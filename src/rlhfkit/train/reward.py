@@ -2,7 +2,8 @@
 
 The score is read at the last response token (models.reward.RewardModel.score → losses.gather_last).
 Eval reports accuracy, mean margin and chosen/rejected score means before, during and after training.
-At the end the score mean/std over (a sample of) the training pairs is stored for PPO normalisation.
+At the end the score mean/std over (a sample of) the training pairs is stored beside the model, for
+reference: PPO normalises with its own policy's samples (ppo.normalize_scores).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from ..config import Config
 from ..engine import distributed as D
 from ..engine.backend import param_groups
+from ..engine.sharding import equal_count_batches
 from ..models.lora import apply_lora
 from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
 from ..models.reward import RewardModel
@@ -80,20 +82,18 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
 
 @torch.no_grad()
 def score_stats(engine, train, pad_id: int, micro: int) -> tuple[float, float]:
-    """Mean and std of the scores of chosen and rejected responses over the first STATS_ROWS training pairs."""
-    import numpy as np
+    """Mean and std of the scores of chosen and rejected responses over the first STATS_ROWS training pairs.
 
+    Every process runs the same number of forwards (equal_count_batches), or ZeRO-3 would hang."""
     engine.eval()
     rank, world = D.init_distributed()
-    idx = np.array_split(np.arange(min(len(train), STATS_ROWS)), world)[rank]
     s = s2 = n = 0.0
-    for i in range(0, len(idx), micro):
-        rows = [train.row(int(j)) for j in idx[i:i + micro]]
-        chosen, rejected = pair_scores(engine, collate_pairs(rows, pad_id))
-        both = torch.cat([chosen, rejected]).double()
-        s, s2, n = s + both.sum().item(), s2 + (both ** 2).sum().item(), n + both.numel()
+    for rows, keep in equal_count_batches(min(len(train), STATS_ROWS), rank, world, micro):
+        chosen, rejected = pair_scores(engine, collate_pairs([train.row(int(j)) for j in rows], pad_id))
+        if keep:
+            both = torch.cat([chosen, rejected]).double()
+            s, s2, n = s + both.sum().item(), s2 + (both ** 2).sum().item(), n + both.numel()
     s, s2, n = D.all_reduce_sum([s, s2, n])
     engine.train()
     mean = s / max(n, 1)
     return mean, max(s2 / max(n, 1) - mean ** 2, 0.0) ** 0.5
-
