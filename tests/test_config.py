@@ -153,5 +153,10 @@ def test_another_models_section_does_not_inherit_model_tokenizer(tmp_path):
 
     cfg = load_config(write(tmp_path, {**MINIMAL, "model": {"name_or_path": "base", "tokenizer": "tok", "revision": "v1"}}))
     assert model_config_for(cfg, None).tokenizer == "tok"
-    other = model_config_for(cfg, "runs/x/rm/final")
-    assert other.name_or_path == "runs/x/rm/final" and other.tokenizer is None and other.revision is None
+    other = model_config_for(cfg, "org/reward-model")
+    assert other.name_or_path == "org/reward-model" and other.tokenizer is None and other.revision is None
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "tokenizer.json").write_text("{}")
+    assert model_config_for(cfg, str(tmp_path / "rm")).tokenizer is None
+    (tmp_path / "bare").mkdir()  # a model dir without a tokenizer uses the configured one
+    assert model_config_for(cfg, str(tmp_path / "bare")).tokenizer == "tok"

@@ -79,11 +79,18 @@ def precision_summary(cfg: Config, stage: str) -> str:
 
 
 def model_config_for(cfg: Config, name_or_path: str | None) -> ModelConfig:
-    """The model section for another model (a stage output, the RM): its own tokenizer, not `model.tokenizer`,
-    so that a tokenizer mismatch between actor and RM is seen rather than hidden."""
+    """The model section for another model (a stage output, the RM): its own tokenizer where it has one,
+    not `model.tokenizer`, so that a tokenizer mismatch between actor and RM is seen rather than hidden;
+    a model dir that ships none is taken to use the run's."""
     if name_or_path is None or name_or_path == cfg.model.name_or_path:
         return cfg.model
-    return cfg.model.model_copy(update={"name_or_path": name_or_path, "tokenizer": None, "revision": None})
+    own = Path(name_or_path)
+    has_tokenizer = not own.is_dir() or any((own / f).is_file() for f in TOKENIZER_FILES)
+    return cfg.model.model_copy(update={"name_or_path": name_or_path, "revision": None,
+                                        "tokenizer": None if has_tokenizer else cfg.model.tokenizer or cfg.model.name_or_path})
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def quantization_kwargs(t: TrainConfig) -> dict:
