@@ -16,6 +16,7 @@ import json
 import math
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,8 @@ class TrainEngine:
     # --- training state --------------------------------------------------------------------------
     def save_state(self, ckpt_dir: Path, client_state: dict) -> None:
         """Optimizer, scheduler, weights (DeepSpeed's own format, all ranks) and per-rank RNG states."""
+        if D.leads_disk(ckpt_dir):  # DeepSpeed writes its replicated model-states file on rank 0 only; every
+            self.engine.save_non_zero_checkpoint = True  # disk's part of the checkpoint needs one (ZeRO 0-2)
         self.engine.save_checkpoint(str(ckpt_dir / "engine"), tag="state", client_state=client_state,
                                     save_latest=False)
         torch.save(_rng_state(), ckpt_dir / f"rng_rank{self.rank}.pt")
@@ -255,12 +258,17 @@ def seed_everything(seed: int) -> None:
 # A checkpoint is published by renaming its temp dir into place after COMPLETE is written into it, last.
 # COMPLETE lists every file with its size and SHA-256, so a file lost or damaged later (a disk error, a
 # partial copy between machines) is detected before a resume reads it.
+#
+# Nodes need not share a disk. Each disk (all of it when the filesystem is shared, else each node's) holds
+# its own part of a checkpoint: the files its ranks wrote, published by that disk's leader (its lowest rank,
+# `distributed.disk_leader`) with its own COMPLETE. A checkpoint is complete when every part is: resume takes
+# the newest step whose part is intact on every disk, and old steps go only once every disk has the new one.
 COMPLETE = "COMPLETE"
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Published checkpoints under root/checkpoints whose files are all there at their recorded size,
-    oldest first."""
+    """Published checkpoints under root/checkpoints (this disk's parts) whose files are all there at their
+    recorded size, oldest first."""
     return [d for d in published_checkpoints(root) if checkpoint_problem(d, hashes=False) is None]
 
 
@@ -270,24 +278,79 @@ def published_checkpoints(root: Path) -> list[Path]:
     if not base.is_dir():
         return []
     done = [d for d in base.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / COMPLETE).is_file()]
-    return sorted(done, key=lambda d: int(d.name.split("-")[1]))
+    return sorted(done, key=_step_of)
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest intact checkpoint (every file's hash checked), saying which damaged ones it passed over."""
+    """The newest checkpoint intact on every disk, saying which newer ones it passed over and why. Each disk's
+    leader hashes its parts newest first, only as far back as needed. Collective: every rank calls it and
+    gets the same step (under its own root)."""
     base = Path(root) / "checkpoints"
-    published = published_checkpoints(root)
-    verdicts = [checkpoint_problem(d) for d in reversed(published)] if D.is_main() else []
-    verdicts = D.broadcast_object(verdicts)  # one verdict for every rank (and one pass over the files)
-    for ckpt, problem in zip(reversed(published), verdicts):
-        if problem is None:
-            return ckpt
-        if D.is_main():
-            print(f"rlhfkit: checkpoint {ckpt} is damaged ({problem}); trying the one before it", flush=True)
-    if published:
+    disk = _DiskParts(root) if D.leads_disk(base) else None
+    limit, chosen = math.inf, None
+    while True:  # the newest step each disk holds intact (up to limit); their minimum, if every disk has it
+        proposals = [p for p in D.all_gather_object(disk.newest_intact(limit) if disk else None) if p is not None]
+        candidate = min(proposals)
+        if candidate < 0:
+            break
+        if D.all_reduce_min(1 if disk is None or disk.intact(candidate) else 0):
+            chosen = candidate
+            break
+        limit = candidate - 1
+    parts = [p for p in D.all_gather_object(disk.report() if disk else None) if p is not None]
+    if D.is_main():
+        for why in _passed_over(parts, chosen, several=len(parts) > 1):
+            print(f"rlhfkit: {why}; trying the one before it", flush=True)
+    if chosen is not None:
+        return base / f"step-{chosen:07d}"
+    if any(p["problems"] for p in parts):
         raise RlhfkitError(f"every checkpoint under {base} is damaged (see above); start fresh with "
                            f"resume=never or delete {base}")
+    if any(p["published"] for p in parts) and D.is_main():
+        print("rlhfkit: no checkpoint was published on every node's disk (see above); starting fresh", flush=True)
     return None
+
+
+class _DiskParts:
+    """The checkpoint parts published on this disk, each hashed at most once, when first asked about."""
+
+    def __init__(self, root: Path):
+        self.base = Path(root) / "checkpoints"
+        self.dirs = {_step_of(d): d for d in published_checkpoints(root)}
+        self.problems: dict[int, str | None] = {}
+
+    def intact(self, step: int) -> bool:
+        if step not in self.dirs:
+            return False
+        if step not in self.problems:
+            self.problems[step] = checkpoint_problem(self.dirs[step])
+        return self.problems[step] is None
+
+    def newest_intact(self, limit: float) -> int:
+        return next((s for s in sorted(self.dirs, reverse=True) if s <= limit and self.intact(s)), -1)
+
+    def report(self) -> dict:
+        return {"base": str(self.base), "rank": D.rank(), "host": socket.gethostname(), "published": sorted(self.dirs),
+                "problems": {s: p for s, p in self.problems.items() if p is not None}}
+
+
+def _passed_over(parts: list[dict], chosen: int | None, several: bool) -> list[str]:
+    """Why each step newer than the chosen one cannot be resumed: damaged on a disk, or absent from one."""
+    newer = sorted({s for p in parts for s in p["published"] if chosen is None or s > chosen}, reverse=True)
+    reasons = []
+    for step in newer:
+        for p in parts:
+            name = Path(p["base"]) / f"step-{step:07d}"
+            where = f" on rank {p['rank']}'s disk ({p['host']})" if several else ""
+            if step not in p["published"]:
+                reasons.append(f"checkpoint {name}{where} was never published (that node stopped first)")
+            elif step in p["problems"]:
+                reasons.append(f"checkpoint {name}{where} is damaged ({p['problems'][step]})")
+    return reasons
 
 
 def checkpoint_problem(ckpt: Path, hashes: bool = True) -> str | None:
@@ -308,9 +371,9 @@ def checkpoint_problem(ckpt: Path, hashes: bool = True) -> str | None:
 
 
 def begin_checkpoint(root: Path, step: int) -> Path:
-    """A temp dir every rank writes into; `finish_checkpoint` renames it into place on rank 0."""
+    """A temp dir every rank writes into (one per disk); `finish_checkpoint` renames each into place."""
     tmp = Path(root) / "checkpoints" / f".tmp-step-{step:07d}"
-    if D.is_main():
+    if D.leads_disk(tmp.parent):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     D.barrier()
@@ -318,13 +381,25 @@ def begin_checkpoint(root: Path, step: int) -> Path:
 
 
 def finish_checkpoint(tmp: Path, step: int, keep: int, meta: dict) -> Path:
+    """Publish this disk's part (COMPLETE listing its files, then the rename); once every disk has published
+    its part, drop the parts older than the newest `keep` (a node that stops before that keeps an older step
+    every disk still has)."""
     final = tmp.parent / f"step-{step:07d}"
     D.barrier()  # every rank has written its part
-    if D.is_main():
-        files = {str(f.relative_to(tmp)): [f.stat().st_size, file_sha256(f)]
-                 for f in sorted(tmp.rglob("*")) if f.is_file()}
-        write_text_atomic(tmp / COMPLETE, json.dumps({**meta, "files": files}, indent=1))
-        publish_dir(tmp, final)
+    leader, error = D.leads_disk(tmp.parent), None
+    if leader:
+        try:
+            files = {str(f.relative_to(tmp)): [f.stat().st_size, file_sha256(f)]
+                     for f in sorted(tmp.rglob("*")) if f.is_file()}
+            write_text_atomic(tmp / COMPLETE, json.dumps({**meta, "files": files}, indent=1))
+            publish_dir(tmp, final)
+        except OSError as e:
+            error = e
+    if D.all_reduce_min(0 if error else 1) == 0:
+        if error:
+            raise error
+        raise RlhfkitError(f"checkpoint step {step}: another node could not publish its part (its output says why)")
+    if leader:
         for old in published_checkpoints(tmp.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()

@@ -1,13 +1,24 @@
 """Process-group setup: the same code runs as one plain process or as N processes under torchrun or the
-`deepspeed` launcher. gloo on CPU, NCCL on GPU."""
+`deepspeed` launcher, on one machine or several. gloo on CPU, NCCL on GPU.
+
+Every collective waits at most `collective_timeout()` seconds (RLHFKIT_DIST_TIMEOUT, default 1800): a rank that
+hangs or never joins ends the run with an error instead of a hang. A rank that dies is noticed at once by the
+others (its connections close)."""
 
 from __future__ import annotations
 
+import datetime
 import os
+import secrets
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ..errors import RlhfkitError
+
+DEFAULT_TIMEOUT_S = 1800  # torch's own default for gloo; long enough for rank 0 to prepare a large dataset alone
 
 
 def _free_port() -> int:
@@ -39,14 +50,72 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = collective_timeout()
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout))
+    except (dist.DistError, RuntimeError) as e:
+        rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise RlhfkitError(
+            f"rank {rank} of {world} ({socket.gethostname()}) could not join the process group at {where} "
+            f"within {timeout:g} s: {_first_line(e)}\nEvery node must start with the same --nnodes/--master_addr/"
+            f"--master_port and reach that address; RLHFKIT_DIST_TIMEOUT sets the wait in seconds.") from None
     return dist.get_rank(), dist.get_world_size()
+
+
+def collective_timeout() -> float:
+    """Seconds a collective (or joining the process group) may wait for the other ranks."""
+    raw = os.environ.get("RLHFKIT_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise RlhfkitError(f"RLHFKIT_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return seconds
+
+
+def collective_failure(e: BaseException, stage: str) -> str | None:
+    """The message for an exception that means this rank lost the others (a rank died, hung past the timeout or
+    never joined), naming this rank, the stage and where in rlhfkit it waited; None for any other exception."""
+    text = str(e)
+    lost = isinstance(e, dist.DistError) or any(sign in text for sign in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Socket Timeout",
+        "NCCL communicator was aborted", "Watchdog caught collective operation timeout"))
+    if not lost or not dist.is_initialized():
+        return None
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()} ({socket.gethostname()}) lost the other ranks "
+            f"during {stage}, at {_rlhfkit_frame(e)}: {_first_line(e)}\n"
+            f"Another rank died or waited longer than {collective_timeout():g} s (RLHFKIT_DIST_TIMEOUT); its own "
+            f"output says why. Rerun the same command on every node: it resumes from the last complete checkpoint.")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _rlhfkit_frame(e: BaseException) -> str:
+    """The innermost frame of rlhfkit's own code in e's traceback (where this rank was waiting)."""
+    package = str(Path(__file__).resolve().parents[1])
+    where, tb = "an unknown place", e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename.startswith(package):
+            where = f"{Path(code.co_filename).relative_to(package)}:{tb.tb_lineno} ({code.co_name})"
+        tb = tb.tb_next
+    return where
 
 
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def is_main() -> bool:
@@ -83,3 +152,50 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of a picklable object, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- which ranks share a disk ----------------------------------------------------------------------
+# Nodes may or may not share the filesystem that holds the output dir (NFS/Lustre vs local disks, and each
+# node may even be given its own output dir). Whatever is written to disk per "disk" (a checkpoint's part, its
+# COMPLETE listing) is written by that disk's leader: the lowest rank that sees the same directory.
+_disk_leaders: dict[Path, int] = {}
+
+
+def disk_leader(path: Path) -> int:
+    """The lowest rank that sees the same directory as this rank at `path` (its own path for that directory:
+    nodes may be given different output dirs). Rank 0 for every rank on a shared filesystem; each node's first
+    rank when nodes have local disks. Collective the first time for a path (every rank must call it then),
+    answered from memory afterwards, also for paths inside it."""
+    path = Path(path).resolve()
+    for known in (path, *path.parents):
+        if known in _disk_leaders:
+            return _disk_leaders[known]
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
+    path.mkdir(parents=True, exist_ok=True)
+    # Every rank leaves a token named by a fresh nonce (never looked up before, so no NFS client has a cached
+    # "absent" answer for it); after a barrier each rank looks for the tokens of the ranks below it.
+    nonce = broadcast_object(secrets.token_hex(8))
+    me = rank()
+    mine = path / f".rlhfkit-disk-{nonce}-{me}"
+    mine.write_text(socket.gethostname())
+    barrier()
+    leader = next(r for r in range(me + 1) if (path / f".rlhfkit-disk-{nonce}-{r}").exists())
+    barrier()
+    mine.unlink()
+    _disk_leaders[path] = leader
+    return leader
+
+
+def leads_disk(path: Path) -> bool:
+    """Whether this rank writes, for every rank that sees the same directory as it, what is written once per disk."""
+    return disk_leader(path) == rank()
