@@ -1,9 +1,14 @@
 """DPO, the single-step alternative to RM + PPO: the policy learns from phase-2 pairs directly against a
 frozen reference (a frozen copy of the starting model, or, under LoRA, the same model with its adapter off).
-Eval reports the DPO loss and implicit-reward accuracy."""
+Eval reports the DPO loss and implicit-reward accuracy.
+
+Dropout is off (TRL's disable_dropout): the loss compares the policy's log-probs with the reference's, and
+dropout would add noise to both; the reference pass never has it, and the policy only if dpo.dropout
+asks for it."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +41,33 @@ def frozen_reference(mcfg, dtype: str) -> TokenLogprobLM:
     return TokenLogprobLM(load_causal_lm(mcfg, dtype=dtype)).eval().requires_grad_(False)
 
 
+def dpo_policy(mcfg, t) -> tuple[TokenLogprobLM, list[dict]]:
+    """The trainable policy, with dropout 0 unless dpo.dropout sets another value."""
+    return trainable_causal_lm(mcfg, t if t.dropout is not None else t.model_copy(update={"dropout": 0.0}))
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """module.eval() for the block (no dropout anywhere, whatever the model implements it with), then the
+    mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def reference_logprobs(engine, reference: TokenLogprobLM | None, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's summed response log-probs of the chosen and the rejected rows: the frozen copy (in
+    eval mode), or under LoRA the policy itself with its adapter off, run in eval mode."""
+    if reference is not None:
+        return pair_logprobs(reference.to(engine.device), batch, engine.device)
+    with engine.module.lm.disable_adapter(), eval_mode(engine.module):
+        return pair_logprobs(engine, batch, engine.device)
+
+
 def pair_logprobs(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of the chosen rows and of the rejected rows.
 
@@ -56,18 +88,11 @@ def run_dpo(cfg: Config, show_progress: bool = True, budget: StageBudget | None 
     train, evals, pad_id = stage_data(cfg, 2, show_progress)
     mcfg = model_config_for(cfg, dpo_start_model(cfg))
     tokenizer = load_tokenizer(mcfg)
-    model, groups = trainable_causal_lm(mcfg, t)
+    model, groups = dpo_policy(mcfg, t)
     reference = None if t.lora.enabled else frozen_reference(mcfg, t.dtype)
 
-    def reference_logprobs(engine, batch):
-        with torch.no_grad():
-            if reference is not None:
-                return pair_logprobs(reference.to(engine.device), batch, engine.device)
-            with engine.module.lm.disable_adapter():
-                return pair_logprobs(engine, batch, engine.device)
-
     def loss(engine, batch):
-        ref_c, ref_r = reference_logprobs(engine, batch)
+        ref_c, ref_r = reference_logprobs(engine, reference, batch)
         pol_c, pol_r = pair_logprobs(engine, batch, engine.device)
         mean, stats = dpo_loss(pol_c, pol_r, ref_c, ref_r, t.beta, t.label_smoothing)
         n = pol_c.shape[0]
