@@ -28,8 +28,8 @@ class Generation:
     response_ids: torch.Tensor  # [B, R] right-padded
     response_lengths: torch.Tensor  # [B], stop token included when there is one
     ended: torch.Tensor  # [B] bool: stopped at a stop token (False: hit max_new_tokens)
-    # [B, R] log-probs of the sampled tokens under softmax(logits / temperature) (untruncated), 0 on
-    # padding; only when generate() was asked for them
+    # [B, R] log-probs of the sampled tokens under softmax(logits / temperature), 0 on padding; only when
+    # generate() was asked for them, which needs untruncated sampling (no top-p / top-k)
     response_logprobs: torch.Tensor | None = None
 
     def sequences(self) -> torch.Tensor:
@@ -87,7 +87,11 @@ def generate(model, prompts: list[np.ndarray], pad_id: int, stop_ids: list[int],
     Sampling is row-seeded (RowSeededSampler): with `seeds` (one per prompt) it is reproducible row by
     row; without, the seeds are drawn from torch's global RNG. do_sample=False decodes greedily.
     return_logprobs keeps each sampled token's log-prob at the sampling temperature (PPO's old log-probs
-    when the sampling model is exactly the trained one)."""
+    when the sampling model is exactly the trained one); they are the sampling distribution's only without
+    top-p / top-k truncation, so asking for them with truncation is an error."""
+    if return_logprobs and sampling.do_sample and (sampling.top_p < 1.0 or sampling.top_k):
+        raise ValueError(f"return_logprobs gives log-probs of the untruncated distribution, but sampling truncates it "
+                         f"(top_p={sampling.top_p}, top_k={sampling.top_k})")
     device = next(model.parameters()).device
     prompt_ids, prompt_lengths = pad_left(prompts, pad_id)
     width = prompt_ids.shape[1]

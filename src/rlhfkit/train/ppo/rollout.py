@@ -18,6 +18,7 @@ from ...engine import distributed as D
 from ...engine.backend import TrainEngine
 from ...engine.precision import torch_dtype
 from ...engine.generation import Generation, SamplingConfig, generate
+from ...errors import ConfigError
 from ..batching import pad_right
 from ..common import base_config, dense_config, gathered_weights
 from ..losses import length_mask, response_token_mask
@@ -61,6 +62,25 @@ def sampling_for(settings: SamplingSettings, tokenizer) -> tuple[SamplingConfig,
     sampling = SamplingConfig(settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k,
                               do_sample=True)
     return sampling, sorted({tokenizer.eos_token_id, *settings.stop_ids})
+
+
+def check_ppo_sampling(settings: SamplingSettings) -> None:
+    """PPO samples from the full tempered distribution: ppo.sampling.top_p < 1 or top_k > 0 is an error.
+
+    PPO's ratio π_θ/π_old and its KL penalty log π − log π_ref must use the distribution the rollouts were
+    drawn from. Sampling from a truncated one while scoring the full one biases the ratio by each
+    position's kept probability mass (TRL #7269 measured a mean ratio of 0.90 at top_p=0.8 with no policy
+    change). Replaying the truncation when scoring (prime-rl, TRL's vLLM path, DeepSeek-V3.2's "keep
+    sampling mask") repairs the ratio but not the KL: a sampled token outside the reference's own nucleus
+    has log π_ref = −∞, and scoring the reference on the actor's nucleus makes it a moving target. TRL's
+    PPO trainer and the "N implementation details" runs sample with top_k=0, top_p=1.0 for training, as we
+    do; truncation stays available to `rlhfkit eval` and `chat`, which only sample."""
+    for key, value, off in (("top_p", settings.top_p, 1.0), ("top_k", settings.top_k, 0)):
+        if value != off:
+            raise ConfigError(
+                f"ppo.sampling.{key} is {value}: PPO must sample from the full distribution whose log-probs its "
+                f"ratio and KL penalty use, so set ppo.sampling.{key}: {off} (steer sampling with temperature; "
+                f"eval.sampling may keep {key})")
 
 
 def sample_rollouts(model, prompts: list[np.ndarray], seeds: list[int], batch_size: int, pad_id: int,
