@@ -3,7 +3,8 @@
 `values()` gives one value per token (the critic uses all of them); `score()` reads the value at the last
 real token of each row through `gather_last`, the project's one definition of where a score lives.
 Saved as an HF backbone directory plus value_head.safetensors and reward_stats.json (the score mean/std
-on the training data, for normalising PPO rewards later).
+on the RM's training data, for reference). The head has no bias, except a critic's head after
+`normalize_head` (PPO with normalised scores); a saved bias is loaded back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..train.guards import require_finite_weights
 from ..train.losses import gather_last, length_mask
 
 HEAD_FILE = "value_head.safetensors"
@@ -42,6 +44,18 @@ class RewardModel(nn.Module):
 
     forward = score
 
+    @torch.no_grad()
+    def normalize_head(self, mean: float, std: float) -> None:
+        """Make every value (s − mean) / std of what it was: the head's weight divided by std and a bias
+        (b − mean) / std, added if the head has none. PPO's critic starts as the RM this way, in the
+        normalised scale its returns live in."""
+        old = self.v_head
+        head = nn.Linear(old.in_features, 1, bias=True).to(old.weight.dtype)
+        head.weight.copy_(old.weight / std)
+        head.bias.copy_(((old.bias if old.bias is not None else 0.0) - mean) / std)
+        self.v_head = head
+        self.score_mean, self.score_std = 0.0, 1.0
+
     def gradient_checkpointing_enable(self, **kw):
         self.backbone.gradient_checkpointing_enable(**kw)
 
@@ -54,7 +68,10 @@ class RewardModel(nn.Module):
         model = cls(backbone)
         head = Path(path) / HEAD_FILE
         if head.is_file():
-            model.v_head.load_state_dict(load_file(head))
+            weights = load_file(head)
+            if "bias" in weights:
+                model.v_head = nn.Linear(backbone.config.hidden_size, 1, bias=True)
+            model.v_head.load_state_dict(weights)
             stats = json.loads((Path(path) / STATS_FILE).read_text()) if (Path(path) / STATS_FILE).is_file() else {}
             model.score_mean, model.score_std = stats.get("score_mean", 0.0), stats.get("score_std", 1.0)
         model.v_head.to(dtype)
@@ -62,9 +79,11 @@ class RewardModel(nn.Module):
 
     @staticmethod
     def save(out: Path, state_dict: dict[str, torch.Tensor], config, score_mean: float, score_std: float) -> None:
-        """Write backbone (HF format) + head + stats from a full state dict (as gathered from any ZeRO stage)."""
+        """Write backbone (HF format) + head + stats from a full state dict (as gathered from any ZeRO stage);
+        weights with NaN/inf in them are refused before anything is written."""
         from transformers import AutoModel
 
+        require_finite_weights(state_dict, str(out))
         out = Path(out)
         backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         head_sd = {k[len("v_head."):]: v.contiguous() for k, v in state_dict.items() if k.startswith("v_head.")}

@@ -95,9 +95,13 @@ def load_reward_model(path: str, cfg: Config) -> RewardModel:
     return RewardModel.from_pretrained(local, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
 
 
-def build_critic(cfg: Config, t) -> tuple[ValueModel, list[dict]]:
-    """The critic starts as the reward model (value head included), as in InstructGPT."""
+def build_critic(cfg: Config, t, score_stats: tuple[float, float] | None = None) -> tuple[ValueModel, list[dict]]:
+    """The critic starts as the reward model (value head included), as in InstructGPT. With normalised scores
+    (score_stats: the mean and std PPO normalises by) its head is rescaled to predict the normalised score,
+    the scale its returns live in; a critic_model other than the reward model keeps its own head."""
     rm = load_reward_model(cfg.ppo.critic_model or reward_start(cfg), cfg)
+    if score_stats is not None and cfg.ppo.critic_model in (None, cfg.ppo.reward_model):
+        rm.normalize_head(*score_stats)
     if t.dropout is not None:
         set_dropout(rm.backbone, t.dropout)
     if t.lora.enabled:

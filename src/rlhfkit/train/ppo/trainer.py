@@ -4,6 +4,9 @@ actor and the critic, periodic eval on held-out prompts, checkpoints with exact 
 One step = sample one response per prompt with the rollout copy → score with the four models
 (experience.py) → ppo_epochs passes over the batch in mini-batches, one actor and one critic optimizer
 step per mini-batch → refresh the rollout copy, update the KL controller and the EMA.
+
+With ppo.normalize_scores the reward's mean/std come from the initial policy's own samples of PPO prompts,
+measured once at a fresh start and kept with every checkpoint; the critic starts in that scale.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import torch
 
 from ...config import Config
 from ...engine import distributed as D
-from ...engine.backend import TrainEngine, begin_checkpoint, checkpoint_dirs, finish_checkpoint, seed_everything
+from ...engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
 from ...engine.precision import torch_dtype
-from ...errors import ConfigError
+from ...errors import ConfigError, RlhfkitError
 from ...models.loading import load_tokenizer
 from ...models.reward import RewardModel
 from ...tracking import Tracker
 from ..batching import StepSchedule, collate_sft, count_sft_targets
 from ..common import base_config, begin_stage, gathered_weights, model_config_for, save_causal_lm, stage_data, write_causal_lm
 from ..budget import StageBudget, StepPlanner
+from ..guards import require_finite_weights
 from ..loop import publish_final, timed, truncate_metrics
 from . import formulas as PF
 from .ema import ActorEMA
@@ -35,7 +39,14 @@ from .experience import (Experience, RewardScorer, actor_logprobs, critic_values
                          make_experience, masked_moments_over_ranks, response_kl)
 from .models import (FrozenModel, actor_start, build_actor, build_critic, build_reference, build_reward,
                      check_tokenizers)
-from .rollout import RolloutPolicy, concat_rollouts, sample_rollouts, sampling_for, select_rows
+from .rollout import RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for, select_rows
+
+# ppo.normalize_scores measures the reward on at least this many samples of the initial policy (whole rollout
+# batches): the std's relative standard error is about 1/√(2n) ≈ 9%, which moves the effective KL coefficient
+# by as much, well inside how precisely one chooses it, for at most one step's generation when rollout
+# batches hold 64 or more (lm-human-preferences used 256 on GPUs).
+NORMALIZE_MIN_SAMPLES = 64
+SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
 
 
 def ppo_stage_dir(cfg: Config) -> Path:
@@ -48,6 +59,7 @@ class PPOTrainer:
         self.out_dir, self.show_progress, self.budget = ppo_stage_dir(cfg), show_progress, budget
         cfg = self.cfg = begin_stage(cfg, self.out_dir, "ppo")
         p = self.p = cfg.ppo
+        check_ppo_sampling(p.sampling)
         seed_everything(p.seed)
         self.rank, self.world = D.init_distributed()
         self.device = D.device()
@@ -65,11 +77,11 @@ class PPOTrainer:
 
         self.tokenizer = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
         self.sampling, self.stop_ids = sampling_for(p.sampling, self.tokenizer)
-        # Models: trainable actor and critic through the backend, frozen reference and reward.
+        self.resume_from = latest_checkpoint(self.out_dir) if p.resume != "never" else None
+        # Models: trainable actor and critic through the backend, frozen reference and reward. The critic
+        # comes last: with normalised scores its head is set from the statistics the others measure.
         actor_model, groups = build_actor(cfg, self.actor_t)
         self.actor = TrainEngine(actor_model, self.actor_t, updates, groups)
-        critic_model, groups = build_critic(cfg, self.critic_t)
-        self.critic = TrainEngine(critic_model, self.critic_t, updates, groups)
         self.reference = build_reference(cfg)
         if reward_model is not None:  # a reward module given in code (tests, custom rewards)
             self.reward = FrozenModel(reward_model, p.reward)
@@ -77,14 +89,16 @@ class PPOTrainer:
         else:
             self.reward = build_reward(cfg)
             self.score = RewardScorer(self.reward, check_tokenizers(cfg))
-        rm = self.reward.module
-        self.score_stats = ((rm.score_mean, rm.score_std) if p.normalize_scores and isinstance(rm, RewardModel)
-                            else None)
         self.kl_ctl = (PF.AdaptiveKLController(p.kl_coef, p.adaptive_kl.target, p.adaptive_kl.horizon)
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
         self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype))
-        self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
         self.reuse_logprobs = p.reuse_rollout_logprobs and self.policy.exact
+        self.norm = self.score_normalization() if p.normalize_scores else None
+        self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
+        # the critic starts as the RM that gives the scores, in the scale PPO normalises them to
+        critic_model, groups = build_critic(cfg, self.critic_t, self.score_stats if reward_model is None else None)
+        self.critic = TrainEngine(critic_model, self.critic_t, updates, groups)
+        self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
 
     @property
     def mini_batch(self) -> int:
@@ -105,7 +119,8 @@ class PPOTrainer:
         if start:
             tracker.write(f"ppo: resumed at step {start}/{total}")
         else:
-            tracker.log(0, timed(self.evaluate, planner.timed_eval)(0))
+            norm = {f"score_norm/{k}": v for k, v in (self.norm or {}).items()}
+            tracker.log(0, {**norm, **timed(self.evaluate, planner.timed_eval)(0)})
         done = start
         while done < total:
             metrics = self.step(done)
@@ -132,14 +147,12 @@ class PPOTrainer:
     def step(self, step: int) -> dict:
         p = self.p
         t0 = time.perf_counter()
-        rows = self.schedule.rows_for_step(step)
-        mine = np.array_split(np.arange(len(rows)), self.world)[self.rank]  # positions in the global batch
-        rollout = self.rollouts([self.prompts.row(int(rows[j]))["prompt_ids"] for j in mine],
-                                [_seed(p.seed, step, int(j)) for j in mine])
+        rollout = self.step_rollouts(step)
         t1 = time.perf_counter()
         self.actor.eval()
         self.critic.eval()
-        exp = make_experience(rollout, self.actor, self.reference, self.critic, self.score, p, self.kl_ctl.value,
+        kl_coef = self.kl_ctl.value  # this batch's rewards use it; the controller moves it after the step
+        exp = make_experience(rollout, self.actor, self.reference, self.critic, self.score, p, kl_coef,
                               self.score_stats, self.actor_t.micro_batch_size, self.device)
         t2 = time.perf_counter()
         self.actor.train()
@@ -152,16 +165,23 @@ class PPOTrainer:
             self.ema.update(self.actor)
         t3 = time.perf_counter()
 
-        stats = self.experience_stats(exp)
+        stats = self.experience_stats(exp, kl_coef)
         self.kl_ctl.update(stats["objective/kl"], p.rollout_batch_size)
         generated = D.all_reduce_sum([float(rollout.response_lengths.sum())])[0]
         stats.update(train_stats)
-        stats.update({"objective/kl_coef": self.kl_ctl.value, "lr/actor": self.actor.lr, "lr/critic": self.critic.lr,
+        stats.update({"objective/kl_coef": kl_coef, "lr/actor": self.actor.lr, "lr/critic": self.critic.lr,
                       "time/generation": t1 - t0, "time/experience": t2 - t1, "time/training": t3 - t2,
                       "time/step": t3 - t0, "time/rollout_refresh": t_refresh, "tokens/generated": generated,
                       "tokens/generation_per_s": generated / max(t1 - t0, 1e-9),
                       "tokens/per_s": generated / max(t3 - t0, 1e-9)})
         return stats
+
+    def step_rollouts(self, step: int):
+        """This process's share of step `step`'s prompts (by their place in the global batch), sampled."""
+        rows = self.schedule.rows_for_step(step)
+        mine = np.array_split(np.arange(len(rows)), self.world)[self.rank]
+        return self.rollouts([self.prompts.row(int(rows[j]))["prompt_ids"] for j in mine],
+                             [_seed(self.p.seed, step, int(j)) for j in mine])
 
     def rollouts(self, prompts: list[np.ndarray], seeds: list[int]):
         """Sample one response per prompt with the rollout copy, in generation batches. Each prompt has its
@@ -175,10 +195,12 @@ class PPOTrainer:
         """ppo_epochs passes over the batch; per mini-batch one actor and one critic optimizer step.
 
         Each micro-batch's summed loss is divided by the mini-batch's valid tokens over all processes
-        (the backend's scaling contract), so the step's gradient is that of the token mean."""
+        (the backend's scaling contract), so the step's gradient is that of the token mean. Gradient norms
+        are logged as the mean and the max over the step's optimizer steps."""
         p = self.p
         n_local = len(exp.rollout.lengths)
         sums: Counter = Counter()
+        grad_norms: dict[str, list] = {"policy": [], "val": []}  # one per optimizer step (mini-batch)
         for epoch in range(p.ppo_epochs):
             order = np.random.default_rng([p.seed, step, epoch]).permutation(n_local)
             for k, mini in enumerate(np.array_split(order, self.n_mini)):
@@ -189,6 +211,8 @@ class PPOTrainer:
                     sums.update(self.actor_micro_step(exp, torch.as_tensor(micro), tokens, ptx_rows, ptx_tokens))
                 for micro in np.array_split(mini, self.critic_t.gradient_accumulation_steps):
                     sums.update(self.critic_micro_step(exp, torch.as_tensor(micro), tokens))
+                grad_norms["policy"].append(self.actor.grad_norm())
+                grad_norms["val"].append(self.critic.grad_norm())
         keys = sorted(sums)
         totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
         n_tok = max(totals.pop("tokens"), 1)
@@ -196,7 +220,10 @@ class PPOTrainer:
         out = {k: v / n_tok for k, v in totals.items()}
         if ptx_loss is not None:
             out["ptx/loss"] = ptx_loss / max(ptx_tokens, 1)
-        out["policy/grad_norm"], out["val/grad_norm"] = self.actor.grad_norm(), self.critic.grad_norm()
+        for name, norms in grad_norms.items():
+            seen = [n for n in norms if n is not None]
+            out[f"{name}/grad_norm"] = float(np.mean(seen)) if seen else None
+            out[f"{name}/grad_norm_max"] = float(np.max(seen)) if seen else None
         return out
 
     def actor_micro_step(self, exp: Experience, idx: torch.Tensor, tokens: float, ptx_rows, ptx_tokens) -> dict:
@@ -239,14 +266,15 @@ class PPOTrainer:
         mine = np.array_split(rows, self.world)[self.rank]
         return [[self.ptx.row(int(i)) for i in part] for part in np.array_split(mine, gas)], max(tokens, 1)
 
-    def experience_stats(self, exp: Experience) -> dict:
-        """Rollout metrics over all processes, per sequence unless named per token (TRL's names)."""
+    def experience_stats(self, exp: Experience, kl_coef: float) -> dict:
+        """Rollout metrics over all processes, per sequence unless named per token (TRL's names); kl_coef is
+        the β this batch's rewards were shaped with."""
         mask = exp.rollout.response_mask()
         kl_seq = exp.kl.sum(1)
         sums = {
             "objective/kl": kl_seq.sum(),
             "objective/entropy": -(exp.old_logprobs * mask).sum(),  # TRL: per-sequence −Σ log π
-            "objective/non_score_reward": (-self.kl_ctl.value * kl_seq).sum(),
+            "objective/non_score_reward": (-kl_coef * kl_seq).sum(),
             "objective/scores": exp.scores.sum(),
             "objective/scores_shaped": exp.shaped_scores.sum(),
             "rollout/response_length": exp.rollout.response_lengths.sum(),
@@ -309,7 +337,10 @@ class PPOTrainer:
         if self.ema is not None:
             self.ema.save(tmp / "ema.safetensors")
             if D.is_main():
+                require_finite_weights(self.ema.weights, str(tmp / "ema_model"))
                 write_causal_lm(self.ema.weights, base_config(self.actor.module.lm), self.tokenizer, tmp / "ema_model")
+        if self.norm is not None and D.is_main():
+            (tmp / SCORE_STATS_FILE).write_text(json.dumps(self.norm, indent=1))
         return finish_checkpoint(tmp, step, self.p.keep_checkpoints, {"step": step, "stage": "ppo"})
 
     def _save_critic(self, out: Path) -> None:
@@ -320,16 +351,52 @@ class PPOTrainer:
             self.tokenizer.save_pretrained(out)
 
     def _resume(self) -> int:
-        ckpts = checkpoint_dirs(self.out_dir) if self.p.resume == "auto" else []
-        if not ckpts:
+        ckpt = self.resume_from
+        if ckpt is None:
             return 0
-        state = self.actor.load_state(ckpts[-1] / "actor")
-        self.critic.load_state(ckpts[-1] / "critic")
+        state = self.actor.load_state(ckpt / "actor")
+        self.critic.load_state(ckpt / "critic")
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.ema is not None:
-            self.ema.load(ckpts[-1] / "ema.safetensors")
+            self.ema.load(ckpt / "ema.safetensors")
         self.policy.refresh(self.actor)
         return int(state["step"])
+
+    # --- score normalisation -------------------------------------------------------------------------
+    def score_normalization(self) -> dict:
+        """The reward's mean and std on the initial policy's own samples of PPO prompts (Ziegler et al.;
+        "The N implementation details of RLHF with PPO"), the same on every process. A fresh run measures
+        them; a resumed run reads the ones its checkpoint was trained with."""
+        stored = self.resume_from / SCORE_STATS_FILE if self.resume_from is not None else None
+        norm = D.broadcast_object(json.loads(stored.read_text()) if D.is_main() and stored and stored.is_file()
+                                  else None)
+        how = f"kept from {stored}" if norm else "measured on the initial policy's samples"
+        norm = norm or self.measure_score_stats()
+        if D.is_main():
+            print(f"ppo: score normalisation {how}: mean {norm['mean']:.4g}, std {norm['std']:.4g} "
+                  f"({norm['samples']} samples)", flush=True)
+        return norm
+
+    @torch.no_grad()
+    def measure_score_stats(self) -> dict:
+        """Score the initial policy's responses to the prompts of the first ⌈NORMALIZE_MIN_SAMPLES /
+        rollout_batch_size⌉ rollout batches (sampled as those steps sample them); mean and std over every
+        process. Every process scores as many micro-batches (the batches split evenly), as ZeRO-3 needs."""
+        micro = self.actor_t.micro_batch_size
+        scores = []
+        for step in range(math.ceil(NORMALIZE_MIN_SAMPLES / self.p.rollout_batch_size)):
+            rollout = self.step_rollouts(step)
+            for start in range(0, len(rollout.lengths), micro):
+                rows = torch.arange(start, min(start + micro, len(rollout.lengths)))
+                scores.append(self.score(select_rows(rollout, rows).to(self.device)).cpu())
+        scores = torch.cat(scores)
+        mean, var = masked_moments_over_ranks(scores, torch.ones_like(scores, dtype=torch.bool))
+        samples = int(D.all_reduce_sum([float(len(scores))])[0])
+        if not var > 0:
+            raise RlhfkitError(f"ppo.normalize_scores: the reward gave every one of {samples} samples of the initial "
+                               f"policy the same score ({mean:.4g}), so there is no spread to normalise by; "
+                               "check the reward model, or set ppo.normalize_scores: false")
+        return {"mean": mean, "std": var ** 0.5, "samples": samples}
 
 
 def run_ppo(cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None,
