@@ -177,9 +177,10 @@ def _final(run: Path, what: str = "final") -> dict:
 
 
 def test_ppo_resume_after_sigkill_gives_the_same_final_weights(tmp_path, prompts_file, reward_dir):
+    """Normalised scores: the resumed run keeps the statistics its checkpoint stored, and the critic its bias."""
     ppo = dict(steps=6, save_every=2, eval_every=0, ppo_epochs=2, mini_batch_size=4, ema_decay=0.9,
-               adaptive_kl={"target": 1.0, "horizon": 100}, actor={"learning_rate": 1e-3, "micro_batch_size": 2},
-               critic={"learning_rate": 1e-3, "micro_batch_size": 2})
+               normalize_scores=True, adaptive_kl={"target": 1.0, "horizon": 100},
+               actor={"learning_rate": 1e-3, "micro_batch_size": 2}, critic={"learning_rate": 1e-3, "micro_batch_size": 2})
     straight = ppo_config(tmp_path / "a", prompts_file, reward_dir, **ppo)
     run_ok(["ppo", str(straight), "--no-progress"])
 
@@ -189,6 +190,7 @@ def test_ppo_resume_after_sigkill_gives_the_same_final_weights(tmp_path, prompts
     assert not (tmp_path / "b" / "run" / "ppo" / "final").exists()  # it really died mid-run
     out = run_ok(["ppo", str(resumed), "--no-progress"])
     assert "resumed at step 4" in out
+    assert "score normalisation kept from" in out and "step-0000004" in out
 
     a_run, b_run = tmp_path / "a" / "run", tmp_path / "b" / "run"
     for what in ("final", "final-ema"):
@@ -204,7 +206,8 @@ def test_two_processes_actor_zero3_reward_zero0_match_one_process(tmp_path, prom
     """Same global batch of 8 prompts: per-prompt sampling seeds make the rollouts identical, and losses
     are normalised by global token counts, so only float summation order differs."""
     ppo = dict(steps=3, eval_every=0, eval_prompts=8, actor={"learning_rate": 1e-3, "micro_batch_size": 4},
-               critic={"learning_rate": 1e-3, "micro_batch_size": 4}, reward={"dtype": "float32", "zero_stage": 0})
+               critic={"learning_rate": 1e-3, "micro_batch_size": 4}, reward={"dtype": "float32", "zero_stage": 0},
+               normalize_scores=True)
     one = ppo_config(tmp_path / "one", prompts_file, reward_dir, **ppo)
     run_ok(["ppo", str(one), "--no-progress"])
     ppo["actor"] = {**ppo["actor"], "zero_stage": 3}
@@ -212,7 +215,8 @@ def test_two_processes_actor_zero3_reward_zero0_match_one_process(tmp_path, prom
     run_ok(["ppo", str(two), "--no-progress"], nproc=2)
     a_run, b_run = tmp_path / "one" / "run", tmp_path / "two" / "run"
     assert metrics(a_run, "tokens/generated") == metrics(b_run, "tokens/generated")
-    for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "eval/score", "eval/kl"):
+    for key in ("score_norm/mean", "score_norm/std", "objective/scores", "objective/kl", "loss/policy", "loss/value",
+                "eval/score", "eval/kl"):
         a, b = metrics(a_run, key), metrics(b_run, key)
         assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (key, a, b)  # stated: 1e-4
     a, b = _final(a_run), _final(b_run)
