@@ -170,6 +170,18 @@ def test_a_non_finite_ema_is_not_written_as_a_model(ppo_run):
     assert not (trainer.out_dir / "checkpoints" / "step-0000099").exists()
 
 
+def test_resume_force_continues_from_the_checkpoint_under_changed_settings(ppo_run, capsys):
+    from rlhfkit.train.ppo.trainer import PPOTrainer
+
+    trainer, _, _ = ppo_run
+    cfg = load_config(trainer.out_dir.parent.parent / "config.yaml", ["ppo.steps=3", "ppo.resume=force"])
+    again = PPOTrainer(cfg, show_progress=False)
+    again.train()
+    out = capsys.readouterr().out
+    assert "resuming under changed settings (ppo.resume=force): ppo.steps: 2 → 3" in out
+    assert "resumed at step 2/3" in out and "score normalisation kept from" in out
+
+
 def test_a_non_finite_reward_model_is_not_saved(tmp_path):
     rm = RewardModel.from_pretrained(resolve_model_dir("tiny-random", TINY))
     sd = rm.state_dict()
