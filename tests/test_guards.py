@@ -217,3 +217,18 @@ def test_a_finished_stage_under_changed_settings_stops_the_pipeline(tmp_path, pa
     check_unchanged(load_config(cfg), "sft")  # unchanged: skipped as before
     with pytest.raises(ConfigError, match=r"(?s)sft finished with other settings.*sft.epochs: 1 → 3.*--from sft"):
         check_unchanged(load_config(cfg, ["sft.epochs=3"]), "sft")
+
+
+def test_a_diverging_ppo_run_stops_and_publishes_nothing(tmp_path):
+    from test_ppo import ppo_config
+    from rlhfkit.train.guards import NonFiniteError
+    from rlhfkit.train.ppo.trainer import run_ppo
+    from ppo_known_reward import TargetTokenReward
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", synthetic_pairs(40))
+    cfg = ppo_config(tmp_path, prompts, steps=6, eval_every=0, eval_prompts=4, save_every=1,
+                     actor={"learning_rate": 1e30, "micro_batch_size": 4},
+                     critic={"learning_rate": 1e30, "micro_batch_size": 4})
+    with pytest.raises(NonFiniteError, match=r"ppo: training diverged at step \d: .*nan.*ppo.actor.max_nonfinite_steps"):
+        run_ppo(load_config(cfg), show_progress=False, reward_model=TargetTokenReward())
+    assert not (tmp_path / "run" / "ppo" / "final").exists()

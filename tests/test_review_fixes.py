@@ -267,8 +267,7 @@ def pair_batch():
     return {"input_ids": ids, "lengths": torch.tensor([12, 10, 11, 9]), "prompt_lens": torch.tensor([4, 4, 5, 5])}
 
 
-@pytest.mark.parametrize("kind", ["llama", pytest.param("opt", marks=pytest.mark.xfail(
-    strict=True, reason="models.loading.set_dropout misses OPT's float `dropout` attributes (fix pending there)"))])
+@pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_the_dpo_policy_trains_without_dropout(tmp_path, kind):
     from rlhfkit.train.dpo import dpo_policy, pair_logprobs
 

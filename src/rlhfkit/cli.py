@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         print("rlhfkit: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
         return 143
     except Exception as e:
+        from .engine.distributed import collective_failure
+
+        lost = collective_failure(e, getattr(args, "stage", "rlhfkit"))
+        if lost:
+            print(f"rlhfkit: error: {lost}", file=sys.stderr)
+            return 3
         problem = machine_problem(e)
         if problem is None:
             raise

@@ -190,6 +190,7 @@ class DPOConfig(TrainConfig):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # > 0: conservative DPO
     learning_rate: float = Field(1e-6, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1)  # None: 0 in DPO (policy and reference), as TRL does
 
 
 class FrozenModelConfig(Section):
@@ -263,7 +264,10 @@ class PPOConfig(Section):
     kl_coef: float = Field(0.1, ge=0)
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
     adaptive_kl: AdaptiveKLConfig | None = None
-    normalize_scores: bool = False  # with the RM's stored mean/std
+    # (s − mean)/std with the reward's mean/std on the initial policy's own samples of PPO prompts, measured
+    # at the start on normalize_samples of them (whole rollout batches) and kept in every checkpoint
+    normalize_scores: bool = False
+    normalize_samples: int = Field(64, ge=2)
     score_clip: float | None = Field(5.0, gt=0)
     missing_eos_penalty: float | None = None  # added to the score of responses cut at max_new_tokens
     gamma: float = Field(1.0, ge=0, le=1)

@@ -114,5 +114,7 @@ def set_dropout(model, p: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = p
-        elif hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-            module.attention_dropout = p
+        # OPT and others keep plain float rates read at each forward (F.dropout(x, p=self.dropout))
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)

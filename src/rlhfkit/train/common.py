@@ -30,7 +30,7 @@ def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Ble
     """
     data_dir = cfg.output_dir / "data"
     D.init_distributed()
-    if D.is_main():
+    if D.leads_disk(cfg.output_dir):  # each disk's first rank: every node's, when nodes have their own disks
         prepare(cfg, show_progress=show_progress)
     D.barrier()
     manifest = json.loads((data_dir / "manifest.json").read_text())

@@ -26,8 +26,9 @@ class NonFiniteGuard:
     """Counts optimizer steps with a non-finite loss or gradient norm (the backend skipped their update) and
     stops the run, naming the step and the last good checkpoint, once more than `tolerance` were seen."""
 
-    def __init__(self, stage: str, out_dir: Path, tolerance: int):
+    def __init__(self, stage: str, out_dir: Path, tolerance: int, setting: str | None = None):
         self.stage, self.out_dir, self.tolerance = stage, Path(out_dir), tolerance
+        self.setting = setting or f"{stage}.max_nonfinite_steps"
         self.seen = 0
         self.warned_zero_grad = False
 
@@ -41,7 +42,7 @@ class NonFiniteGuard:
         if self.seen <= self.tolerance:
             if D.is_main():
                 print(f"{self.stage}: step {step}: {shown}; update skipped ({self.seen} of "
-                      f"{self.stage}.max_nonfinite_steps={self.tolerance} allowed)", flush=True)
+                      f"{self.setting}={self.tolerance} allowed)", flush=True)
             return
         from ..engine.backend import checkpoint_dirs
 
@@ -50,7 +51,7 @@ class NonFiniteGuard:
                 f"{self.stage}.resume=force to continue from it, or {self.stage}.resume=never to start over"
                 if ckpts else "no checkpoint was saved before it; rerun with a lower learning rate")
         raise NonFiniteError(f"{self.stage}: training diverged at step {step}: {shown}. Nothing was published "
-                             f"as final/; {last} (or allow skipped steps with {self.stage}.max_nonfinite_steps).")
+                             f"as final/; {last} (or allow skipped steps with {self.setting}).")
 
     def _warn_zero_gradient(self, step: int, values: dict) -> None:
         """A gradient of exactly 0 with a finite loss: the model is saturated (e.g. a huge learning rate

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import TrainConfig
 from ..engine import distributed as D
 from ..engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
+from ..engine.sharding import equal_count_batches
 from ..paths import link_or_copy, make_temp_dir, publish_dir
 from ..tracking import Tracker
 from .batching import Blend, StepSchedule, rank_micro_batches
@@ -131,18 +131,12 @@ def evaluate(stage: Stage, engine: TrainEngine, t: TrainConfig) -> dict:
         return {}
     engine.eval()
     rank, world = D.init_distributed()
-    idx = np.array_split(np.arange(len(stage.eval)), world)[rank]
-    # Every rank runs as many forwards as the largest shard needs (ZeRO-3 gathers parameters collectively,
-    # so one rank with a batch fewer would hang the others); a shard that is done repeats a row, unused.
-    n_batches = math.ceil(math.ceil(len(stage.eval) / world) / t.micro_batch_size)
-    if t.max_eval_batches:
-        n_batches = min(n_batches, t.max_eval_batches)
     sums: Counter = Counter()
-    for b in range(n_batches):
-        mb = idx[b * t.micro_batch_size:(b + 1) * t.micro_batch_size]
-        rows = [stage.eval.row(int(i)) for i in (mb if len(mb) else [0])]
+    # the same number of forwards on every rank (ZeRO-3 gathers parameters collectively)
+    for mb, keep in equal_count_batches(len(stage.eval), rank, world, t.micro_batch_size, t.max_eval_batches):
+        rows = [stage.eval.row(int(i)) for i in mb]
         loss_sum, metrics = stage.loss(engine, stage.collate(rows))
-        if len(mb):
+        if keep:
             sums.update({"loss": loss_sum.item(), "units": stage.units(rows), **metrics})
     keys = ["loss", "units"] + sorted(k for k in sums if k not in ("loss", "units"))
     totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))

@@ -31,6 +31,7 @@ from ...tracking import Tracker
 from ..batching import StepSchedule, collate_sft, count_sft_targets
 from ..common import base_config, begin_stage, gathered_weights, model_config_for, save_causal_lm, stage_data, write_causal_lm
 from ..budget import StageBudget, StepPlanner
+from ..guards import NonFiniteGuard
 from ..guards import require_finite_weights
 from ..loop import publish_final, timed, truncate_metrics
 from . import formulas as PF
@@ -45,7 +46,6 @@ from .rollout import RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_
 # batches): the std's relative standard error is about 1/√(2n) ≈ 9%, which moves the effective KL coefficient
 # by as much, well inside how precisely one chooses it, for at most one step's generation when rollout
 # batches hold 64 or more (lm-human-preferences used 256 on GPUs).
-NORMALIZE_MIN_SAMPLES = 64
 SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
 
 
@@ -121,6 +121,7 @@ class PPOTrainer:
         else:
             norm = {f"score_norm/{k}": v for k, v in (self.norm or {}).items()}
             tracker.log(0, {**norm, **timed(self.evaluate, planner.timed_eval)(0)})
+        guard = NonFiniteGuard("ppo", self.out_dir, p.actor.max_nonfinite_steps, "ppo.actor.max_nonfinite_steps")
         done = start
         while done < total:
             metrics = self.step(done)
@@ -128,6 +129,8 @@ class PPOTrainer:
             total = planner.after_step(done, metrics["time/step"])
             tracker.set_total(total)
             tracker.log(done, metrics, advance=True)
+            guard.check(done, {k: metrics.get(k) for k in ("loss/policy", "loss/value", "policy/grad_norm",
+                                                           "val/grad_norm")})
             if p.eval_every and done % p.eval_every == 0 and done < total:
                 tracker.log(done, timed(self.evaluate, planner.timed_eval)(done))
             if p.save_every and done % p.save_every == 0 and done < total:
@@ -379,12 +382,12 @@ class PPOTrainer:
 
     @torch.no_grad()
     def measure_score_stats(self) -> dict:
-        """Score the initial policy's responses to the prompts of the first ⌈NORMALIZE_MIN_SAMPLES /
+        """Score the initial policy's responses to the prompts of the first ⌈ppo.normalize_samples /
         rollout_batch_size⌉ rollout batches (sampled as those steps sample them); mean and std over every
         process. Every process scores as many micro-batches (the batches split evenly), as ZeRO-3 needs."""
         micro = self.actor_t.micro_batch_size
         scores = []
-        for step in range(math.ceil(NORMALIZE_MIN_SAMPLES / self.p.rollout_batch_size)):
+        for step in range(math.ceil(self.p.normalize_samples / self.p.rollout_batch_size)):
             rollout = self.step_rollouts(step)
             for start in range(0, len(rollout.lengths), micro):
                 rows = torch.arange(start, min(start + micro, len(rollout.lengths)))
