@@ -234,7 +234,7 @@ def first_rows(cfg):
 
 @pytest.mark.parametrize("damage, says", [
     ("truncate table", r"table\.npz has \d+ bytes, \d+ were written"),
-    ("garble stats", r"stats\.json differs from what was written \(SHA-256\)"),
+    ("garble stats", r"stats\.json does not match its SHA-256"),
     ("remove checksums", r"checksums\.json is missing or unreadable"),
 ])
 def test_damaged_cache_entry_is_rebuilt_saying_so(tmp_path, tiny_tokenizer, capsys, damage, says):

@@ -27,6 +27,28 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_listing(root: Path, names) -> dict[str, dict]:
+    """Size and SHA-256 of each file (names relative to root): written after the files, as a record of
+    what was written that `listing_problem` checks them against later."""
+    return {str(n): {"size": (Path(root) / n).stat().st_size, "sha256": file_sha256(Path(root) / n)} for n in names}
+
+
+def listing_problem(root: Path, listing: dict, hashes: bool = True) -> str | None:
+    """None when every file of a `file_listing` is there with its size (and SHA-256); else what is wrong
+    with the first that is not."""
+    for name, want in listing.items():
+        path = Path(root) / name
+        if not isinstance(want, dict):
+            return f"the listing of {name} is not valid"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want.get("size"):
+            return f"{name} has {path.stat().st_size} bytes, {want.get('size')} were written"
+        if hashes and file_sha256(path) != want.get("sha256"):
+            return f"{name} does not match its SHA-256"
+    return None
+
+
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Put src's content at dst as a hard link (a copy across filesystems), replacing dst atomically."""
     src, dst = Path(src), Path(dst)

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ..config import Config, DataConfig, DatasetConfig, save_resolved_config
 from ..errors import DataError
-from ..paths import cache_root, file_sha256, link_or_copy, make_temp_dir, publish_dir, write_text_atomic
+from ..paths import (cache_root, file_listing, file_sha256, link_or_copy, listing_problem, make_temp_dir, publish_dir,
+                     write_text_atomic)
 from . import registry
 from .readers import check_data_file, iter_file_records
 from .records import BadRecord, Example, detect_format, to_example
@@ -233,15 +234,7 @@ def entry_problem(entry: Path) -> str | None:
         written = None
     if not isinstance(written, dict):
         return f"{CHECKSUMS} is missing or unreadable"
-    for name in ENTRY_FILES:
-        path, want = entry / name, written.get(name, {})
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want.get("bytes"):
-            return f"{name} has {path.stat().st_size} bytes, {want.get('bytes')} were written"
-        if file_sha256(path) != want.get("sha256"):
-            return f"{name} differs from what was written (SHA-256)"
-    return None
+    return listing_problem(entry, {name: written.get(name, {}) for name in ENTRY_FILES})
 
 
 def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase: int, header: dict,
@@ -252,8 +245,7 @@ def _build_chunk(final: Path, examples: list[Example], renderer: Renderer, phase
     try:
         table.save(tmp / "table.npz")
         (tmp / "stats.json").write_text(json.dumps({**header, **stats.to_dict(table)}, indent=1, ensure_ascii=False))
-        checksums = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in ENTRY_FILES}
-        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1))
+        (tmp / CHECKSUMS).write_text(json.dumps(file_listing(tmp, ENTRY_FILES), indent=1))
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import RlhfkitError
-from ..paths import file_sha256, publish_dir, write_text_atomic
+from ..paths import file_listing, listing_problem, publish_dir, write_text_atomic
 from . import distributed as D
 from .precision import resolve_dtype
 
@@ -359,15 +359,7 @@ def checkpoint_problem(ckpt: Path, hashes: bool = True) -> str | None:
         listed = json.loads((ckpt / COMPLETE).read_text()).get("files")
     except (OSError, ValueError) as e:
         return f"{COMPLETE} unreadable: {e}"
-    for rel, (size, digest) in (listed or {}).items():  # no list: written before lists existed
-        f = ckpt / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
-        if hashes and file_sha256(f) != digest:
-            return f"{rel} does not match its SHA-256"
-    return None
+    return listing_problem(ckpt, listed or {}, hashes)  # no list: written before lists existed
 
 
 def begin_checkpoint(root: Path, step: int) -> Path:
@@ -389,8 +381,7 @@ def finish_checkpoint(tmp: Path, step: int, keep: int, meta: dict) -> Path:
     leader, error = D.leads_disk(tmp.parent), None
     if leader:
         try:
-            files = {str(f.relative_to(tmp)): [f.stat().st_size, file_sha256(f)]
-                     for f in sorted(tmp.rglob("*")) if f.is_file()}
+            files = file_listing(tmp, [f.relative_to(tmp) for f in sorted(tmp.rglob("*")) if f.is_file()])
             write_text_atomic(tmp / COMPLETE, json.dumps({**meta, "files": files}, indent=1))
             publish_dir(tmp, final)
         except OSError as e:

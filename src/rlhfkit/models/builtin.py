@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from ..config import TinyModelConfig
 from ..errors import ModelLoadError
-from ..paths import cache_root, file_sha256, make_temp_dir, publish_dir
+from ..paths import cache_root, file_listing, file_sha256, listing_problem, make_temp_dir, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +94,17 @@ def _damage(final: Path) -> str | None:
     """What is wrong with a cached dir (None when every file matches the manifest written after them)."""
     try:
         files = json.loads((final / _DONE).read_text(encoding="utf-8"))["files"]
-        expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
     except FileNotFoundError:
         return "no manifest: unfinished, or written by an older rlhfkit"
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError):
         return f"{_DONE} is not a valid manifest"
-    for name, (size, sha256) in expected.items():
-        path = final / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-        if file_sha256(path) != sha256:
-            return f"{name} does not match its SHA-256 in the manifest"
-    return None
+    if not isinstance(files, dict):
+        return f"{_DONE} is not a valid manifest"
+    return listing_problem(final, files)
 
 
 def _write_manifest(out: Path, source: str) -> None:
-    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
+    files = file_listing(out, [p.name for p in sorted(out.iterdir()) if p.is_file()])
     (out / _DONE).write_text(json.dumps({"source": source, "files": files}, indent=1))
 
 

@@ -31,8 +31,7 @@ from ...tracking import Tracker
 from ..batching import StepSchedule, collate_sft, count_sft_targets
 from ..common import base_config, begin_stage, gathered_weights, model_config_for, save_causal_lm, stage_data, write_causal_lm
 from ..budget import StageBudget, StepPlanner
-from ..guards import NonFiniteGuard
-from ..guards import require_finite_weights
+from ..guards import NonFiniteGuard, require_finite_weights
 from ..loop import publish_final, timed, truncate_metrics
 from . import formulas as PF
 from .ema import ActorEMA
@@ -42,10 +41,6 @@ from .models import (FrozenModel, actor_start, build_actor, build_critic, build_
                      check_tokenizers)
 from .rollout import RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for, select_rows
 
-# ppo.normalize_scores measures the reward on at least this many samples of the initial policy (whole rollout
-# batches): the std's relative standard error is about 1/√(2n) ≈ 9%, which moves the effective KL coefficient
-# by as much, well inside how precisely one chooses it, for at most one step's generation when rollout
-# batches hold 64 or more (lm-human-preferences used 256 on GPUs).
 SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
 
 
