@@ -36,7 +36,7 @@ from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.budget import StageBudget
 from ..train.common import TokenLogprobLM, model_config_for
 from ..train.ppo.experience import RewardScorer, response_kl
-from ..train.ppo.models import load_reward_model
+from ..train.ppo.models import load_reward_model, tokenizer_pair
 from ..train.ppo.rollout import Rollout, sample_rollouts, sampling_for
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
@@ -114,7 +114,8 @@ class Comparison:
         """Scores the policy's rollouts; built as PPO builds its reward (retokenizing where tokenizers differ)."""
         rm = cast_params(load_reward_model(path, self.cfg), dtype, self.device)
         return RewardScorer(rm.eval().requires_grad_(False),
-                            retokenizer(self.cfg, self.tokenizer, f"the policy ({self.policy_path})", path))
+                            tokenizer_pair(self.cfg, self.tokenizer, f"eval: the policy ({self.policy_path})", path,
+                                           "the judge"))
 
     @torch.no_grad()
     def answer(self, model, prompts: list[np.ndarray], start: int = 0):
@@ -205,8 +206,8 @@ class Comparison:
             return None
         tok = self.data_tokenizer
         judge = RewardScorer(self.judges["rm"].reward,
-                             retokenizer(self.cfg, tok, f"the prepared data ({self.cfg.model.name_or_path})",
-                                         self.reward_path))
+                             tokenizer_pair(self.cfg, tok, f"eval: the prepared data ({self.cfg.model.name_or_path})",
+                                            self.reward_path, "the judge"))
         eos_id = Renderer(tok, self.cfg.data).eos_id
         correct = 0.0
         for i in range(0, len(rows), self.e.batch_size):
@@ -216,19 +217,6 @@ class Comparison:
             half = scores.shape[0] // 2
             correct += float((scores[:half] > scores[half:]).float().sum())
         return correct / len(rows)
-
-
-def retokenizer(cfg: Config, text_tokenizer, text_source: str, judge_path: str) -> tuple | None:
-    """(text tokenizer, judge tokenizer) for RewardScorer when they differ and ppo.retokenize allows
-    re-encoding; None when they agree token for token. As PPO decides (train/ppo/models.check_tokenizers)."""
-    judge_tokenizer = load_tokenizer(model_config_for(cfg, judge_path))
-    if (text_tokenizer.get_vocab() == judge_tokenizer.get_vocab()
-            and text_tokenizer.eos_token_id == judge_tokenizer.eos_token_id):
-        return None
-    if not cfg.ppo.retokenize:
-        raise ConfigError(f"eval: {text_source} and the judge ({judge_path}) use different tokenizers; set "
-                          "ppo.retokenize: true to score the decoded text re-tokenized for the judge")
-    return text_tokenizer, judge_tokenizer
 
 
 def pair_rollout(rows: list[dict], pad_id: int, eos_id: int) -> Rollout:

@@ -122,15 +122,20 @@ def build_reward(cfg: Config) -> FrozenModel:
 def check_tokenizers(cfg: Config):
     """Actor and reward tokenizers must agree token for token unless ppo.retokenize says to re-encode text.
 
-    Returns the reward model's tokenizer when it must retokenize, else None."""
+    Returns the (actor, reward model) tokenizer pair when it must retokenize, else None."""
     actor_tok = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
-    reward_tok = load_tokenizer(model_config_for(cfg, reward_start(cfg)))
-    same = actor_tok.get_vocab() == reward_tok.get_vocab() and actor_tok.eos_token_id == reward_tok.eos_token_id
-    if same:
+    return tokenizer_pair(cfg, actor_tok, f"the actor ({actor_start(cfg)})", reward_start(cfg), "the reward model")
+
+
+def tokenizer_pair(cfg: Config, text_tokenizer, text_source: str, scorer_path: str, scorer_name: str):
+    """(text tokenizer, scorer tokenizer) for RewardScorer when they differ and ppo.retokenize allows
+    re-encoding; None when they agree token for token (same vocabulary and EOS). PPO's reward and eval's
+    judges decide it here."""
+    scorer_tok = load_tokenizer(model_config_for(cfg, scorer_path))
+    if text_tokenizer.get_vocab() == scorer_tok.get_vocab() and text_tokenizer.eos_token_id == scorer_tok.eos_token_id:
         return None
     if not cfg.ppo.retokenize:
-        raise ConfigError(
-            f"the actor ({actor_start(cfg)}) and the reward model ({reward_start(cfg)}) use different tokenizers; "
-            "set ppo.retokenize: true to score the decoded text re-tokenized for the reward model")
-    return actor_tok, reward_tok
+        raise ConfigError(f"{text_source} and {scorer_name} ({scorer_path}) use different tokenizers; set "
+                          f"ppo.retokenize: true to score the decoded text re-tokenized for {scorer_name}")
+    return text_tokenizer, scorer_tok
 
