@@ -81,7 +81,7 @@ def main() -> None:
     from rlhfkit.engine.precision import DTYPES, machine_summary, resolve_dtype
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.train.common import TokenLogprobLM
-    from rlhfkit.train.ppo.rollout import RolloutPolicy
+    from rlhfkit.rollout.sampling import RolloutPolicy
 
     machine = machine_summary()
     print(f"machine: {machine}", flush=True)

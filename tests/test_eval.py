@@ -17,7 +17,7 @@ from rlhfkit.eval.report import build_report
 from rlhfkit.models.loading import resolve_model_dir
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.train.batching import collate_pairs
-from rlhfkit.train.ppo.rollout import to_rollout
+from rlhfkit.rollout.sampling import to_rollout
 
 BOOT = S.Bootstrap(resamples=2000, seed=3)
 

@@ -21,10 +21,11 @@ from rlhfkit.models.reward import RewardModel
 from rlhfkit.tracking import read_metrics
 from rlhfkit.train.common import TokenLogprobLM
 from rlhfkit.train.losses import token_logprobs
-from rlhfkit.train.ppo.experience import RewardScorer, actor_logprobs, make_experience, whiten_over_ranks
+from rlhfkit.rollout.sampling import response_values, to_rollout
+from rlhfkit.rollout.scoring import RewardScorer, actor_logprobs
+from rlhfkit.train.ppo.experience import make_experience, whiten_over_ranks
 from rlhfkit.train.ppo.formulas import masked_whiten
 from rlhfkit.train.ppo.models import ValueModel
-from rlhfkit.train.ppo.rollout import response_values, to_rollout
 from test_training import ENV, cli, kill_when, run_ok, synthetic_pairs
 
 EOS = PAD = 2  # the tiny tokenizer's <|im_end|>: pad == eos

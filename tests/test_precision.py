@@ -133,7 +133,7 @@ def test_ppo_reference_and_eval_and_chat_and_dpo_reference_match_the_trained_mod
     from rlhfkit.chat import load_chat_model
     from rlhfkit.eval.compare import Comparison
     from rlhfkit.train.dpo import frozen_reference
-    from rlhfkit.train.ppo.models import FrozenModel
+    from rlhfkit.rollout.scoring import FrozenModel
 
     want = logits(trained_bf16, ids)
     reference = FrozenModel(load_causal_lm(ModelConfig(name_or_path=tiny_dir), dtype="float32"),
@@ -162,7 +162,7 @@ def _reward_dir(tmp_path, tiny_dir):
 
 def test_ppo_reward_and_eval_judge_match_the_trained_reward_model(tmp_path, tiny_dir, ids):
     from rlhfkit.eval.compare import Comparison
-    from rlhfkit.train.ppo.models import FrozenModel, load_reward_model
+    from rlhfkit.rollout.scoring import FrozenModel, load_reward_model
 
     rm_dir = str(_reward_dir(tmp_path, tiny_dir))
     t = TrainConfig(dtype="bfloat16", learning_rate=1e-4)
@@ -182,7 +182,7 @@ def test_ppo_reward_and_eval_judge_match_the_trained_reward_model(tmp_path, tiny
 
 
 def test_rollout_copy_matches_the_trained_actor(tiny_dir, ids):
-    from rlhfkit.train.ppo.rollout import RolloutPolicy
+    from rlhfkit.rollout.sampling import RolloutPolicy
 
     t = TrainConfig(dtype="bfloat16", learning_rate=1e-4, dropout=0.0)
     model, groups = trainable_causal_lm(ModelConfig(name_or_path=tiny_dir), t)
@@ -236,8 +236,9 @@ def test_reused_rollout_logprobs_are_the_actors_logprobs(tiny_dir):
     """fp32 full fine-tune: the sampler's log-probs equal a fresh actor forward (stated tolerance 1e-5), and
     make_experience uses them instead of calling the actor."""
     from rlhfkit.config import PPOConfig
-    from rlhfkit.train.ppo.experience import actor_logprobs, make_experience
-    from rlhfkit.train.ppo.rollout import RolloutPolicy, concat_rollouts, sample_rollouts, sampling_for
+    from rlhfkit.rollout.scoring import actor_logprobs
+    from rlhfkit.train.ppo.experience import make_experience
+    from rlhfkit.rollout.sampling import RolloutPolicy, concat_rollouts, sample_rollouts, sampling_for
     from rlhfkit.models.loading import load_tokenizer
 
     t = TrainConfig(dtype="float32", learning_rate=1e-4, dropout=0.0)

@@ -221,7 +221,7 @@ def test_the_critic_starts_as_the_reward_model_in_the_normalised_scale(tmp_path)
 
 @pytest.mark.parametrize("setting", [{"top_p": 0.9}, {"top_k": 20}])
 def test_ppo_refuses_truncated_sampling_and_eval_keeps_it(tmp_path, setting, tiny_tokenizer):
-    from rlhfkit.train.ppo.rollout import sampling_for
+    from rlhfkit.rollout.sampling import sampling_for
     from rlhfkit.train.ppo.trainer import PPOTrainer
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", synthetic_pairs(20))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -220,18 +220,113 @@ class AdaptiveKLConfig(Section):
     horizon: float = Field(10000, gt=0)  # in rollouts (sequences)
 
 
+# TrainConfig keys an RL model section inherits but the RL loop decides for itself, with where to set them
+RL_LOOP_KEYS = {"epochs": "ppo.steps", "max_steps": "ppo.steps", "eval_every": "ppo.eval_every",
+                "max_eval_batches": "ppo.eval_prompts", "save_every": "ppo.save_every",
+                "keep_checkpoints": "ppo.keep_checkpoints", "log_every": "nothing (every step is logged)",
+                "resume": "ppo.resume", "seed": "ppo.seed", "wandb_project": "ppo.wandb_project",
+                "gradient_accumulation_steps": "ppo.mini_batch_size (accumulation follows from it)"}
+
+
 class ActorConfig(TrainConfig):
     """The PPO actor's backend settings. micro_batch_size also sizes the experience forward passes;
-    gradient accumulation follows from ppo.mini_batch_size."""
+    gradient accumulation follows from ppo.mini_batch_size. The loop's own keys (RL_LOOP_KEYS) are errors
+    here: the RL loop would not read them."""
 
     micro_batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(1e-6, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "constant"
     dropout: float | None = Field(0.0, ge=0, lt=1)  # PPO ratios need the same network in rollout and update
 
+    @model_validator(mode="after")
+    def _loop_keys(self):
+        for key in sorted(self.model_fields_set & RL_LOOP_KEYS.keys()):
+            raise ValueError(f"{key} is not read here: the RL loop sets it for actor and critic; use "
+                             f"{RL_LOOP_KEYS[key]}")
+        return self
+
 
 class CriticConfig(ActorConfig):
     learning_rate: float = Field(5e-6, gt=0)
+
+
+class _RewardSourceBase(Section):
+    weight: float = 1.0  # the step's reward is the weighted sum of every source
+    name: str | None = None  # logged as reward/<name>; default: the type (numbered when repeated)
+
+
+class ModelRewardSource(_RewardSourceBase):
+    """The trained reward model (ppo.reward_model, else the RM stage's output) on the token sequences."""
+
+    type: Literal["model"] = "model"
+
+
+class PythonRewardSource(_RewardSourceBase):
+    """function(prompts, responses, metadata) -> floats, one per response; "package.module:function" or
+    "path/to/file.py:function" (relative paths from the working directory)."""
+
+    type: Literal["python"]
+    function: str = Field(pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Gsm8kRewardSource(_RewardSourceBase):
+    """1 when the response's final number equals the record's reference answer (metadata[answer_key])."""
+
+    type: Literal["gsm8k"]
+    answer_key: str = "final_answer"
+
+
+class ExactRewardSource(_RewardSourceBase):
+    """1 when the response, stripped, equals metadata[answer_key] (stripped)."""
+
+    type: Literal["exact"]
+    answer_key: str = "answer"
+
+
+class RegexRewardSource(_RewardSourceBase):
+    """1 when the regex is found in the response (re.search)."""
+
+    type: Literal["regex"]
+    pattern: str
+
+
+class FormatRewardSource(_RewardSourceBase):
+    """1 when the response ends in the answer format; default: GSM8K's "#### <number>" line."""
+
+    type: Literal["format"]
+    pattern: str = r"####\s*-?[\d,]*\.?\d+\s*$"
+
+
+class RemoteRewardSource(_RewardSourceBase):
+    """An HTTP reward server speaking OpenRLHF's remote reward-model protocol (docs/rewards.md)."""
+
+    type: Literal["remote"]
+    url: str = Field(pattern=r"^https?://")
+    timeout: float = Field(60.0, gt=0)  # seconds per request
+    retries: int = Field(2, ge=0)  # further tries after a failed request, with backoff
+    batch_size: int = Field(64, ge=1)  # responses per request
+
+
+RewardSource = Annotated[ModelRewardSource | PythonRewardSource | Gsm8kRewardSource | ExactRewardSource
+                         | RegexRewardSource | FormatRewardSource | RemoteRewardSource, Field(discriminator="type")]
+
+
+class PPORewardConfig(FrozenModelConfig):
+    """Where the RL reward comes from: a weighted sum of sources, each logged as reward/<name>. The
+    placement keys (dtype, zero_stage, offload_param) are the reward model's, used when a `model` source is."""
+
+    sources: list[RewardSource] = Field(default_factory=lambda: [ModelRewardSource()], min_length=1)
+
+    @field_validator("sources")
+    @classmethod
+    def _one_model(cls, v):
+        if sum(s.type == "model" for s in v) > 1:
+            raise ValueError("at most one `model` source: there is one reward model (ppo.reward_model)")
+        return v
+
+
+Advantage = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # baselines from a prompt's own group
 
 
 class PPOConfig(Section):
@@ -245,11 +340,12 @@ class PPOConfig(Section):
     actor: ActorConfig = Field(default_factory=ActorConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     reference: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
-    reward: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
+    reward: PPORewardConfig = Field(default_factory=PPORewardConfig)
     retokenize: bool = False  # actor and RM tokenizers differ: score the decoded text re-tokenized for the RM
 
     # Rollouts
     rollout_batch_size: int = Field(8, ge=1)  # prompts per PPO step, over all processes
+    n_samples_per_prompt: int = Field(1, ge=1)  # responses per prompt: a group (grpo, rloo, ... need ≥ 2)
     generation_batch_size: int | None = Field(None, ge=1)  # prompts per generate() call; default: all of a process's
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     rollout_dtype: Precision = "auto"
@@ -258,11 +354,22 @@ class PPOConfig(Section):
     reuse_rollout_logprobs: bool = True
     steps: int = Field(30, ge=1)  # PPO steps (rollout + update)
 
+    # Advantages: gae (PPO with the critic) or a critic-free estimator (docs/algorithms.md)
+    advantage: Advantage = "gae"
+    # token_mean: Σ over every token / tokens; seq_mean_token_mean: mean over responses of each one's token
+    # mean (GRPO); seq_mean_token_sum_norm: Σ / (responses · max_new_tokens) (Dr. GRPO, length-unbiased)
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    # Drop groups whose rewards are all equal (no signal under a group baseline; DAPO), counted in
+    # rollout/groups_dropped
+    dynamic_sampling: bool = False
+
     # PPO
     ppo_epochs: int = Field(1, ge=1)
-    mini_batch_size: int | None = Field(None, ge=1)  # rollouts per optimizer step, over all processes; default: all
+    mini_batch_size: int | None = Field(None, ge=1)  # responses per optimizer step, over all processes; default: all
     kl_coef: float = Field(0.1, ge=0)
-    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
+    # reward: −β·KL in each token's reward (InstructGPT); loss: β·KL added to the policy loss (GRPO); off: none
+    kl_mode: Literal["reward", "loss", "off"] = "reward"
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] | None = None  # default: k1 in the reward, k3 as a loss
     adaptive_kl: AdaptiveKLConfig | None = None
     # (s − mean)/std with the reward's mean/std on the initial policy's own samples of PPO prompts, measured
     # at the start on normalize_samples of them (whole rollout batches) and kept in every checkpoint
@@ -275,6 +382,8 @@ class PPOConfig(Section):
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     cliprange: float = Field(0.2, gt=0)
+    clip_low: float | None = Field(None, gt=0, lt=1)  # ratio floor 1 − clip_low; default: cliprange
+    clip_high: float | None = Field(None, gt=0)  # ratio ceiling 1 + clip_high; default: cliprange (DAPO: 0.28)
     cliprange_value: float = Field(0.2, gt=0)
     whiten_advantages: bool = True
     ptx_coef: float = Field(0.0, ge=0)  # > 0: add this times the SFT loss on phase-1 rows to the actor loss
@@ -290,11 +399,39 @@ class PPOConfig(Section):
     seed: int = 42
     wandb_project: str | None = None
 
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
+
+    @property
+    def responses_per_step(self) -> int:
+        return self.rollout_batch_size * self.n_samples_per_prompt
+
+    @property
+    def kl_estimator_used(self) -> str:
+        return self.kl_estimator or ("k3" if self.kl_mode == "loss" else "k1")
+
     @model_validator(mode="after")
     def _checks(self):
-        if self.mini_batch_size and self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                             f"mini_batch_size ({self.mini_batch_size})")
+        if self.mini_batch_size and self.responses_per_step % self.mini_batch_size:
+            raise ValueError(f"rollout_batch_size × n_samples_per_prompt ({self.responses_per_step}) must be a "
+                             f"multiple of mini_batch_size ({self.mini_batch_size})")
+        if self.advantage in GROUP_ADVANTAGES and self.n_samples_per_prompt < 2:
+            raise ValueError(f"advantage {self.advantage} takes its baseline from the other responses to the same "
+                             "prompt: set n_samples_per_prompt to 2 or more")
+        if self.dynamic_sampling and self.n_samples_per_prompt < 2:
+            raise ValueError("dynamic_sampling drops groups whose rewards are all equal: it needs "
+                             "n_samples_per_prompt ≥ 2")
+        if self.kl_mode == "loss" and self.kl_estimator in ("k1", "abs"):
+            raise ValueError(f"kl_estimator {self.kl_estimator} as a loss term has no useful gradient (k1's is 0 "
+                             "in expectation); use k3 (GRPO) or mse")
+        if self.kl_estimator and self.kl_mode == "off":
+            raise ValueError("kl_estimator is set but kl_mode is off: nothing would use it")
+        if not self.uses_critic:
+            for key in ("critic", "critic_model", "cliprange_value", "lam", "whiten_advantages"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key} is set, but only advantage gae reads it (a critic, GAE's λ and its "
+                                     f"whitening); advantage {self.advantage} has its own baseline and scale")
         return self
 
 

@@ -35,9 +35,8 @@ from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.budget import StageBudget
 from ..train.common import TokenLogprobLM, model_config_for
-from ..train.ppo.experience import RewardScorer, response_kl
-from ..train.ppo.models import load_reward_model, tokenizer_pair
-from ..train.ppo.rollout import Rollout, sample_rollouts, sampling_for
+from ..rollout.sampling import Rollout, sample_rollouts, sampling_for
+from ..rollout.scoring import RewardScorer, load_reward_model, response_kl, tokenizer_pair
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
 from .stats import Bootstrap, fmt, fmt_interval, set_statistics

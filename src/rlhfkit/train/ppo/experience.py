@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...config import PPOConfig
 from ...engine import distributed as D
-from ..batching import pad_right
+from ...rollout.sampling import Rollout, select_rows
+from ...rollout.scoring import actor_logprobs, critic_values
 from . import formulas as PF
-from .rollout import Rollout, response_tensor, response_values, select_rows
 
 
 @dataclass
@@ -32,49 +31,6 @@ class Experience:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-
-
-def actor_logprobs(forward, r: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """[B, R] log-probs of the response tokens under a TokenLogprobLM (engine or frozen).
-
-    PPO passes its sampling temperature: it optimises, and its KL penalty measures, the tempered
-    distribution the rollouts are drawn from (as TRL does), for the actor and the reference alike."""
-    flat, _ = forward(r.input_ids, r.lengths, r.token_mask(), temperature)
-    return response_tensor(flat.float(), r.response_lengths, r.width)
-
-
-def response_kl(policy, reference, r: Rollout, temperature: float) -> torch.Tensor:
-    """[B] Σ over response tokens of log π − log π_ref: the k1 KL estimate of each response (sampled from π)."""
-    return (actor_logprobs(policy, r, temperature) - actor_logprobs(reference, r, temperature)).sum(1)
-
-
-def critic_values(forward, r: Rollout) -> torch.Tensor:
-    return response_values(forward(r.input_ids, r.lengths).float(), r.prompt_lens, r.response_lengths, r.width)
-
-
-class RewardScorer:
-    """RM scores of rollouts, re-tokenizing the text first when actor and RM tokenizers differ."""
-
-    def __init__(self, reward, retokenize: tuple | None = None):
-        self.reward = reward
-        self.retokenize = retokenize  # (actor tokenizer, reward tokenizer) or None
-
-    def __call__(self, r: Rollout) -> torch.Tensor:
-        device = r.input_ids.device
-        if self.retokenize is None:
-            return self.reward(r.input_ids, r.lengths, r.prompt_lens).float()
-        src, dst = self.retokenize
-        seqs, prompt_lens = [], []
-        for i in range(len(r.lengths)):
-            pl, n = int(r.prompt_lens[i]), int(r.lengths[i])
-            ids = r.input_ids[i].tolist()
-            prompt = dst(src.decode(ids[:pl]), add_special_tokens=False)["input_ids"]
-            resp = dst(src.decode(ids[pl:n - int(r.ended[i])]), add_special_tokens=False)["input_ids"]
-            resp = resp + [dst.eos_token_id] if r.ended[i] else resp
-            seqs.append(np.array(prompt + resp))
-            prompt_lens.append(len(prompt))
-        ids, lengths = pad_right(seqs, dst.pad_token_id if dst.pad_token_id is not None else dst.eos_token_id)
-        return self.reward(ids.to(device), lengths.to(device), torch.tensor(prompt_lens, device=device)).float()
 
 
 @torch.no_grad()

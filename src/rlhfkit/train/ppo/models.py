@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...config import Config, FrozenModelConfig
-from ...engine import distributed as D
+from ...config import Config
 from ...engine.backend import param_groups
 from ...errors import ConfigError
 from ...models.lora import apply_lora
-from ...models.loading import load_causal_lm, load_tokenizer, resolve_model_dir, set_dropout
+from ...models.loading import load_causal_lm, load_tokenizer, set_dropout
 from ...models.reward import RewardModel
-from ...engine.precision import cast_params, torch_dtype
+from ...rollout.scoring import FrozenModel, load_reward_model, tokenizer_pair
 from ..common import TokenLogprobLM, model_config_for, trainable_causal_lm
 from ..reward import rm_stage_dir
 from ..sft import sft_stage_dir
@@ -37,33 +36,6 @@ class ValueModel(nn.Module):
 
     def gradient_checkpointing_enable(self, **kw):
         self.rm.gradient_checkpointing_enable(**kw)
-
-
-class FrozenModel:
-    """A model that only runs forward, without grad: a plain module at its dtype (ZeRO-0), or a DeepSpeed
-    ZeRO-3 inference engine whose parameters are partitioned over the processes (optionally on CPU)."""
-
-    def __init__(self, module: nn.Module, fc: FrozenModelConfig):
-        module.eval().requires_grad_(False)
-        if fc.zero_stage == 3:
-            import deepspeed
-
-            zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
-            if fc.offload_param:
-                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-            config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                      "zero_optimization": zero, "bf16": {"enabled": fc.dtype == "bfloat16"},
-                      "fp16": {"enabled": fc.dtype == "float16"}, "steps_per_print": 10**9}
-            self._call = deepspeed.initialize(model=module, config=config)[0]
-            self._call.eval()
-            self.module = self._call.module
-        else:
-            self.module = cast_params(module, torch_dtype(fc.dtype), D.device())
-            self._call = self.module
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
 
 
 def actor_start(cfg: Config) -> str:
@@ -87,12 +59,6 @@ def _stage_output(path: Path, key: str, command: str) -> str:
 
 def build_actor(cfg: Config, t) -> tuple[TokenLogprobLM, list[dict]]:
     return trainable_causal_lm(model_config_for(cfg, actor_start(cfg)), t)
-
-
-def load_reward_model(path: str, cfg: Config) -> RewardModel:
-    mcfg = model_config_for(cfg, path)
-    local = resolve_model_dir(mcfg.name_or_path, mcfg, mcfg.revision)
-    return RewardModel.from_pretrained(local, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
 
 
 def build_critic(cfg: Config, t, score_stats: tuple[float, float] | None = None) -> tuple[ValueModel, list[dict]]:
@@ -125,17 +91,3 @@ def check_tokenizers(cfg: Config):
     Returns the (actor, reward model) tokenizer pair when it must retokenize, else None."""
     actor_tok = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
     return tokenizer_pair(cfg, actor_tok, f"the actor ({actor_start(cfg)})", reward_start(cfg), "the reward model")
-
-
-def tokenizer_pair(cfg: Config, text_tokenizer, text_source: str, scorer_path: str, scorer_name: str):
-    """(text tokenizer, scorer tokenizer) for RewardScorer when they differ and ppo.retokenize allows
-    re-encoding; None when they agree token for token (same vocabulary and EOS). PPO's reward and eval's
-    judges decide it here."""
-    scorer_tok = load_tokenizer(model_config_for(cfg, scorer_path))
-    if text_tokenizer.get_vocab() == scorer_tok.get_vocab() and text_tokenizer.eos_token_id == scorer_tok.eos_token_id:
-        return None
-    if not cfg.ppo.retokenize:
-        raise ConfigError(f"{text_source} and {scorer_name} ({scorer_path}) use different tokenizers; set "
-                          f"ppo.retokenize: true to score the decoded text re-tokenized for {scorer_name}")
-    return text_tokenizer, scorer_tok
-

@@ -35,11 +35,11 @@ from ..guards import NonFiniteGuard, require_finite_weights
 from ..loop import publish_final, timed, truncate_metrics
 from . import formulas as PF
 from .ema import ActorEMA
-from .experience import (Experience, RewardScorer, actor_logprobs, critic_values, explained_variance_over_ranks,
-                         make_experience, masked_moments_over_ranks, response_kl)
-from .models import (FrozenModel, actor_start, build_actor, build_critic, build_reference, build_reward,
-                     check_tokenizers)
-from .rollout import RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for, select_rows
+from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for,
+                                 select_rows)
+from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
+from .experience import Experience, explained_variance_over_ranks, make_experience, masked_moments_over_ranks
+from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers
 
 SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from ...config import SamplingSettings, TrainConfig
-from ...engine import distributed as D
-from ...engine.backend import TrainEngine
-from ...engine.precision import torch_dtype
-from ...engine.generation import Generation, SamplingConfig, generate
-from ...errors import ConfigError
-from ..batching import pad_right
-from ..common import base_config, dense_config, gathered_weights
-from ..losses import length_mask, response_token_mask
+from ..config import SamplingSettings, TrainConfig
+from ..engine import distributed as D
+from ..engine.backend import TrainEngine
+from ..engine.precision import torch_dtype
+from ..engine.generation import Generation, SamplingConfig, generate
+from ..errors import ConfigError
+from ..train.batching import pad_right
+from ..train.common import base_config, dense_config, gathered_weights
+from ..train.losses import length_mask, response_token_mask
 
 
 class RolloutPolicy:
