@@ -305,6 +305,7 @@ class RemoteRewardSource(_RewardSourceBase):
     timeout: float = Field(60.0, gt=0)  # seconds per request
     retries: int = Field(2, ge=0)  # further tries after a failed request, with backoff
     batch_size: int = Field(64, ge=1)  # responses per request
+    label_key: str | None = None  # the records' metadata field sent as the protocol's "labels"
 
 
 RewardSource = Annotated[ModelRewardSource | PythonRewardSource | Gsm8kRewardSource | ExactRewardSource
@@ -449,6 +450,17 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     dtype: Precision = "auto"
     seed: int = 1234
+    # Rewards computed from the text and the prompt records' metadata (gsm8k, exact, regex, format, python,
+    # remote; not `model`, the judge is reward_model), each reported per model and set with an interval:
+    # e.g. GSM8K accuracy and format rate
+    rewards: list[RewardSource] = Field(default_factory=list)
+
+    @field_validator("rewards")
+    @classmethod
+    def _no_model(cls, v):
+        if any(s.type == "model" for s in v):
+            raise ValueError("a `model` source is the judge: set eval.reward_model instead")
+        return v
 
 
 class ExportConfig(Section):
