@@ -19,6 +19,8 @@ import torch
 from ..losses import length_mask
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
+GROUP_METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def _response_mask(response_lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -67,6 +69,23 @@ def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: 
     score = torch.where(has_token, scores.to(rewards.dtype), 0.0)
     rewards = rewards.scatter_add(1, last[:, None], score[:, None])
     return rewards, kl
+
+
+def kl_loss_term(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                 estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL(π ‖ π_ref) estimate [B, R] kept differentiable in log π, for KL as a loss term (GRPO,
+    Shao et al. 2024, uses k3: π_ref/π − log(π_ref/π) − 1, whose gradient in log π is 1 − π_ref/π).
+
+    Same estimators as kl_penalty (Schulman, "Approximating KL divergence"); 0 on padding, whose log-ratios
+    are zeroed before any exp so garbage there cannot become NaN. For k3 the log-ratio is clamped to
+    [−20, 20] before expm1 so e^{−x} cannot overflow (no gradient beyond; verl instead clamps k3 to ±10 after).
+    """
+    mask = mask.bool()
+    log_ratio = torch.where(mask, logprobs - ref_logprobs, 0.0)
+    if estimator == "k3":
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+    kl = kl_penalty(log_ratio, torch.zeros_like(log_ratio), estimator)
+    return torch.where(mask, kl, 0.0)
 
 
 # --- Masked statistics ----------------------------------------------------------------------------
@@ -135,7 +154,120 @@ def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, response_lengths
     return advantages, returns
 
 
+# --- Critic-free advantages (groups of responses per prompt, REINFORCE++) -------------------------
+
+def group_advantages(scores: torch.Tensor, method: str, eps: float = 1e-6) -> torch.Tensor:
+    """Sequence-level advantages from a group's own scores: scores [G, n] (n responses to each of G prompts).
+
+    grpo (DeepSeekMath, Shao et al. 2024):   A_i = (r_i − mean) / (std + eps), std unbiased (torch.std: TRL, verl)
+    dr_grpo (Liu et al. 2025, "Understanding R1-Zero-like training"):  A_i = r_i − mean
+    rloo (Ahmadian et al. 2024):             A_i = r_i − mean_{j≠i} r_j = n/(n−1)·(r_i − mean)
+    reinforce_pp_baseline (Hu et al. 2025):  A_i = r_i − mean (the batch whitening comes later)
+    A group of 1 has no baseline and a group of equal scores no signal: both give exactly 0, never NaN.
+    """
+    if method not in GROUP_METHODS:
+        raise ValueError(f"unknown group advantage {method!r}; expected one of {GROUP_METHODS}")
+    scores = scores if scores.is_floating_point() else scores.float()
+    n = scores.shape[1]
+    if n < 2:
+        return torch.zeros_like(scores)
+    centered = scores - scores.mean(1, keepdim=True)
+    same = (scores == scores[:, :1]).all(1, keepdim=True)
+    centered = torch.where(same, 0.0, centered)  # the mean of equal floats can be off by an ulp
+    if method == "grpo":
+        return centered / (scores.std(1, keepdim=True) + eps)
+    if method == "rloo":
+        return centered * (n / (n - 1))
+    return centered
+
+
+def token_level(advantages: torch.Tensor, response_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Broadcast sequence advantages [B] to every valid response token: A_{i,t} = A_i for t < len_i, else 0.
+
+    The outcome-reward form used by GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024); [B, width].
+    """
+    mask = _response_mask(response_lengths, width)
+    return torch.where(mask, advantages[:, None], 0.0)
+
+
+@torch.no_grad()
+def reinforce_returns(rewards: torch.Tensor, response_lengths: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025) returns: G_t = Σ_{k≥t} γ^{k−t}·r_k over the valid tokens, 0 on padding.
+
+    rewards [B, R] are compute_rewards' per-token rewards (score at the last token plus −β·KL_t). These are
+    not yet advantages: the trainer whitens them over the valid tokens of every process, A = (G − μ)/σ
+    (the global batch normalisation that replaces the critic). Training targets, so computed without grad.
+    """
+    batch, width = rewards.shape
+    mask = _response_mask(response_lengths, width)
+    rewards = torch.where(mask, rewards, 0.0)
+    returns = torch.zeros_like(rewards)
+    running = rewards.new_zeros(batch)
+    for t in reversed(range(width)):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return torch.where(mask, returns, 0.0)
+
+
 # --- PPO losses -----------------------------------------------------------------------------------
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip_low: float = 0.2,
+                      clip_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO clipped surrogate (Schulman et al. 2017) with DAPO's asymmetric "clip-higher" (Yu et al. 2025).
+
+    ratio = exp(log π − log π_old);  loss_t = max(−A_t·ratio_t, −A_t·clip(ratio_t, 1 − ε_low, 1 + ε_high)),
+    ε_high = ε_low when clip_high is None. Returns (loss [B, R], stats), everything 0 on padding; stats are
+    per-token float tensors without grad: "clipped" (1.0 where the clipped term was the larger),
+    "approxkl" (½·(log π − log π_old)²) and "ratio". Reduce the loss with aggregate_loss.
+    """
+    mask = mask.bool()
+    clip_high = clip_low if clip_high is None else clip_high
+    # Padding log-ratios are zeroed before exp so garbage there cannot overflow into NaN gradients.
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    advantages = torch.where(mask, advantages, 0.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.where(mask, torch.maximum(unclipped, clipped), 0.0)
+    with torch.no_grad():
+        stats = {
+            "clipped": torch.where(mask, (clipped > unclipped).float(), 0.0),
+            "approxkl": torch.where(mask, 0.5 * log_ratio.square(), 0.0),
+            "ratio": torch.where(mask, ratio, 0.0),
+        }
+    return loss, stats
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, tokens: float, sequences: float,
+                   horizon: int) -> torch.Tensor:
+    """Reduce a per-token loss [B, R] to a scalar; len_i = Σ_t mask_it, sums over valid tokens only.
+
+    token_mean:              Σ_it ℓ_it / tokens                               (PPO, DAPO: token-level)
+    seq_mean_token_mean:     Σ_i (Σ_t ℓ_it / max(len_i, 1)) / sequences        (GRPO, Shao et al. 2024)
+    seq_mean_token_sum_norm: Σ_it ℓ_it / (sequences · horizon)                (Dr. GRPO, Liu et al. 2025:
+                             horizon = max_new_tokens, a constant, so no length bias)
+    tokens / sequences are the caller's normalisers: the GLOBAL valid-token and response counts of the
+    mini-batch when it is split over processes and micro-batches (then the parts' results sum to the
+    whole's), mask.sum() and B for one micro-batch (the textbook definition). A normaliser below 1 (nothing
+    valid) counts as 1, so an empty batch gives 0, not NaN.
+    """
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGREGATIONS}")
+    mask = mask.bool()
+    per_token = torch.where(mask, per_token, 0.0)
+    if mode == "token_mean":
+        return per_token.sum() / _at_least_one(tokens)
+    if mode == "seq_mean_token_mean":
+        per_sequence = per_token.sum(1) / mask.sum(1).clamp(min=1)
+        return per_sequence.sum() / _at_least_one(sequences)
+    return per_token.sum() / _at_least_one(sequences * horizon)
+
+
+def _at_least_one(count):
+    """A count used as a divisor, raised to 1 when it is 0 (tensor or number)."""
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
@@ -146,18 +278,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     policy/approxkl (mean ½·(log π − log π_old)²), policy/ratio_mean.
     """
     mask = mask.bool()
-    # Padding log-ratios are zeroed before exp so garbage there cannot overflow into NaN gradients.
-    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-            "policy/approxkl": masked_mean(0.5 * log_ratio.square(), mask).item(),
-            "policy/ratio_mean": masked_mean(ratio, mask).item(),
-        }
+    per_token, st = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)
+    loss = masked_mean(per_token, mask)
+    stats = {
+        "policy/clipfrac": masked_mean(st["clipped"], mask).item(),
+        "policy/approxkl": masked_mean(st["approxkl"], mask).item(),
+        "policy/ratio_mean": masked_mean(st["ratio"], mask).item(),
+    }
     return loss, stats
 
 
