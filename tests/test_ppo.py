@@ -24,6 +24,7 @@ from rlhfkit.train.losses import token_logprobs
 from rlhfkit.rollout.sampling import response_values, to_rollout
 from rlhfkit.rollout.scoring import RewardScorer, actor_logprobs
 from rlhfkit.train.ppo.experience import make_experience, whiten_over_ranks
+from rlhfkit.train.ppo.reward_sum import RewardSum
 from rlhfkit.train.ppo.formulas import masked_whiten
 from rlhfkit.train.ppo.models import ValueModel
 from test_training import ENV, cli, kill_when, run_ok, synthetic_pairs
@@ -81,11 +82,10 @@ def test_experience_puts_the_score_on_the_last_response_token_and_no_kl_against_
     critic = ValueModel(RewardModel.from_pretrained(resolve_model_dir("tiny-random", ModelConfig(name_or_path="tiny-random")))).eval()
     scorer = RewardScorer(TargetTokenReward(40, 50))  # row 1's response is all in [40, 50): score 1; row 0's: 0
     p = PPOConfig(kl_coef=0.1, whiten_advantages=False)
-    exp = make_experience(r, policy, policy, critic, scorer, p, kl_coef=0.1, score_stats=None, micro_batch=1,
-                          device="cpu")
+    scores = RewardSum(scorer, 1.0, [], None).model_scores(r, micro_batch=1, device="cpu")
+    exp = make_experience(r, scores, policy, policy, critic, p, kl_coef=0.1, micro_batch=1, device="cpu")
     assert exp.scores.tolist() == [0.0, 1.0]
     assert (exp.kl == 0).all()  # actor == reference
-    assert exp.rewards.tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
     # GAE over the response only: returns at the last token = its reward (no bootstrap past the end)
     assert exp.returns[1, 3] == pytest.approx(1.0) and exp.returns[0, 1] == pytest.approx(0.0)
     assert (exp.advantages[0, 2:] == 0).all() and (exp.returns[0, 2:] == 0).all()
@@ -98,8 +98,10 @@ def test_score_normalisation_eos_penalty_and_clip_are_applied_in_order(tiny):
     critic = ValueModel(RewardModel.from_pretrained(resolve_model_dir("tiny-random", ModelConfig(name_or_path="tiny-random")))).eval()
     scorer = RewardScorer(TargetTokenReward(40, 50))
     p = PPOConfig(missing_eos_penalty=-1.0, score_clip=1.5)
-    exp = make_experience(r, policy, policy, critic, scorer, p, kl_coef=0.1, score_stats=(0.5, 0.25), micro_batch=2,
-                          device="cpu")
+    rewards = RewardSum(scorer, 1.0, [], None)
+    rewards.score_stats = (0.5, 0.25)
+    scores = rewards.total(rewards.per_source(r, [{}, {}], micro_batch=2, device="cpu"))
+    exp = make_experience(r, scores, policy, policy, critic, p, kl_coef=0.1, micro_batch=2, device="cpu")
     # row 0: (0 − 0.5)/0.25 = −2 → clipped to −1.5; row 1: (1 − 0.5)/0.25 = 2, no EOS → 1 → inside the clip
     assert exp.shaped_scores.tolist() == [-1.5, 1.0]
 

@@ -260,6 +260,6 @@ def test_reused_rollout_logprobs_are_the_actors_logprobs(tiny_dir):
         raise AssertionError("the actor forward should be skipped")
 
     frozen = TokenLogprobLM(engine.module.lm)
-    exp = make_experience(r, no_actor, frozen, lambda ids, lengths: torch.zeros(ids.shape), 
-                          lambda sub: torch.zeros(len(sub.lengths)), p, 0.1, None, 2, "cpu")
+    exp = make_experience(r, torch.zeros(len(r.lengths)), no_actor, frozen, lambda ids, lengths: torch.zeros(ids.shape),
+                          p, 0.1, 2, "cpu")
     assert torch.equal(exp.old_logprobs, r.logprobs)

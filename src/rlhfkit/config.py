@@ -426,6 +426,9 @@ class PPOConfig(Section):
         if self.kl_mode == "loss" and self.kl_estimator in ("k1", "abs"):
             raise ValueError(f"kl_estimator {self.kl_estimator} as a loss term has no useful gradient (k1's is 0 "
                              "in expectation); use k3 (GRPO) or mse")
+        if self.normalize_scores and not any(s.type == "model" for s in self.reward.sources):
+            raise ValueError("normalize_scores normalises the reward model's score, but reward.sources has no "
+                             "`model` source")
         if self.kl_estimator and self.kl_mode == "off":
             raise ValueError("kl_estimator is set but kl_mode is off: nothing would use it")
         if not self.uses_critic:

@@ -32,8 +32,21 @@ PLAN_KEY = {"sft": "sft.max_steps", "rm": "rm.max_steps", "dpo": "dpo.max_steps"
 
 
 def stages_for(cfg: Config) -> list[str]:
-    middle = ["rm", "ppo"] if cfg.pipeline.alignment == "ppo" else ["dpo"]
+    middle = (["rm"] if needs_rm_stage(cfg) else []) + ["ppo"] if cfg.pipeline.alignment == "ppo" else ["dpo"]
     return ["data", "sft", *middle, "eval", "export"]
+
+
+def needs_rm_stage(cfg: Config) -> bool:
+    """RL needs the RM stage's model unless every model it uses is given: the reward only when a `model`
+    source is configured, the critic (gae only) starting from it unless ppo.critic_model is set, and eval's
+    judge unless eval judges by its text rewards alone or names a reward model."""
+    from .train.common import uses_reward_model
+
+    p = cfg.ppo
+    reward = uses_reward_model(p) and not p.reward_model
+    critic = p.uses_critic and not p.critic_model and not p.reward_model
+    judge = not cfg.eval.rewards and not cfg.eval.reward_model and not p.reward_model
+    return reward or critic or judge
 
 
 def stage_output(cfg: Config, stage: str) -> Path:

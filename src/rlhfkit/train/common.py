@@ -64,9 +64,14 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
 
         return {"model": dpo_start_model(cfg)}
     if stage == "ppo":  # not ppo.models' actor_start/reward_start: a reward given in code needs no rm/final
-        actor = cfg.ppo.actor_model or str(cfg.output_dir / "sft" / "final")
-        reward = cfg.ppo.reward_model or str(cfg.output_dir / "rm" / "final")
-        return {"actor": actor, "reward": reward, "critic": cfg.ppo.critic_model or reward}
+        p = cfg.ppo
+        inputs = {"actor": p.actor_model or str(cfg.output_dir / "sft" / "final")}
+        reward = p.reward_model or str(cfg.output_dir / "rm" / "final")
+        if uses_reward_model(p):
+            inputs["reward"] = reward
+        if p.uses_critic:
+            inputs["critic"] = p.critic_model or reward
+        return inputs
     return {"model": cfg.model.name_or_path}
 
 
@@ -74,8 +79,14 @@ def precision_summary(cfg: Config, stage: str) -> str:
     if stage != "ppo":
         return getattr(cfg, stage).dtype
     p = cfg.ppo
-    return (f"actor {p.actor.dtype}, critic {p.critic.dtype}, reference {p.reference.dtype}, "
-            f"reward {p.reward.dtype}, rollouts {p.rollout_dtype}")
+    return ", ".join([f"actor {p.actor.dtype}"] + ([f"critic {p.critic.dtype}"] if p.uses_critic else [])
+                     + [f"reference {p.reference.dtype}"]
+                     + ([f"reward {p.reward.dtype}"] if uses_reward_model(p) else []) + [f"rollouts {p.rollout_dtype}"])
+
+
+def uses_reward_model(p) -> bool:
+    """Whether the RL reward includes the trained reward model (a `model` source)."""
+    return any(s.type == "model" for s in p.reward.sources)
 
 
 def model_config_for(cfg: Config, name_or_path: str | None) -> ModelConfig:

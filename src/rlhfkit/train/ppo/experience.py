@@ -1,8 +1,15 @@
-"""Experience: from a batch of rollouts to PPO training targets, with the four models and formulas.py.
+"""Experience: from a batch of rollouts and their rewards to RL training targets.
 
-old log-probs (actor, dropout off), reference log-probs, critic values, RM scores → shaped scores →
-per-token rewards (−β·KL + score at the last response token) → GAE advantages and returns → whitened
-advantages (over all processes' valid tokens).
+old log-probs (actor, dropout off), reference log-probs (unless the KL is off), critic values (gae only),
+the reward → shaped scores (missing-EOS penalty, clip) → advantages by ppo.advantage:
+
+  gae                    per-token rewards (−β·KL + score at the last token) → GAE → whitened (PPO)
+  grpo, dr_grpo, rloo    sequence reward (score, −β·ΣKL when the KL is in the reward) → group baseline
+  reinforce_pp           per-token rewards → returns → whitened over the whole batch (REINFORCE++)
+  reinforce_pp_baseline  the score minus its group's mean, then as reinforce_pp
+
+Rows come in groups of n_samples_per_prompt consecutive responses to one prompt; a process holds whole
+groups, so group baselines need no communication while batch statistics are taken over every process.
 """
 
 from __future__ import annotations
@@ -22,43 +29,79 @@ from . import formulas as PF
 @dataclass
 class Experience:
     rollout: Rollout  # on CPU
-    scores: torch.Tensor  # [B] raw RM scores
-    shaped_scores: torch.Tensor  # [B] after normalisation, missing-EOS penalty and clipping
+    scores: torch.Tensor  # [B] the weighted reward (the model's part normalised when configured)
+    shaped_scores: torch.Tensor  # [B] after the missing-EOS penalty and clipping
     old_logprobs: torch.Tensor  # [B, R] (the rest likewise, zero on padding)
-    ref_logprobs: torch.Tensor
-    old_values: torch.Tensor
-    kl: torch.Tensor
-    rewards: torch.Tensor
+    ref_logprobs: torch.Tensor | None  # None when the KL is off
+    old_values: torch.Tensor | None  # None without a critic
+    kl: torch.Tensor  # [B, R] the KL estimate (0 when off)
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None  # the critic's targets (gae only)
+    keep: torch.Tensor  # [B] bool: rows that train (dynamic sampling drops groups without signal)
+
+
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, p: PPOConfig) -> torch.Tensor:
+    """The missing-EOS penalty, then the clip (the model's normalisation came before, in RewardSum)."""
+    shaped = PF.length_penalty_scores(scores, ended, p.missing_eos_penalty)
+    return PF.normalize_and_clip_scores(shaped, clip=p.score_clip)
+
+
+def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] bool: rows of groups whose rewards are not all equal (dynamic sampling, DAPO)."""
+    g = scores.view(-1, group_size)
+    return (g.amax(1) > g.amin(1)).repeat_interleave(group_size)
 
 
 @torch.no_grad()
-def make_experience(r: Rollout, actor, reference, critic, score, p: PPOConfig, kl_coef: float,
-                    score_stats: tuple[float, float] | None, micro_batch: int, device) -> Experience:
-    """Run the four models over the rollouts in micro-batches and derive the PPO targets. Rollouts that
-    carry the sampler's log-probs (an exact copy of the actor sampled them) skip the actor forward."""
-    width = r.width
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("lp", "ref", "v", "s")}
+def make_experience(r: Rollout, scores: torch.Tensor, actor, reference, critic, p: PPOConfig, kl_coef: float,
+                    micro_batch: int, device) -> Experience:
+    """Run the models over the rollouts in micro-batches and derive the targets of ppo.advantage.
+    Rollouts that carry the sampler's log-probs (an exact copy of the actor sampled them) skip the actor
+    forward; without KL the reference is not run, without a critic no values are computed."""
+    width, n = r.width, p.n_samples_per_prompt
+    use_ref = p.kl_mode != "off"
+    parts: dict[str, list[torch.Tensor]] = {"lp": [], "ref": [], "v": []}
     for start in range(0, len(r.lengths), micro_batch):
         sub = select_rows(r, torch.arange(start, min(start + micro_batch, len(r.lengths)))).to(device)
         grow = (0, width - sub.width)
         old = sub.logprobs if sub.logprobs is not None else actor_logprobs(actor, sub, p.sampling.temperature)
         parts["lp"].append(F.pad(old, grow).cpu())
-        parts["ref"].append(F.pad(actor_logprobs(reference, sub, p.sampling.temperature), grow).cpu())
-        parts["v"].append(F.pad(critic_values(critic, sub), grow).cpu())
-        parts["s"].append(score(sub).cpu())
-    logprobs, ref_logprobs, values, scores = (torch.cat(parts[k]) for k in ("lp", "ref", "v", "s"))
+        if use_ref:
+            parts["ref"].append(F.pad(actor_logprobs(reference, sub, p.sampling.temperature), grow).cpu())
+        if critic is not None:
+            parts["v"].append(F.pad(critic_values(critic, sub), grow).cpu())
+    logprobs = torch.cat(parts["lp"])
+    ref_logprobs = torch.cat(parts["ref"]) if use_ref else None
+    values = torch.cat(parts["v"]) if critic is not None else None
 
-    mean, std = score_stats if score_stats else (None, None)
-    shaped = PF.normalize_and_clip_scores(scores, mean, std)
-    shaped = PF.length_penalty_scores(shaped, r.ended, p.missing_eos_penalty)
-    shaped = PF.normalize_and_clip_scores(shaped, clip=p.score_clip)
-    rewards, kl = PF.compute_rewards(shaped, logprobs, ref_logprobs, r.response_lengths, kl_coef, p.kl_estimator)
-    advantages, returns = PF.gae_advantages(values, rewards, r.response_lengths, p.gamma, p.lam)
-    if p.whiten_advantages:
-        advantages = whiten_over_ranks(advantages, r.response_mask())
-    return Experience(r, scores, shaped, logprobs, ref_logprobs, values, kl, rewards, advantages, returns)
+    mask, lengths = r.response_mask(), r.response_lengths
+    shaped = shape_scores(scores, r.ended, p)
+    beta = kl_coef if p.kl_mode == "reward" else 0.0  # the KL in the reward; as a loss it is the trainer's
+    ref_or_self = ref_logprobs if use_ref else logprobs  # KL 0 when off
+
+    def rewards_with_kl(score):
+        return PF.compute_rewards(score, logprobs, ref_or_self, lengths, beta, p.kl_estimator_used)
+
+    kl = PF.compute_rewards(shaped, logprobs, ref_or_self, lengths, 0.0, p.kl_estimator_used)[1]
+    keep = groups_with_signal(shaped, n) if p.dynamic_sampling else torch.ones(len(shaped), dtype=torch.bool)
+    returns = None
+    if p.advantage == "gae":
+        rewards = rewards_with_kl(shaped)[0]
+        advantages, returns = PF.gae_advantages(values, rewards, lengths, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = whiten_over_ranks(advantages, mask & keep[:, None])
+    elif p.advantage in ("grpo", "dr_grpo", "rloo"):
+        sequence_reward = shaped - beta * kl.sum(1)
+        advantages = PF.group_advantages(sequence_reward.view(-1, n), p.advantage).flatten()
+        advantages = PF.token_level(advantages, lengths, width)
+    else:  # reinforce_pp, reinforce_pp_baseline
+        if p.advantage == "reinforce_pp_baseline":
+            shaped_for_return = PF.group_advantages(shaped.view(-1, n), p.advantage).flatten()
+        else:
+            shaped_for_return = shaped
+        rewards = rewards_with_kl(shaped_for_return)[0]
+        advantages = whiten_over_ranks(PF.reinforce_returns(rewards, lengths, p.gamma), mask & keep[:, None])
+    return Experience(r, scores, shaped, logprobs, ref_logprobs, values, kl, advantages, returns, keep)
 
 
 def masked_moments_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

@@ -1,9 +1,10 @@
-"""Stage 3, PPO (`rlhfkit ppo CONFIG`): rollouts on phase-3 prompts, experience, clipped PPO updates of the
-actor and the critic, periodic eval on held-out prompts, checkpoints with exact resume.
+"""Stage 3, RL (`rlhfkit ppo CONFIG`): rollouts on phase-3 prompts, experience, clipped policy updates of
+the actor (and, for PPO's gae, the critic), periodic eval on held-out prompts, checkpoints with exact resume.
 
-One step = sample one response per prompt with the rollout copy → score with the four models
-(experience.py) → ppo_epochs passes over the batch in mini-batches, one actor and one critic optimizer
-step per mini-batch → refresh the rollout copy, update the KL controller and the EMA.
+One step = sample n_samples_per_prompt responses per prompt with the rollout copy → reward them
+(reward_sum.py: the reward model and/or text sources) → advantages by ppo.advantage (experience.py) →
+ppo_epochs passes over the batch in mini-batches, one actor (and critic) optimizer step per mini-batch →
+refresh the rollout copy, update the KL controller and the EMA. The critic exists only for gae.
 
 With ppo.normalize_scores the reward's mean/std come from the initial policy's own samples of PPO prompts,
 measured once at a fresh start and kept with every checkpoint; the critic starts in that scale.
@@ -40,6 +41,7 @@ from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollo
 from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
 from .experience import Experience, explained_variance_over_ranks, make_experience, masked_moments_over_ranks
 from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers
+from .reward_sum import MODEL, RewardSum
 
 SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
 
@@ -64,11 +66,11 @@ class PPOTrainer:
         for name, n in (("rollout_batch_size", p.rollout_batch_size), ("mini_batch_size", self.mini_batch)):
             if n % self.world:
                 raise ConfigError(f"ppo.{name} ({n}) must be a multiple of the number of processes ({self.world})")
-        self.n_mini = p.rollout_batch_size // self.mini_batch
+        self.n_mini = p.responses_per_step // self.mini_batch
         self.schedule = StepSchedule(len(self.prompts), p.rollout_batch_size, p.seed, 1, p.steps)
         updates = p.steps * p.ppo_epochs * self.n_mini
         self.actor_t = _with_accumulation(p.actor, self.mini_batch // self.world)
-        self.critic_t = _with_accumulation(p.critic, self.mini_batch // self.world)
+        self.critic_t = _with_accumulation(p.critic, self.mini_batch // self.world) if p.uses_critic else None
 
         self.tokenizer = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
         self.sampling, self.stop_ids = sampling_for(p.sampling, self.tokenizer)
@@ -78,26 +80,40 @@ class PPOTrainer:
         actor_model, groups = build_actor(cfg, self.actor_t)
         self.actor = TrainEngine(actor_model, self.actor_t, updates, groups)
         self.reference = build_reference(cfg)
-        if reward_model is not None:  # a reward module given in code (tests, custom rewards)
-            self.reward = FrozenModel(reward_model, p.reward)
-            self.score = RewardScorer(self.reward)
-        else:
-            self.reward = build_reward(cfg)
-            self.score = RewardScorer(self.reward, check_tokenizers(cfg))
+        self.rewards = self._build_rewards(reward_model)
         self.kl_ctl = (PF.AdaptiveKLController(p.kl_coef, p.adaptive_kl.target, p.adaptive_kl.horizon)
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
         self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype))
         self.reuse_logprobs = p.reuse_rollout_logprobs and self.policy.exact
         self.norm = self.score_normalization() if p.normalize_scores else None
-        self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
-        # the critic starts as the RM that gives the scores, in the scale PPO normalises them to
-        critic_model, groups = build_critic(cfg, self.critic_t, self.score_stats if reward_model is None else None)
-        self.critic = TrainEngine(critic_model, self.critic_t, updates, groups)
+        self.rewards.score_stats = self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
+        self.critic = None
+        if p.uses_critic:  # the critic starts as the RM that gives the scores, in the scale PPO normalises them to
+            critic_model, groups = build_critic(cfg, self.critic_t, self.score_stats if reward_model is None else None)
+            self.critic = TrainEngine(critic_model, self.critic_t, updates, groups)
         self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
 
     @property
     def mini_batch(self) -> int:
-        return self.p.mini_batch_size or self.p.rollout_batch_size
+        return self.p.mini_batch_size or self.p.responses_per_step
+
+    def _build_rewards(self, reward_model: torch.nn.Module | None) -> RewardSum:
+        """The reward model when a `model` source is configured (or a module given in code: tests, custom
+        rewards), and the text sources (rlhfkit.rewards)."""
+        sources = self.p.reward.sources
+        model_source = next((s for s in sources if s.type == MODEL), None)
+        scorer = None
+        if reward_model is not None:
+            scorer = RewardScorer(FrozenModel(reward_model, self.p.reward))
+        elif model_source is not None:
+            scorer = RewardScorer(build_reward(self.cfg), check_tokenizers(self.cfg))
+        weight = model_source.weight if model_source is not None else 1.0
+        text_sources = []
+        if any(s.type != MODEL for s in sources):
+            from ...rewards.sources import build_text_sources
+
+            text_sources = build_text_sources(sources)
+        return RewardSum(scorer, weight, text_sources, self.tokenizer)
 
     # --- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -145,17 +161,20 @@ class PPOTrainer:
     def step(self, step: int) -> dict:
         p = self.p
         t0 = time.perf_counter()
-        rollout = self.step_rollouts(step)
+        rollout, metadata = self.step_rollouts(step)
         t1 = time.perf_counter()
         self.actor.eval()
-        self.critic.eval()
+        if self.critic is not None:
+            self.critic.eval()
         kl_coef = self.kl_ctl.value  # this batch's rewards use it; the controller moves it after the step
-        exp = make_experience(rollout, self.actor, self.reference, self.critic, self.score, p, kl_coef,
-                              self.score_stats, self.actor_t.micro_batch_size, self.device)
+        per_source = self.rewards.per_source(rollout, metadata, self.actor_t.micro_batch_size, self.device)
+        exp = make_experience(rollout, self.rewards.total(per_source), self.actor, self.reference, self.critic, p,
+                              kl_coef, self.actor_t.micro_batch_size, self.device)
         t2 = time.perf_counter()
         self.actor.train()
-        self.critic.train()
-        train_stats = self.update(exp, step)
+        if self.critic is not None:
+            self.critic.train()
+        train_stats = self.update(exp, step, kl_coef)
         t_refresh = time.perf_counter()
         self.policy.refresh(self.actor)
         t_refresh = time.perf_counter() - t_refresh
@@ -163,11 +182,13 @@ class PPOTrainer:
             self.ema.update(self.actor)
         t3 = time.perf_counter()
 
-        stats = self.experience_stats(exp, kl_coef)
-        self.kl_ctl.update(stats["objective/kl"], p.rollout_batch_size)
+        stats = self.experience_stats(exp, kl_coef, per_source)
+        self.kl_ctl.update(stats["objective/kl"], p.responses_per_step)
         generated = D.all_reduce_sum([float(rollout.response_lengths.sum())])[0]
         stats.update(train_stats)
-        stats.update({"objective/kl_coef": kl_coef, "lr/actor": self.actor.lr, "lr/critic": self.critic.lr,
+        if self.critic is not None:
+            stats["lr/critic"] = self.critic.lr
+        stats.update({"objective/kl_coef": kl_coef, "lr/actor": self.actor.lr,
                       "time/generation": t1 - t0, "time/experience": t2 - t1, "time/training": t3 - t2,
                       "time/step": t3 - t0, "time/rollout_refresh": t_refresh, "tokens/generated": generated,
                       "tokens/generation_per_s": generated / max(t1 - t0, 1e-9),
@@ -175,11 +196,16 @@ class PPOTrainer:
         return stats
 
     def step_rollouts(self, step: int):
-        """This process's share of step `step`'s prompts (by their place in the global batch), sampled."""
+        """This process's share of step `step`'s prompts (by their place in the global batch), each sampled
+        n_samples_per_prompt times (consecutive rows: a group), and the prompt records' metadata per row.
+        Response k of the prompt at place j has sampling seed (step, j·n + k)."""
+        n = self.p.n_samples_per_prompt
         rows = self.schedule.rows_for_step(step)
         mine = np.array_split(np.arange(len(rows)), self.world)[self.rank]
-        return self.rollouts([self.prompts.row(int(rows[j]))["prompt_ids"] for j in mine],
-                             [_seed(self.p.seed, step, int(j)) for j in mine])
+        records = [self.prompts.row(int(rows[j])) for j in mine]
+        rollout = self.rollouts([rec["prompt_ids"] for rec in records for _ in range(n)],
+                                [_seed(self.p.seed, step, int(j) * n + k) for j in mine for k in range(n)])
+        return rollout, [rec.get("metadata", {}) for rec in records for _ in range(n)]
 
     def rollouts(self, prompts: list[np.ndarray], seeds: list[int]):
         """Sample one response per prompt with the rollout copy, in generation batches. Each prompt has its
@@ -189,28 +215,35 @@ class PPOTrainer:
         return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
                                                self.sampling, return_logprobs=self.reuse_logprobs), self.pad_id)
 
-    def update(self, exp: Experience, step: int) -> dict:
-        """ppo_epochs passes over the batch; per mini-batch one actor and one critic optimizer step.
+    def update(self, exp: Experience, step: int, kl_coef: float) -> dict:
+        """ppo_epochs passes over the batch; per mini-batch one actor (and critic) optimizer step.
 
-        Each micro-batch's summed loss is divided by the mini-batch's valid tokens over all processes
-        (the backend's scaling contract), so the step's gradient is that of the token mean. Gradient norms
-        are logged as the mean and the max over the step's optimizer steps."""
+        Each micro-batch's loss is normalised by the mini-batch's counts over all processes (tokens, or
+        responses for the per-sequence aggregations: the backend's scaling contract), so the step's
+        gradient is that of the aggregate over the whole mini-batch. Rows dropped by dynamic sampling do
+        not count; a step in which every group was dropped makes no update. Gradient norms are logged as
+        the mean and the max over the step's optimizer steps."""
         p = self.p
         n_local = len(exp.rollout.lengths)
+        if D.all_reduce_sum([float(exp.keep.sum())])[0] == 0:
+            return {"policy/skipped_updates": float(p.ppo_epochs * self.n_mini)}
+        kept_lengths = torch.where(exp.keep, exp.rollout.response_lengths, 0)
         sums: Counter = Counter()
         grad_norms: dict[str, list] = {"policy": [], "val": []}  # one per optimizer step (mini-batch)
         for epoch in range(p.ppo_epochs):
             order = np.random.default_rng([p.seed, step, epoch]).permutation(n_local)
             for k, mini in enumerate(np.array_split(order, self.n_mini)):
                 update_index = (step * p.ppo_epochs + epoch) * self.n_mini + k
-                tokens = D.all_reduce_sum([float(exp.rollout.response_lengths[mini].sum())])[0]
+                counts = D.all_reduce_sum([float(kept_lengths[mini].sum()), float(exp.keep[mini].sum())])
                 ptx_batches, ptx_tokens = self.ptx_batches(update_index)
                 for micro, ptx_rows in zip(np.array_split(mini, self.actor_t.gradient_accumulation_steps), ptx_batches):
-                    sums.update(self.actor_micro_step(exp, torch.as_tensor(micro), tokens, ptx_rows, ptx_tokens))
-                for micro in np.array_split(mini, self.critic_t.gradient_accumulation_steps):
-                    sums.update(self.critic_micro_step(exp, torch.as_tensor(micro), tokens))
+                    sums.update(self.actor_micro_step(exp, torch.as_tensor(micro), counts, kl_coef, ptx_rows,
+                                                      ptx_tokens))
                 grad_norms["policy"].append(self.actor.grad_norm())
-                grad_norms["val"].append(self.critic.grad_norm())
+                if self.critic is not None:
+                    for micro in np.array_split(mini, self.critic_t.gradient_accumulation_steps):
+                        sums.update(self.critic_micro_step(exp, torch.as_tensor(micro), counts[0]))
+                    grad_norms["val"].append(self.critic.grad_norm())
         keys = sorted(sums)
         totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
         n_tok = max(totals.pop("tokens"), 1)
@@ -219,37 +252,52 @@ class PPOTrainer:
         if ptx_loss is not None:
             out["ptx/loss"] = ptx_loss / max(ptx_tokens, 1)
         for name, norms in grad_norms.items():
+            if name == "val" and self.critic is None:
+                continue
             seen = [n for n in norms if n is not None]
             out[f"{name}/grad_norm"] = float(np.mean(seen)) if seen else None
             out[f"{name}/grad_norm_max"] = float(np.max(seen)) if seen else None
         return out
 
-    def actor_micro_step(self, exp: Experience, idx: torch.Tensor, tokens: float, ptx_rows, ptx_tokens) -> dict:
+    def actor_micro_step(self, exp: Experience, idx: torch.Tensor, counts: list[float], kl_coef: float,
+                         ptx_rows, ptx_tokens) -> dict:
+        """The clipped surrogate (clip_low/clip_high), plus β·KL when the KL is a loss term, aggregated by
+        ppo.loss_aggregation with the mini-batch's token and response counts over all processes."""
+        p = self.p
         sub = select_rows(exp.rollout, idx).to(self.device)
-        width, mask = sub.width, sub.response_mask()
-        logprobs = actor_logprobs(self.actor, sub, self.p.sampling.temperature)
+        width = sub.width
+        mask = sub.response_mask() & exp.keep[idx].to(self.device)[:, None]
+        logprobs = actor_logprobs(self.actor, sub, p.sampling.temperature)
         old, adv = exp.old_logprobs[idx, :width].to(self.device), exp.advantages[idx, :width].to(self.device)
-        loss, stats = PF.policy_loss(logprobs, old, adv, mask, self.p.cliprange)
-        n = float(mask.sum())
-        total = loss * n / tokens
-        out = {"tokens": n, "loss/policy": loss.item() * n, **{k: v * n for k, v in stats.items()}}
+        clip_low = p.clip_low or p.cliprange
+        per_token, st = PF.clipped_surrogate(logprobs, old, adv, mask, clip_low, p.clip_high or p.cliprange)
+        out = {"tokens": float(mask.sum()), "loss/policy": float(per_token.sum())}
+        out.update({f"policy/{k}": float(v.sum()) for k, v in
+                    (("clipfrac", st["clipped"]), ("approxkl", st["approxkl"]), ("ratio_mean", st["ratio"]))})
+        if p.kl_mode == "loss":
+            kl = PF.kl_loss_term(logprobs, exp.ref_logprobs[idx, :width].to(self.device), mask, p.kl_estimator_used)
+            per_token = per_token + kl_coef * kl
+            out["loss/kl"] = float(kl.detach().sum())
+        tokens, sequences = max(counts[0], 1.0), max(counts[1], 1.0)
+        total = PF.aggregate_loss(per_token, mask, p.loss_aggregation, tokens, sequences, p.sampling.max_new_tokens)
         if ptx_rows is not None:
             batch = collate_sft(ptx_rows, self.pad_id)
             lp, _ = self.actor(batch["input_ids"].to(self.device), batch["lengths"].to(self.device),
                                batch["loss_mask"].to(self.device))
-            total = total - self.p.ptx_coef * lp.sum() / ptx_tokens
+            total = total - p.ptx_coef * lp.sum() / ptx_tokens
             out.update({"ptx/loss": -lp.sum().item(), "ptx/tokens": float(lp.numel())})
         self.actor.backward(total)
         return out
 
     def critic_micro_step(self, exp: Experience, idx: torch.Tensor, tokens: float) -> dict:
         sub = select_rows(exp.rollout, idx).to(self.device)
-        width, mask = sub.width, sub.response_mask()
+        width = sub.width
+        mask = sub.response_mask() & exp.keep[idx].to(self.device)[:, None]
         values = critic_values(self.critic, sub)
         old, ret = exp.old_values[idx, :width].to(self.device), exp.returns[idx, :width].to(self.device)
         loss, stats = PF.value_loss(values, old, ret, mask, self.p.cliprange_value)
         n = float(mask.sum())
-        self.critic.backward(loss * n / tokens)
+        self.critic.backward(loss * n / max(tokens, 1.0))
         return {"loss/value": loss.item() * n, **{k: v * n for k, v in stats.items()}}
 
     def ptx_batches(self, update_index: int):
@@ -264,27 +312,35 @@ class PPOTrainer:
         mine = np.array_split(rows, self.world)[self.rank]
         return [[self.ptx.row(int(i)) for i in part] for part in np.array_split(mine, gas)], max(tokens, 1)
 
-    def experience_stats(self, exp: Experience, kl_coef: float) -> dict:
+    def experience_stats(self, exp: Experience, kl_coef: float, per_source: dict[str, torch.Tensor]) -> dict:
         """Rollout metrics over all processes, per sequence unless named per token (TRL's names); kl_coef is
-        the β this batch's rewards were shaped with."""
+        the β of this batch's KL (in the reward or the loss); reward/<name> is each source's raw mean."""
         mask = exp.rollout.response_mask()
         kl_seq = exp.kl.sum(1)
+        beta = kl_coef if self.p.kl_mode != "off" else 0.0
         sums = {
             "objective/kl": kl_seq.sum(),
             "objective/entropy": -(exp.old_logprobs * mask).sum(),  # TRL: per-sequence −Σ log π
-            "objective/non_score_reward": (-kl_coef * kl_seq).sum(),
+            "objective/non_score_reward": (-beta * kl_seq).sum(),
             "objective/scores": exp.scores.sum(),
             "objective/scores_shaped": exp.shaped_scores.sum(),
             "rollout/response_length": exp.rollout.response_lengths.sum(),
             "rollout/eos_rate": exp.rollout.ended.float().sum(),
+            **{f"reward/{name}": values.sum() for name, values in per_source.items()},
         }
         keys = sorted(sums)
         n, *vals = D.all_reduce_sum([float(len(kl_seq))] + [float(sums[k]) for k in keys])
         out = {k: v / n for k, v in zip(keys, vals)}
         out["objective/rlhf_reward"] = out["objective/scores_shaped"] + out["objective/non_score_reward"]
-        out["val/explained_variance"] = explained_variance_over_ranks(exp.old_values, exp.returns, mask)
-        out["val/mean"] = masked_moments_over_ranks(exp.old_values, mask)[0]
-        out["val/returns_mean"] = masked_moments_over_ranks(exp.returns, mask)[0]
+        if self.p.dynamic_sampling:  # a count over the whole step, not a mean
+            out["rollout/groups_dropped"] = D.all_reduce_sum([float((~exp.keep).sum()) / self.p.n_samples_per_prompt])[0]
+        if self.p.kl_mode == "off":
+            for key in ("objective/kl", "objective/non_score_reward"):
+                del out[key]
+        if self.critic is not None:
+            out["val/explained_variance"] = explained_variance_over_ranks(exp.old_values, exp.returns, mask)
+            out["val/mean"] = masked_moments_over_ranks(exp.old_values, mask)[0]
+            out["val/returns_mean"] = masked_moments_over_ranks(exp.returns, mask)[0]
         return out
 
     # --- eval ----------------------------------------------------------------------------------------
@@ -299,39 +355,46 @@ class PPOTrainer:
             return {}
         idx = np.array_split(np.arange(n), self.world)[self.rank]
         self.actor.eval()
-        rollout = self.rollouts([self.eval_prompts.row(int(i))["prompt_ids"] for i in idx],
-                                [_seed(p.seed, -1, int(i)) for i in idx])
-        scores, kls = [], []
+        records = [self.eval_prompts.row(int(i)) for i in idx]
+        rollout = self.rollouts([rec["prompt_ids"] for rec in records], [_seed(p.seed, -1, int(i)) for i in idx])
+        per_source = self.rewards.per_source(rollout, [rec.get("metadata", {}) for rec in records],
+                                             self.actor_t.micro_batch_size, self.device)
+        scores = self.rewards.total(per_source, normalize=False)
+        kls = []
         for start in range(0, len(idx), self.actor_t.micro_batch_size):
             sub = select_rows(rollout, torch.arange(start, min(start + self.actor_t.micro_batch_size, len(idx))))
-            sub = sub.to(self.device)
-            scores.append(self.score(sub).cpu())
-            kls.append(response_kl(self.actor, self.reference, sub, p.sampling.temperature).cpu())
+            kls.append(response_kl(self.actor, self.reference, sub.to(self.device), p.sampling.temperature).cpu())
         self.actor.train()
-        scores, kls = torch.cat(scores), torch.cat(kls)
-        count, s, kl, length, eos = D.all_reduce_sum([float(len(idx)), float(scores.sum()), float(kls.sum()),
-                                                      float(rollout.response_lengths.sum()), float(rollout.ended.sum())])
+        kls = torch.cat(kls)
+        names = sorted(per_source)
+        count, s, kl, length, eos, *by_source = D.all_reduce_sum(
+            [float(len(idx)), float(scores.sum()), float(kls.sum()), float(rollout.response_lengths.sum()),
+             float(rollout.ended.sum())] + [float(per_source[k].sum()) for k in names])
         if D.is_main() and p.samples_logged:
-            self._write_samples(step, rollout, scores)
-        return {"eval/score": s / count, "eval/kl": kl / count, "eval/response_length": length / count,
-                "eval/eos_rate": eos / count}
+            self._write_samples(step, rollout, scores, per_source)
+        out = {"eval/score": s / count, "eval/kl": kl / count, "eval/response_length": length / count,
+               "eval/eos_rate": eos / count}
+        if names != [MODEL]:
+            out.update({f"eval/reward/{k}": v / count for k, v in zip(names, by_source)})
+        return out
 
-    def _write_samples(self, step: int, rollout, scores) -> None:
+    def _write_samples(self, step: int, rollout, scores, per_source: dict[str, torch.Tensor]) -> None:
+        prompts, responses = self.rewards.texts(rollout)
         with open(self.out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for i in range(min(self.p.samples_logged, len(scores))):
-                pl, n = int(rollout.prompt_lens[i]), int(rollout.lengths[i])
-                ids = rollout.input_ids[i]
-                f.write(json.dumps({"step": step, "prompt": self.tokenizer.decode(ids[:pl]),
-                                    "response": self.tokenizer.decode(ids[pl:n], skip_special_tokens=True),
-                                    "score": float(scores[i])}) + "\n")
+                rewards = {k: float(v[i]) for k, v in per_source.items()}
+                f.write(json.dumps({"step": step, "prompt": prompts[i], "response": responses[i],
+                                    "score": float(scores[i]), **({"rewards": rewards} if len(rewards) > 1 else {})})
+                        + "\n")
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
         tmp = begin_checkpoint(self.out_dir, step)
         self.actor.save_state(tmp / "actor", {"step": step, "kl_controller": self.kl_ctl.state_dict()})
-        self.critic.save_state(tmp / "critic", {"step": step})
         save_causal_lm(self.actor, self.tokenizer, tmp / "model", self.p.actor)
-        self._save_critic(tmp / "critic_model")
+        if self.critic is not None:
+            self.critic.save_state(tmp / "critic", {"step": step})
+            self._save_critic(tmp / "critic_model")
         if self.ema is not None:
             self.ema.save(tmp / "ema.safetensors")
             if D.is_main():
@@ -353,7 +416,8 @@ class PPOTrainer:
         if ckpt is None:
             return 0
         state = self.actor.load_state(ckpt / "actor")
-        self.critic.load_state(ckpt / "critic")
+        if self.critic is not None:
+            self.critic.load_state(ckpt / "critic")
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.ema is not None:
             self.ema.load(ckpt / "ema.safetensors")
@@ -380,13 +444,10 @@ class PPOTrainer:
         """Score the initial policy's responses to the prompts of the first ⌈ppo.normalize_samples /
         rollout_batch_size⌉ rollout batches (sampled as those steps sample them); mean and std over every
         process. Every process scores as many micro-batches (the batches split evenly), as ZeRO-3 needs."""
-        micro = self.actor_t.micro_batch_size
         scores = []
-        for step in range(math.ceil(self.p.normalize_samples / self.p.rollout_batch_size)):
-            rollout = self.step_rollouts(step)
-            for start in range(0, len(rollout.lengths), micro):
-                rows = torch.arange(start, min(start + micro, len(rollout.lengths)))
-                scores.append(self.score(select_rows(rollout, rows).to(self.device)).cpu())
+        for step in range(math.ceil(self.p.normalize_samples / self.p.responses_per_step)):
+            rollout, _ = self.step_rollouts(step)
+            scores.append(self.rewards.model_scores(rollout, self.actor_t.micro_batch_size, self.device))
         scores = torch.cat(scores)
         mean, var = masked_moments_over_ranks(scores, torch.ones_like(scores, dtype=torch.bool))
         samples = int(D.all_reduce_sum([float(len(scores))])[0])
