@@ -86,6 +86,9 @@ class DataConfig(Section):
     overlong: Literal["truncate", "drop"] = "truncate"
     template: Literal["auto", "plain"] = "auto"  # auto: the tokenizer's chat template where it has one
     eos_token: str | None = None  # defaults to the tokenizer's EOS; must be a single token
+    # A system turn put before every prompt that has none (e.g. how to format the final answer); with a
+    # chat template it replaces the template's default system prompt
+    system_prompt: str | None = None
     on_bad_record: Literal["skip", "error"] = "skip"
     cache_dir: str | None = None  # default: <user cache>/rlhfkit/data
 

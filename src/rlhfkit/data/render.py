@@ -98,9 +98,12 @@ class Renderer:
             "chat_template": self.tok.chat_template if self.use_template else None,
             "template": "chat_template" if self.use_template else "plain",
             "eos_id": self.eos_id,
+            "system_prompt": self.cfg.system_prompt,
         }
 
     def prompt_text(self, turns: list[dict]) -> str:
+        if self.cfg.system_prompt and turns and turns[0]["role"] != "system":
+            turns = [{"role": "system", "content": self.cfg.system_prompt}] + turns
         if self.use_template:
             return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         # Plain format for tokenizers without a chat template (base models): hh-rlhf style.
