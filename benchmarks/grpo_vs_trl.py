@@ -1,0 +1,397 @@
+"""One GRPO iteration, rlhfkit against TRL's GRPOTrainer (the current PyPI release), in one run.
+
+    .venv/bin/python benchmarks/grpo_vs_trl.py                      # both sides, beta 0 (no reference model)
+    .venv/bin/python benchmarks/grpo_vs_trl.py --beta 0.04          # both sides with a k3 KL loss and a reference
+    .venv/bin/python benchmarks/grpo_vs_trl.py --sides trl --iters 2  # one side only
+
+The iteration (the same on both sides)
+* SmolLM2-135M-Instruct (rlhfkit's built-in GGUF, converted once to a HF directory in rlhfkit's model cache;
+  both sides load that same directory), everything fp32 on CPU, full fine-tuning.
+* 8 GSM8K questions (the first 8 of ../shared/data/sft/gsm8k_train.jsonl.gz) as one user turn each, rendered
+  with the tokenizer's chat template (rlhfkit's data pipeline; TRL renders the same conversation itself; the
+  TRL side checks that its token ids equal rlhfkit's, and stops if they do not).
+* 4 samples per prompt (32 responses), at most 64 new tokens, temperature 1.0, no top-k / top-p. Both sides
+  stop a response at EOS (<|im_end|>), so the work depends on the lengths sampled: the mean generated length of
+  each side is printed next to its time.
+* Reward: gsm8k_reward below, the same Python function on both sides (rlhfkit: a `python` reward source;
+  TRL: a reward function). 1 if the last number of the response equals the reference answer, + 0.2 if the
+  response ends in GSM8K's "#### <number>" line. The reference answer is found from the question in the prompt.
+* Advantages: (r − group mean) / group std (rlhfkit ppo.advantage grpo; TRL scale_rewards="group").
+* Loss: clipped ratio (ε 0.2), aggregated as the mean over responses of each one's token mean (rlhfkit
+  loss_aggregation seq_mean_token_mean; TRL loss_type "grpo").
+* KL: --beta (default 0.0: no KL, and TRL loads no reference model; rlhfkit kl_mode off). With --beta > 0 both
+  add beta·k3 KL to the loss (rlhfkit kl_mode loss, kl_coef beta; TRL beta) against a reference model.
+* One optimizer step on all 32 responses per iteration: micro-batches of --micro-batch (8) responses with
+  gradient accumulation (rlhfkit actor.micro_batch_size 8, mini-batch = all 32; TRL per_device_train_batch_size
+  8, gradient_accumulation_steps 4, steps_per_generation 4: the 32 are generated together). AdamW, lr 1e-6,
+  betas (0.9, 0.95), no weight decay, constant schedule, grad-norm clip 1.0, no gradient checkpointing.
+  One PPO epoch (TRL num_iterations 1); both sides take the old log-probs from the current policy without an
+  extra forward (rlhfkit reuses the sampler's log-probs; TRL detaches the training forward's).
+* Seconds per iteration: --iters iterations after --warmup warm-up iterations, each side in its own process
+  (rlhfkit: PPOTrainer.step(i)'s time/step; TRL: the time between on_step_end callbacks). Generation time is
+  reported separately (rlhfkit: time/generation; TRL: its _generate method, wrapped).
+* Ratio: TRL s/iter ÷ rlhfkit s/iter (> 1: rlhfkit faster).
+
+TRL runs in its own virtualenv (--trl-venv, default /work/.trl-grpo-venv), created on first use with
+`python3 -m venv` and `pip install -c <constraints pinning torch==2.13.0> trl`, so that pip keeps the CPU torch
+(2.13.0, the one rlhfkit uses) instead of pulling a CUDA build. Its transformers is whatever TRL resolves to;
+the versions of trl, transformers and torch on each side are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RLHFKIT_SHARED", REPO.parent / "shared"))
+GSM8K = SHARED / "data" / "sft" / "gsm8k_train.jsonl.gz"
+TRL_VENV = Path("/work/.trl-grpo-venv")
+TORCH_PIN = "torch==2.13.0"
+RESULT = "RESULT "
+ANSWERS_ENV = "GRPO_BENCH_ANSWERS"  # a JSON file {question: final answer}, written by the driver
+
+
+# --- the reward (the same function on both sides; stdlib only, TRL's venv imports it too) -------------------
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
+_FORMAT = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
+_answers: dict[str, str] | None = None
+
+
+def _number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def gsm8k_reward(prompts, responses, metadata=None):
+    """1 if the response's last number equals the reference answer, + 0.2 for a final "#### <number>" line.
+    The reference answer is that of the question the prompt contains (prompts may be rendered text or a
+    list of chat messages)."""
+    global _answers
+    if _answers is None:
+        _answers = json.loads(Path(os.environ[ANSWERS_ENV]).read_text())
+    out = []
+    for prompt, response in zip(prompts, responses):
+        if isinstance(prompt, list):  # TRL's conversational prompts / completions
+            prompt = "\n".join(m["content"] for m in prompt)
+        if isinstance(response, list):
+            response = "\n".join(m["content"] for m in response)
+        answer = next((a for q, a in _answers.items() if q in prompt), None)
+        value = _number(response)
+        correct = answer is not None and value is not None and abs(value - float(answer.replace(",", ""))) < 1e-6
+        out.append(float(correct) + 0.2 * bool(_FORMAT.search(response.strip())))
+    return out
+
+
+# --- arguments, machine --------------------------------------------------------------------------------------
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--sides", default="rlhfkit,trl")
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient on both sides (0: no reference model)")
+    ap.add_argument("--trl-venv", default=str(TRL_VENV))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grpo_vs_trl.json"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --- shared inputs -------------------------------------------------------------------------------------------
+def prepare_inputs(args, work: Path) -> dict:
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.data.prepare import load_phase, prepare
+    from rlhfkit.models.loading import resolve_model_dir
+
+    records = []
+    with gzip.open(GSM8K, "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            records.append({"id": r["id"], "prompt": r["prompt"], "response": r["response"],
+                            "final_answer": r["final_answer"]})
+            if len(records) == args.prompts:
+                break
+    data_file = work / "gsm8k.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    answers = work / "answers.json"
+    answers.write_text(json.dumps({r["prompt"]: r["final_answer"] for r in records}))
+    model_dir = resolve_model_dir(args.model, ModelConfig(name_or_path=args.model))
+    inputs = {"model_dir": str(model_dir), "data_file": str(data_file), "answers": str(answers)}
+    # the prompts' token ids as rlhfkit's data pipeline renders them, in the file's order (TRL must match)
+    cfg = rlhfkit_config(args, work, inputs)
+    prepare(cfg, show_progress=False)
+    (_, table), = load_phase(cfg.output_dir / "data", 3, "train")
+    by_text = {}
+    from rlhfkit.models.loading import load_tokenizer
+    from rlhfkit.train.common import model_config_for
+    tok = load_tokenizer(model_config_for(cfg, inputs["model_dir"]))
+    for i in range(len(table)):
+        ids = table.row(i)["prompt_ids"].tolist()
+        text = tok.decode(ids)
+        q = next(r["prompt"] for r in records if r["prompt"] in text)
+        by_text[q] = ids
+    inputs["questions"] = [r["prompt"] for r in records]
+    inputs["prompt_ids"] = [by_text[r["prompt"]] for r in records]
+    return inputs
+
+
+def rlhfkit_config(args, work: Path, inputs: dict):
+    from rlhfkit.config import Config
+
+    prompt_len = 256
+    ppo = {"actor_model": inputs["model_dir"], "advantage": "grpo", "n_samples_per_prompt": args.generations,
+           "rollout_batch_size": args.prompts, "ppo_epochs": 1, "loss_aggregation": "seq_mean_token_mean",
+           "reward": {"sources": [{"type": "python", "function": f"{Path(__file__).resolve()}:gsm8k_reward"}]},
+           "sampling": {"max_new_tokens": args.new_tokens, "temperature": args.temperature},
+           "rollout_dtype": "float32", "cliprange": 0.2,
+           "actor": {"dtype": "float32", "micro_batch_size": args.micro_batch, "learning_rate": args.lr,
+                     "lr_scheduler": "constant", "adam_betas": [0.9, 0.95], "weight_decay": 0.0,
+                     "max_grad_norm": 1.0, "gradient_checkpointing": False},
+           "steps": args.warmup + args.iters}
+    if args.beta > 0:
+        ppo.update({"kl_mode": "loss", "kl_coef": args.beta, "kl_estimator": "k3", "reference": {"dtype": "float32"}})
+    else:
+        ppo.update({"kl_mode": "off", "kl_coef": 0.0})
+    raw = {
+        "run": {"output_dir": str(work / "run-rlhfkit")},
+        "model": {"name_or_path": inputs["model_dir"]},
+        "data": {"datasets": [{"name": "gsm8k", "path": inputs["data_file"], "format": "sft", "phases": [3],
+                               "eval_path": inputs["data_file"]}],  # an eval split of its own: none carved
+                 "cache_dir": str(work / "cache"), "max_prompt_len": prompt_len,
+                 "max_seq_len": prompt_len + args.new_tokens},
+        "ppo": ppo,
+    }
+    return Config.model_validate(raw)
+
+
+# --- rlhfkit side --------------------------------------------------------------------------------------------
+class _PythonSource:
+    def __init__(self, spec, name: str):
+        import importlib.util
+
+        path, fn = spec.function.rsplit(":", 1)
+        mod_spec = importlib.util.spec_from_file_location(f"_bench_reward_{name}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        self.fn, self.name, self.weight = getattr(module, fn), name, spec.weight
+
+    def __call__(self, prompts, responses, metadata):
+        return self.fn(prompts, responses, metadata)
+
+
+def ensure_text_sources() -> str:
+    """rlhfkit.rewards.sources (the text reward sources PPOTrainer imports) where this checkout has it; else a
+    stand-in for the `python` source only (load path.py:fn, call it on the decoded texts), said in the output."""
+    try:
+        import rlhfkit.rewards.sources  # noqa: F401
+        return "rlhfkit.rewards.sources"
+    except ImportError:
+        pass
+    import types
+
+    def build_text_sources(sources):
+        out = []
+        for i, s in enumerate(x for x in sources if x.type != "model"):
+            if s.type != "python":
+                raise SystemExit(f"the stand-in for rlhfkit.rewards handles python sources only, not {s.type}")
+            out.append(_PythonSource(s, s.name or ("python" if i == 0 else f"python_{i}")))
+        return out
+
+    pkg = types.ModuleType("rlhfkit.rewards")
+    pkg.__path__ = []
+    mod = types.ModuleType("rlhfkit.rewards.sources")
+    mod.build_text_sources = build_text_sources
+    pkg.sources = mod
+    sys.modules["rlhfkit.rewards"], sys.modules["rlhfkit.rewards.sources"] = pkg, mod
+    return "benchmark stand-in (rlhfkit.rewards not in this checkout)"
+
+
+def worker_rlhfkit(args, work: Path) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    reward_loader = ensure_text_sources()
+    from rlhfkit.train.ppo.trainer import PPOTrainer
+
+    inputs = json.loads((work / "inputs.json").read_text())
+    trainer = PPOTrainer(rlhfkit_config(args, work, inputs), show_progress=False)
+    workarounds = []
+    if trainer.p.kl_mode == "off":
+        # PPOTrainer.step reads stats["objective/kl"] for the KL controller, but experience_stats drops that
+        # key when kl_mode is off (KeyError at the end of step, after its timings). Put back a 0 (the fixed
+        # controller ignores it); costs nothing measurable.
+        original_stats = trainer.experience_stats
+
+        def experience_stats(*a, **k):
+            out = original_stats(*a, **k)
+            out.setdefault("objective/kl", 0.0)
+            return out
+
+        trainer.experience_stats = experience_stats
+        workarounds.append("objective/kl put back for kl_mode off (PPOTrainer.step KeyError)")
+    n_resp = args.prompts * args.generations
+    steps = []
+    for step in range(args.warmup + args.iters):
+        m = trainer.step(step)
+        mean_len = m["tokens/generated"] / n_resp
+        reward = next((v for k, v in m.items() if k.startswith("reward/") and isinstance(v, float)), float("nan"))
+        print(f"  rlhfkit iteration {step}: {m['time/step']:.2f}s (generation {m['time/generation']:.2f}, "
+              f"experience {m['time/experience']:.2f}, training {m['time/training']:.2f}), "
+              f"mean length {mean_len:.1f}, reward {reward:.3f}", flush=True)
+        if step >= args.warmup:
+            steps.append({"s": m["time/step"], "gen": m["time/generation"], "len": mean_len})
+    return {"side": "rlhfkit", "version": md.version("rlhfkit"),
+            "dtype": trainer.actor_t.dtype, "rollout_dtype": str(trainer.policy.model.dtype).removeprefix("torch."),
+            "old_logprobs_from_rollout": trainer.reuse_logprobs, "workarounds": workarounds,
+            "versions": {"torch": torch.__version__, "transformers": md.version("transformers")},
+            "iterations": [s["s"] for s in steps], "generation_s": [s["gen"] for s in steps],
+            "mean_length": [s["len"] for s in steps], "threads": torch.get_num_threads(),
+            "reward_loader": reward_loader}
+
+
+# --- TRL side ------------------------------------------------------------------------------------------------
+def ensure_trl_venv(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if python.exists():
+        r = subprocess.run([str(python), "-c", "import trl, torch"], capture_output=True, text=True)
+        if r.returncode == 0:
+            return python
+    print(f"setting up {venv} (trl, {TORCH_PIN}) ...", flush=True)
+    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+    constraints = venv / "constraints.txt"
+    constraints.write_text(TORCH_PIN + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-c", str(constraints), "trl", TORCH_PIN],
+                   check=True)
+    return python
+
+
+def run_trl(args, work: Path) -> dict:
+    python = ensure_trl_venv(Path(args.trl_venv))
+    inputs = json.loads((work / "inputs.json").read_text())
+    spec = {"model_dir": inputs["model_dir"], "questions": inputs["questions"], "prompt_ids": inputs["prompt_ids"],
+            "reward_file": str(Path(__file__).resolve()), "out_dir": str(work / "trl-out"),
+            "warmup": args.warmup, "iters": args.iters, "generations": args.generations,
+            "new_tokens": args.new_tokens, "micro_batch": args.micro_batch, "temperature": args.temperature,
+            "lr": args.lr, "beta": args.beta}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    runner = Path(__file__).resolve().parent / "trl_grpo_side.py"
+    p = subprocess.Popen([str(python), str(runner), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("  "):
+            print(line, end="", flush=True)
+    err = p.stderr.read()
+    p.wait()
+    found = [json.loads(x[len(RESULT):]) for x in lines if x.startswith(RESULT)]
+    if p.returncode != 0 or not found:
+        raise SystemExit(f"TRL run failed:\n{''.join(lines)[-3000:]}\n{err[-6000:]}")
+    return found[0]
+
+
+# --- driver --------------------------------------------------------------------------------------------------
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        work = Path(args.work_dir)
+        os.environ[ANSWERS_ENV] = json.loads((work / "inputs.json").read_text())["answers"]
+        result = run_trl(args, work) if args.worker == "trl" else worker_rlhfkit(args, work)
+        print(RESULT + json.dumps(result), flush=True)
+        return
+    from rlhfkit.engine.precision import machine_summary
+
+    machine = machine_summary()
+    print(f"CPU: {cpu_model()}; machine: {machine}", flush=True)
+    sides = args.sides.split(",")
+    work = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
+    try:
+        (work / "inputs.json").write_text(json.dumps(prepare_inputs(args, work)))
+        results = []
+        for side in sides:
+            cmd = [sys.executable, __file__, "--worker", side, "--work-dir", str(work)] + [
+                a for k, v in vars(args).items() if k not in ("worker", "work_dir", "out", "sides")
+                for a in (f"--{k.replace('_', '-')}", str(v))]
+            print(f"{side}:", flush=True)
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out_lines = []
+            for line in p.stdout:
+                out_lines.append(line)
+                if line.startswith("  ") or line.startswith("setting up"):
+                    print(line, end="", flush=True)
+            err = p.stderr.read()
+            p.wait()
+            found = [json.loads(x[len(RESULT):]) for x in out_lines if x.startswith(RESULT)]
+            if p.returncode != 0 or not found:
+                raise SystemExit(f"{side} failed:\n{''.join(out_lines)[-3000:]}\n{err[-6000:]}")
+            results.append(found[0])
+        report(results, args, machine)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(results: list[dict], args, machine: str) -> None:
+    kl = f"beta {args.beta} (k3 KL loss, reference model)" if args.beta > 0 else "beta 0 (no KL, no reference model)"
+    print(f"\nGRPO iteration: {args.model}, {args.prompts} GSM8K prompts x {args.generations} samples, "
+          f"≤ {args.new_tokens} new tokens (EOS stops), temperature {args.temperature}, {kl}, lr {args.lr}, "
+          f"one optimizer step on {args.prompts * args.generations} responses (micro-batch {args.micro_batch}); "
+          f"{args.iters} iterations after {args.warmup} warm-up")
+    print(f"CPU: {cpu_model()}, {results[0].get('threads')} torch threads; precision: fp32 on both sides")
+    print(f"{'side':<8} {'version':<10} {'s/iter':>7} {'each':<16} {'gen s':>6} {'mean gen tokens':>15}  "
+          f"{'torch':<12} transformers")
+    for r in results:
+        each = ", ".join(f"{s:.2f}" for s in r["iterations"])
+        print(f"{r['side']:<8} {r['version']:<10} {statistics.mean(r['iterations']):>7.2f} {each:<16} "
+              f"{statistics.mean(r['generation_s']):>6.2f} {statistics.mean(r['mean_length']):>15.1f}  "
+              f"{r['versions']['torch']:<12} {r['versions']['transformers']}")
+    by = {r["side"]: r for r in results}
+    if "rlhfkit" in by:
+        r = by["rlhfkit"]
+        print(f"rlhfkit: actor {r['dtype']}, rollouts {r['rollout_dtype']}, old log-probs from the rollout: "
+              f"{r['old_logprobs_from_rollout']}; python reward loaded by {r['reward_loader']}"
+              + "".join(f"; workaround: {w}" for w in r["workarounds"]))
+    if "trl" in by and "rlhfkit" in by:
+        ratio = statistics.mean(by["trl"]["iterations"]) / statistics.mean(by["rlhfkit"]["iterations"])
+        print(f"ratio TRL/rlhfkit (s/iter): {ratio:.2f}x (> 1: rlhfkit faster)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "cpu": cpu_model(), "machine": machine, "results": results},
+                              indent=1))
+    print(f"results → {out}")
+
+
+if __name__ == "__main__":
+    main()
