@@ -271,7 +271,7 @@ class PPOTrainer:
         old, adv = exp.old_logprobs[idx, :width].to(self.device), exp.advantages[idx, :width].to(self.device)
         clip_low = p.clip_low or p.cliprange
         per_token, st = PF.clipped_surrogate(logprobs, old, adv, mask, clip_low, p.clip_high or p.cliprange)
-        out = {"tokens": float(mask.sum()), "loss/policy": float(per_token.sum())}
+        out = {"tokens": float(mask.sum()), "loss/policy": float(per_token.detach().sum())}
         out.update({f"policy/{k}": float(v.sum()) for k, v in
                     (("clipfrac", st["clipped"]), ("approxkl", st["approxkl"]), ("ratio_mean", st["ratio"]))})
         if p.kl_mode == "loss":
