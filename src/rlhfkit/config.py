@@ -432,8 +432,9 @@ class PPOConfig(Section):
         if self.normalize_scores and not any(s.type == "model" for s in self.reward.sources):
             raise ValueError("normalize_scores normalises the reward model's score, but reward.sources has no "
                              "`model` source")
-        if self.kl_estimator and self.kl_mode == "off":
-            raise ValueError("kl_estimator is set but kl_mode is off: nothing would use it")
+        for key in ("kl_estimator", "adaptive_kl", "kl_coef"):
+            if key in self.model_fields_set and self.kl_mode == "off":
+                raise ValueError(f"{key} is set but kl_mode is off: nothing would use it")
         if not self.uses_critic:
             for key in ("critic", "critic_model", "cliprange_value", "lam", "whiten_advantages"):
                 if key in self.model_fields_set:

@@ -183,7 +183,8 @@ class PPOTrainer:
         t3 = time.perf_counter()
 
         stats = self.experience_stats(exp, kl_coef, per_source)
-        self.kl_ctl.update(stats["objective/kl"], p.responses_per_step)
+        if p.kl_mode != "off":
+            self.kl_ctl.update(stats["objective/kl"], p.responses_per_step)
         generated = D.all_reduce_sum([float(rollout.response_lengths.sum())])[0]
         stats.update(train_stats)
         if self.critic is not None:
