@@ -1,6 +1,9 @@
 """Critic-free RL on tiny models (GRPO, Dr. GRPO, RLOO, REINFORCE++): learning on a known text reward,
 exact resume after SIGKILL, 2 gloo processes against 1, no critic built or saved, dynamic sampling."""
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,8 @@ from safetensors.torch import load_file
 from conftest import REPO
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError
-from test_ppo import metrics, ppo_config, prompts_file  # noqa: F401 (fixture)
-from test_training import kill_when, run_ok
+from test_ppo import metrics, ppo_config, prompts_file, reward_dir  # noqa: F401 (fixtures)
+from test_training import _free_port, cli, kill_when, run_ok
 
 SHARE_OF_A = f"{REPO / 'tests' / 'grpo_known_reward.py'}:share_of_a"
 
@@ -117,3 +120,63 @@ def test_settings_the_critic_free_loop_would_ignore_are_errors(tmp_path, prompts
     cfg = grpo_config(tmp_path, prompts_file, kl_mode="loss")
     with pytest.raises(ConfigError, match=message):
         load_config(cfg, [override])
+
+
+# --- through a real reward server -----------------------------------------------------------------
+
+class RewardServer:
+    """`rlhfkit serve-reward RM_DIR` as a real process on 127.0.0.1; stopped (and reaped) on exit."""
+
+    def __init__(self, rm_dir: Path, port: int):
+        self.rm_dir, self.port = rm_dir, port
+        self.url = f"http://127.0.0.1:{port}/get_reward"
+
+    def __enter__(self):
+        self.proc = cli(["serve-reward", str(self.rm_dir), "--host", "127.0.0.1", "--port", str(self.port)],
+                        start_new_session=True)
+        deadline = time.time() + 120
+        for line in self.proc.stdout:
+            if line.startswith("serving "):
+                return self
+            assert time.time() < deadline, "serve-reward did not start"
+        raise AssertionError(f"serve-reward ended before serving (exit {self.proc.wait()})")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def remote_config(tmp_path: Path, prompts_file: Path, url: str, **ppo) -> Path:
+    source = {"type": "remote", "url": url, "timeout": 5, "retries": 1}
+    return grpo_config(tmp_path, prompts_file, reward={"sources": [source]}, eval_every=0, eval_prompts=8,
+                       actor={"learning_rate": 1e-3, "micro_batch_size": 8}, **ppo)
+
+
+def test_grpo_trains_through_serve_reward_and_a_dead_server_leaves_a_resumable_run(tmp_path, prompts_file, reward_dir):
+    port = _free_port()
+    cfg = remote_config(tmp_path, prompts_file, f"http://127.0.0.1:{port}/get_reward", steps=5)
+    run = tmp_path / "run"
+    with RewardServer(reward_dir, port) as server:
+        p = cli(["ppo", str(cfg), "--no-progress"])
+        while not (run / "ppo" / "metrics.jsonl").exists() or len(metrics(run, "reward/remote")) < 2:
+            assert p.poll() is None, p.stdout.read()[-3000:]
+            time.sleep(0.05)
+        server.kill()  # the server dies mid-run
+        started = time.time()
+        out, _ = p.communicate(timeout=120)
+    assert time.time() - started < 60  # 2 tries of at most 5 s, not a hang
+    assert p.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert "reward server" in out and server.url in out and "rerun the same command to resume" in out, out[-3000:]
+    done = len(metrics(run, "reward/remote"))
+    assert done >= 2 and (run / "ppo" / "checkpoints" / f"step-{done:07d}" / "COMPLETE").is_file()
+    scores = metrics(run, "reward/remote")
+    assert all(np.isfinite(scores))
+
+    with RewardServer(reward_dir, port):  # the server is back: the same command resumes
+        out = run_ok(["ppo", str(cfg), "--no-progress"])
+    assert f"resumed at step {done}" in out
+    assert len(metrics(run, "reward/remote")) == 5 and (run / "ppo" / "final" / "model.safetensors").is_file()

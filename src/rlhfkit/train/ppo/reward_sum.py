@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import torch
 
+from ...engine import distributed as D
+from ...errors import RlhfkitError
 from ...rollout.sampling import Rollout, select_rows
 from ...rollout.scoring import RewardScorer
 
 MODEL = "model"  # the name of the reward model's source
+
+
+class RewardFailed(RlhfkitError):
+    """A text source failed on some process; raised on every process, so that all stop together."""
 
 
 class RewardSum:
@@ -53,9 +59,19 @@ class RewardSum:
         if self.model_scorer is not None:
             out[MODEL] = self.model_scores(r, micro_batch, device).float()
         if self.text_sources:
+            from ...rewards.sources import RewardError
+
             prompts, responses = self.texts(r)
-            for source in self.text_sources:
-                out[source.name] = torch.tensor(source(prompts, responses, metadata), dtype=torch.float32)
+            problem = None
+            try:
+                for source in self.text_sources:
+                    out[source.name] = torch.tensor(source(prompts, responses, metadata), dtype=torch.float32)
+            except RewardError as e:
+                problem = str(e)
+            # every process learns of a failure anywhere: the others would wait in the next collective
+            failed = D.all_reduce_sum([float(problem is not None)])[0]
+            if failed:
+                raise RewardFailed(problem or f"a reward source failed on {int(failed)} other process(es)")
         return out
 
     def total(self, per_source: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:

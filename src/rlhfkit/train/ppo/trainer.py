@@ -41,7 +41,7 @@ from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollo
 from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
 from .experience import Experience, explained_variance_over_ranks, make_experience, masked_moments_over_ranks
 from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers
-from .reward_sum import MODEL, RewardSum
+from .reward_sum import MODEL, RewardFailed, RewardSum
 
 SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
 
@@ -135,7 +135,10 @@ class PPOTrainer:
         guard = NonFiniteGuard("ppo", self.out_dir, p.actor.max_nonfinite_steps, "ppo.actor.max_nonfinite_steps")
         done = start
         while done < total:
-            metrics = self.step(done)
+            try:
+                metrics = self.step(done)
+            except RewardFailed as e:
+                raise RewardFailed(f"ppo: step {done + 1}: {e}; {self._save_for_resume(done)}") from None
             done += 1
             total = planner.after_step(done, metrics["time/step"])
             tracker.set_total(total)
@@ -404,6 +407,15 @@ class PPOTrainer:
         if self.norm is not None and D.is_main():
             (tmp / SCORE_STATS_FILE).write_text(json.dumps(self.norm, indent=1))
         return finish_checkpoint(tmp, step, self.p.keep_checkpoints, {"step": step, "stage": "ppo"})
+
+    def _save_for_resume(self, done: int) -> str:
+        """After a failed reward call: the state after step `done` (nothing of the failed step was applied),
+        checkpointed unless it already is, so the same command resumes there."""
+        if done == 0:
+            return "no step had finished, so rerunning starts over"
+        if not (self.out_dir / "checkpoints" / f"step-{done:07d}" / "COMPLETE").is_file():
+            self.save_checkpoint(done)
+        return f"the run is checkpointed at step {done}: rerun the same command to resume once the reward works"
 
     def _save_critic(self, out: Path) -> None:
         sd = gathered_weights(self.critic, self.critic_t, prefix="rm.", merge=True)
