@@ -108,6 +108,12 @@ def cmd_chat(args) -> None:
          seed=args.seed)
 
 
+def cmd_serve_reward(args) -> None:
+    from .rewards.server import serve
+
+    serve(args.rm_dir, args.host, args.port, args.batch_size, args.max_request_bytes, args.dtype, args.max_length)
+
+
 def cmd_model_fetch(args) -> None:
     from .config import ModelConfig
     from .models.loading import resolve_model_dir
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"sft": "supervised fine-tuning on phase-1 data",
              "rm": "reward model (Bradley–Terry) on phase-2 pairs",
              "dpo": "DPO on phase-2 pairs (instead of RM + PPO)",
-             "ppo": "PPO on phase-3 prompts: actor from SFT, critic and reward from the RM"}
+             "ppo": "RL on phase-3 prompts (PPO, GRPO, RLOO, REINFORCE++): actor from SFT, rewards from ppo.reward.sources"}
     for name, text in helps.items():
         p = stages.add_parser(name, help=text)
         _config_args(p)
@@ -163,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the machine runs it natively, else fp32 (fp16 on older GPUs)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
+
+    p = stages.add_parser("serve-reward", help="serve a trained reward model over HTTP (OpenRLHF's remote RM protocol)")
+    p.add_argument("rm_dir", help="the reward model directory, e.g. runs/NAME/rm/final")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=16, help="queries per forward pass")
+    p.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger requests get 413")
+    p.add_argument("--max-length", type=int, default=None, help="keep the last N tokens of each query")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_serve_reward)
 
     model = stages.add_parser("model", help="model utilities").add_subparsers(dest="verb", required=True)
     p = model.add_parser("fetch", help="materialise a built-in model (e.g. convert the GGUF once) and print its dir")
