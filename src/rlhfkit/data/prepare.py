@@ -38,7 +38,8 @@ from .table import TokenTable
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when what a chunk holds changes, so old cache entries are never read (2: split by prompt)
+CACHE_FORMAT = 3  # bump when what a chunk holds changes, so old cache entries are never read (2: split by prompt,
+# 3: phase-3 prompts carry their records' metadata)
 ENTRY_FILES = ("table.npz", "stats.json")
 CHECKSUMS = "checksums.json"  # written last into a cache entry: the size and SHA-256 of each entry file
 PHASE_NAMES = {1: "sft", 2: "reward", 3: "ppo"}

@@ -12,7 +12,7 @@ preference pairs by splitting the two transcripts at their common prefix.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROLES = {"Human": "user", "Assistant": "assistant"}
 CHAT_ROLES = ("system", "user", "assistant")  # what chat templates render; anything else would be rendered blindly
@@ -26,6 +26,8 @@ class Example:
     prompt: list[dict]  # chat turns; the last one is the user's
     chosen: str | None = None  # the preferred response (or the only one, for SFT)
     rejected: str | None = None
+    # the record's other fields (e.g. GSM8K's final_answer), carried with phase-3 prompts to the reward
+    metadata: dict = field(default_factory=dict)
 
 
 class BadRecord(Exception):
@@ -36,6 +38,7 @@ class BadRecord(Exception):
         self.reason, self.detail, self.where = reason, detail, where
 
 
+CONSUMED = {"prompt", "chosen", "rejected", "response"}  # the fields a format reads; the rest is metadata
 REQUIRED = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response"), "prompt": ("prompt",)}
 
 
@@ -134,8 +137,10 @@ def to_example(raw, fmt: str, where: str, index: int) -> Example:
     except BadRecord as e:
         raise BadRecord(e.reason, e.detail, where) from None
     rid = str(raw.get("id", index))
+    metadata = {k: v for k, v in raw.items() if k not in CONSUMED}
     if fmt == "preference":
-        return Example(rid, where, turns, _response(raw, "chosen", where), _response(raw, "rejected", where))
+        return Example(rid, where, turns, _response(raw, "chosen", where), _response(raw, "rejected", where),
+                       metadata=metadata)
     if fmt == "sft":
-        return Example(rid, where, turns, _response(raw, "response", where))
-    return Example(rid, where, turns)
+        return Example(rid, where, turns, _response(raw, "response", where), metadata=metadata)
+    return Example(rid, where, turns, metadata=metadata)

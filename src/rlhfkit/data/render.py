@@ -232,7 +232,7 @@ def build_prompts(examples: list[Example], r: Renderer, progress=None) -> tuple[
     """Phase 3: prompts for rollouts (left-truncated to max_prompt_len), each distinct prompt once."""
     stats = PhaseStats(records_in=len(examples))
     usable, prompts = _prepare_prompts(examples, r, stats)
-    seen, ids_col = set(), []
+    seen, ids_col, metadata = set(), [], []
     _advance(progress, len(examples) - len(usable))
     for ex, p in zip(usable, prompts):
         _advance(progress, 1)
@@ -248,9 +248,10 @@ def build_prompts(examples: list[Example], r: Renderer, progress=None) -> tuple[
         fitted, _, cut = fit
         stats.keep(cut)
         ids_col.append(fitted)
+        metadata.append(ex.metadata)
         if len(stats.examples) < 2:
             stats.examples.append({"id": ex.id, "prompt": r.decode(fitted)})
-    return TokenTable({"prompt_ids": ids_col}), stats
+    return TokenTable({"prompt_ids": ids_col}, json_columns={"metadata": metadata}), stats
 
 
 BUILDERS = {1: build_sft, 2: build_pairs, 3: build_prompts}

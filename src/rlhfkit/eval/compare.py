@@ -3,7 +3,9 @@
 For every prompt set (the run's held-out phase-3 prompts, and prompt files such as
 ../shared/data/eval/eval_prompts.jsonl.gz), both models answer every prompt with the same sampling
 settings and the same per-prompt seed; the reward model (and an optional second judge) scores each
-response at its last token. Reported per set: mean score of each model, the paired gain and the win rate
+response at its last token, and every text reward of eval.rewards (e.g. GSM8K accuracy, format rate) scores
+it from its text and the prompt record's metadata. Every one of them is a "judge" below, with the same
+figures. A run without a reward model (a verifiable-reward recipe) is judged by its text rewards alone. Reported per set: mean score of each model, the paired gain and the win rate
 of the policy over the baseline (ties count half), the gain at equal length, KL of the policy to the baseline
 on the policy's own samples (Σ log π − log π_ref per response; the baseline is the PPO reference), response
 lengths and EOS rates; 95% bootstrap intervals over prompts and flags (stats.py, docs/evaluation.md).
@@ -39,6 +41,7 @@ from ..rollout.sampling import Rollout, sample_rollouts, sampling_for
 from ..rollout.scoring import RewardScorer, load_reward_model, response_kl, tokenizer_pair
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
+from ..rewards.sources import build_text_sources
 from .stats import Bootstrap, fmt, fmt_interval, set_statistics
 
 
@@ -58,13 +61,14 @@ def _model_path(given: str | None, default: Path, key: str) -> str:
     return str(default)
 
 
-def prompt_sets(cfg: Config, renderer: Renderer) -> dict[str, list[np.ndarray]]:
-    """name → prompt token ids (rendered, left-truncated like phase-3 data), at most eval.max_prompts each."""
+def prompt_sets(cfg: Config, renderer: Renderer) -> dict[str, list[dict]]:
+    """name → prompt rows {prompt_ids (rendered, left-truncated like phase-3 data), metadata (the record's
+    other fields)}, at most eval.max_prompts each."""
     out = {}
     for spec in cfg.eval.prompt_sets:
         if spec == "phase3":
             tables = Blend([t for _, t in load_phase(cfg.output_dir / "data", 3, "eval")])
-            out["phase3_eval"] = [tables.row(i)["prompt_ids"] for i in range(min(len(tables), cfg.eval.max_prompts))]
+            out["phase3_eval"] = [tables.row(i) for i in range(min(len(tables), cfg.eval.max_prompts))]
             continue
         path = Path(spec)
         if not path.is_file():
@@ -80,7 +84,7 @@ def prompt_sets(cfg: Config, renderer: Renderer) -> dict[str, list[np.ndarray]]:
             if len(examples) >= cfg.eval.max_prompts:
                 break
         table, _ = build_prompts(examples, renderer)
-        out[path.name.split(".")[0]] = [table.row(i)["prompt_ids"] for i in range(len(table))]
+        out[path.name.split(".")[0]] = [table.row(i) for i in range(len(table))]
     return out
 
 
@@ -92,8 +96,7 @@ class Comparison:
         self.device = D.device()
         self.policy_path = _model_path(e.policy, aligned_final(cfg), "eval.policy")
         self.baseline_path = _model_path(e.baseline, sft_stage_dir(cfg) / "final", "eval.baseline")
-        self.reward_path = _model_path(e.reward_model or cfg.ppo.reward_model, rm_stage_dir(cfg) / "final",
-                                       "eval.reward_model")
+        self.reward_path = self._reward_path()
         self.tokenizer = load_tokenizer(model_config_for(cfg, self.policy_path))
         self.data_tokenizer = load_tokenizer(cfg.model)  # the one that encoded the run's prepared data
         dtype = DTYPES[e.dtype]
@@ -101,9 +104,28 @@ class Comparison:
             print(f"eval: precision {e.dtype} (auto: {why_auto()})", flush=True)
         self.policy = self._lm(self.policy_path, dtype)
         self.baseline = self._lm(self.baseline_path, dtype)
-        judge_paths = {"rm": self.reward_path, **({"judge2": e.second_judge} if e.second_judge else {})}
+        judge_paths = {**({"rm": self.reward_path} if self.reward_path else {}),
+                       **({"judge2": e.second_judge} if e.second_judge else {})}
         self.judges = {name: self._judge(path, dtype) for name, path in judge_paths.items()}
+        self.text_rewards = build_text_sources(e.rewards, "eval.rewards")
+        clash = sorted({s.name for s in self.text_rewards} & {"rm", "judge2"})
+        if clash:
+            raise ConfigError(f"eval.rewards: the name {clash[0]!r} belongs to a reward-model judge; choose another")
         self.sampling, self.stop_ids = sampling_for(e.sampling, self.tokenizer)
+
+    @property
+    def judge_names(self) -> list[str]:
+        return list(self.judges) + [s.name for s in self.text_rewards]
+
+    def _reward_path(self) -> str | None:
+        """eval.reward_model, else ppo.reward_model, else the RM stage's output; None when none is given or
+        trained and eval.rewards judges alone."""
+        e, cfg = self.e, self.cfg
+        given = e.reward_model or cfg.ppo.reward_model
+        default = rm_stage_dir(cfg) / "final"
+        if given is None and e.rewards and not (default / "config.json").is_file():
+            return None
+        return _model_path(given, default, "eval.reward_model (or eval.rewards, to judge by text alone)")
 
     def _lm(self, path: str, dtype):
         lm = load_causal_lm(model_config_for(self.cfg, path), dtype="float32")
@@ -124,8 +146,14 @@ class Comparison:
                                self.sampling)
 
     @torch.no_grad()
-    def score_parts(self, parts) -> dict[str, torch.Tensor]:
-        return {name: torch.cat([judge(p.to(self.device)).float().cpu() for p in parts]) for name, judge in self.judges.items()}
+    def score_parts(self, parts, metadata: list[dict]) -> dict[str, torch.Tensor]:
+        out = {name: torch.cat([judge(p.to(self.device)).float().cpu() for p in parts]) for name, judge in self.judges.items()}
+        if self.text_rewards:
+            prompts = [self._text(p, k, prompt=True) for p in parts for k in range(len(p.lengths))]
+            responses = [self._text(p, k) for p in parts for k in range(len(p.lengths))]
+            for source in self.text_rewards:
+                out[source.name] = torch.tensor(source(prompts, responses, metadata), dtype=torch.float32)
+        return out
 
     @torch.no_grad()
     def kl_to_baseline(self, parts) -> torch.Tensor:
@@ -136,22 +164,23 @@ class Comparison:
             out.append(kl.float().cpu())
         return torch.cat(out)
 
-    def compare_set(self, name: str, prompts: list[np.ndarray], sink, planner: "PromptPlanner | None" = None) -> dict:
+    def compare_set(self, name: str, rows: list[dict], sink, planner: "PromptPlanner | None" = None) -> dict:
         """Both models answer batch by batch, judged as they go; a planner may stop the set early."""
         pol, base, scored, kls = [], [], [], []
-        for i in range(0, len(prompts), self.e.batch_size):
+        for i in range(0, len(rows), self.e.batch_size):
             if planner is not None and i >= planner.cap:
                 break
             t0 = time.perf_counter()
-            chunk = prompts[i:i + self.e.batch_size]
+            chunk = [r["prompt_ids"] for r in rows[i:i + self.e.batch_size]]
+            metadata = [r.get("metadata", {}) for r in rows[i:i + self.e.batch_size]]
             p, b = self.answer(self.policy, chunk, i), self.answer(self.baseline, chunk, i)
             pol, base = pol + p, base + b
-            scored.append((self.score_parts(p), self.score_parts(b)))
+            scored.append((self.score_parts(p, metadata), self.score_parts(b, metadata)))
             kls.append(self.kl_to_baseline(p))
             if planner is not None:
                 planner.timed(len(chunk), time.perf_counter() - t0)
-        pol_scores = {j: torch.cat([s[0][j] for s in scored]) for j in self.judges}
-        base_scores = {j: torch.cat([s[1][j] for s in scored]) for j in self.judges}
+        pol_scores = {j: torch.cat([s[0][j] for s in scored]) for j in self.judge_names}
+        base_scores = {j: torch.cat([s[1][j] for s in scored]) for j in self.judge_names}
         kl = torch.cat(kls)
         stats, lengths = {"prompts": len(kl)}, {}
         for label, parts in (("final", pol), ("sft", base)):
@@ -168,8 +197,8 @@ class Comparison:
                 sink.write(json.dumps({
                     "set": name, "index": i, "prompt": self._text(pp, k, prompt=True),
                     "sft": self._text(bp, k), "final": self._text(pp, k),
-                    **{f"{j}_sft": float(base_scores[j][i]) for j in self.judges},
-                    **{f"{j}_final": float(pol_scores[j][i]) for j in self.judges},
+                    **{f"{j}_sft": float(base_scores[j][i]) for j in self.judge_names},
+                    **{f"{j}_final": float(pol_scores[j][i]) for j in self.judge_names},
                     "kl_to_sft": float(kl[i]), "final_length": int(lengths["final"][i]),
                     "sft_length": int(lengths["sft"][i]), "final_ended": bool(pp.ended[k]), "sft_ended": bool(bp.ended[k]),
                 }) + "\n")
@@ -201,7 +230,7 @@ class Comparison:
         """Share of the phase-2 eval pairs whose chosen response the RM scores higher. The pairs are in the
         data tokenizer's ids: a judge with another tokenizer scores them re-encoded with its own."""
         rows = Blend([t for _, t in load_phase(self.cfg.output_dir / "data", 2, "eval")])
-        if len(rows) == 0:
+        if len(rows) == 0 or "rm" not in self.judges:
             return None
         tok = self.data_tokenizer
         judge = RewardScorer(self.judges["rm"].reward,
@@ -261,15 +290,16 @@ def run_eval(cfg: Config, show_progress: bool = True, budget: StageBudget | None
     renderer = Renderer(cmp.tokenizer, cfg.data)
     sets = prompt_sets(cfg, renderer)
     results: dict = {"policy": cmp.policy_path, "baseline": cmp.baseline_path, "reward_model": cmp.reward_path,
-                     "second_judge": cfg.eval.second_judge, "sampling": cfg.eval.sampling.model_dump(), "sets": {}}
+                     "second_judge": cfg.eval.second_judge, "judges": cmp.judge_names,
+                     "sampling": cfg.eval.sampling.model_dump(), "sets": {}}
     # The baseline's perplexity and the judge's accuracy on these very splits are what the SFT and RM stages
     # measured last (same model, same rows, same precision): read them instead of computing them again.
     same_sft_rows = cfg.sft.max_eval_batches is None and cfg.sft.loss_on == "response"
     results["sft_perplexity"] = stage_figure(cmp.baseline_path, sft_stage_dir(cfg), "eval/perplexity", same_sft_rows,
                                              lambda: cmp.perplexity(cmp.baseline))
     results["final_perplexity"] = cmp.perplexity(cmp.policy)
-    results["rm_accuracy"] = stage_figure(cmp.reward_path, rm_stage_dir(cfg), "eval/accuracy",
-                                          cfg.rm.max_eval_batches is None, cmp.rm_accuracy)
+    results["rm_accuracy"] = (stage_figure(cmp.reward_path, rm_stage_dir(cfg), "eval/accuracy",
+                                           cfg.rm.max_eval_batches is None, cmp.rm_accuracy) if cmp.reward_path else None)
     planner = PromptPlanner(budget, len(sets), cfg.eval.max_prompts, cfg.eval.batch_size, out_dir / "plan.json")
     tmp = out_dir / "generations.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as sink:
@@ -294,8 +324,14 @@ def stage_figure(model_path: str, stage_dir: Path, key: str, same_rows: bool, co
     return compute()
 
 
+def judges_of(results: dict) -> list[str]:
+    """The judges an eval.json reports (files written before "judges" was recorded: rm and judge2)."""
+    return results.get("judges") or [j for j in ("rm", "judge2")
+                                     if any(f"{j}_win_rate" in s for s in results["sets"].values())]
+
+
 def format_table(results: dict) -> str:
-    judges = [j for j in ("rm", "judge2") if any(f"{j}_win_rate" in s for s in results["sets"].values())]
+    judges = judges_of(results)
     head = f"{'set':<22} {'n':>4} " + " ".join(f"{j + ' sft':>9} {j + ' final':>9} {'win':>6}" for j in judges)
     head += f" {'KL':>7} {'len sft':>8} {'len fin':>8} {'eos sft':>8} {'eos fin':>8}"
     lines = [head]

@@ -53,7 +53,7 @@ def _plot(stage: str, rows: list[dict], keys: list[str]) -> str | None:
 
 
 def _eval_table(results: dict) -> str:
-    judges = [j for j in ("rm", "judge2") if any(f"{j}_win_rate" in s for s in results["sets"].values())]
+    judges = judges_of(results)
     cols = ["set", "prompts"] + [c for j in judges for c in (f"{j} score SFT", f"{j} score final", f"{j} win rate")]
     cols += ["KL final‖SFT", "length SFT", "length final", "EOS rate SFT", "EOS rate final"]
     rows = []
@@ -72,7 +72,7 @@ def _eval_table(results: dict) -> str:
 
 def _interval_table(results: dict) -> str:
     """Per set and judge: every figure with its bootstrap interval, then the set's flags (docs/evaluation.md)."""
-    judges = [j for j in ("rm", "judge2") if any(f"{j}_gain_ci" in s for s in results["sets"].values())]
+    judges = [j for j in judges_of(results) if any(f"{j}_gain_ci" in s for s in results["sets"].values())]
     cols = ["set", "judge", "prompts", "score SFT", "score final", "gain final − SFT", "win rate",
             "gain at equal length", "score per extra token", "KL final‖SFT", "length final − SFT"]
     rows, flags = [], []
@@ -115,9 +115,15 @@ def _samples(generations: Path) -> str:
         blocks.append(
             f'<div class="sample"><div class="prompt"><b>{html.escape(g["set"])} #{g["index"]}</b>'
             f'<pre>{html.escape(g["prompt"][-1200:])}</pre></div>'
-            f'<div class="pair"><div><h4>SFT (RM {g["rm_sft"]:.2f})</h4><pre>{html.escape(g["sft"])}</pre></div>'
-            f'<div><h4>final (RM {g["rm_final"]:.2f})</h4><pre>{html.escape(g["final"])}</pre></div></div></div>')
+            f'<div class="pair"><div><h4>SFT ({_scores(g, "sft")})</h4><pre>{html.escape(g["sft"])}</pre></div>'
+            f'<div><h4>final ({_scores(g, "final")})</h4><pre>{html.escape(g["final"])}</pre></div></div></div>')
     return "".join(blocks)
+
+
+def _scores(g: dict, side: str) -> str:
+    """"rm 0.42, accuracy 1.00": every judge's score of one generation."""
+    return html.escape(", ".join(f"{k[:-len(side) - 1]} {v:.2f}" for k, v in g.items()
+                                 if k.endswith(f"_{side}") and isinstance(v, float) and not k.startswith(("kl", "length"))))
 
 
 STYLE = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
