@@ -121,9 +121,9 @@ def to_example(raw, fmt: str, where: str, index: int) -> Example:
     if not isinstance(raw, dict):
         raise BadRecord("not_an_object", f"expected a JSON object, got {type(raw).__name__}", where)
     if fmt == "preference" and "prompt" not in raw and {"chosen", "rejected"} <= raw.keys():
-        for field in ("chosen", "rejected"):
-            if not isinstance(raw[field], str):
-                raise BadRecord("wrong_type", f"field {field!r} must be a string", where)
+        for key in ("chosen", "rejected"):
+            if not isinstance(raw[key], str):
+                raise BadRecord("wrong_type", f"field {key!r} must be a string", where)
         try:
             prompt, chosen, rejected = split_hh_pair(raw["chosen"], raw["rejected"])
         except BadRecord as e:
