@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..paths import write_text_atomic
 from ..tracking import read_metrics
+from .compare import judges_of
 from .stats import fmt, fmt_interval
 
 CURVES = {
