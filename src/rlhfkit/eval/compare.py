@@ -107,7 +107,7 @@ class Comparison:
         judge_paths = {**({"rm": self.reward_path} if self.reward_path else {}),
                        **({"judge2": e.second_judge} if e.second_judge else {})}
         self.judges = {name: self._judge(path, dtype) for name, path in judge_paths.items()}
-        self.text_rewards = build_text_sources(e.rewards, "eval.rewards")
+        self.text_rewards = build_text_sources(e.rewards, setting="eval.rewards")
         clash = sorted({s.name for s in self.text_rewards} & {"rm", "judge2"})
         if clash:
             raise ConfigError(f"eval.rewards: the name {clash[0]!r} belongs to a reward-model judge; choose another")
