@@ -223,6 +223,16 @@ class AdaptiveKLConfig(Section):
     horizon: float = Field(10000, gt=0)  # in rollouts (sequences)
 
 
+def _changed(section: Section, key: str) -> bool:
+    """Whether `key` differs from its default: settings that would be ignored are errors when changed, while
+    a resolved config, which writes every default out, still loads (a sub-section's dtype is resolved
+    there, so it does not count)."""
+    value, default = getattr(section, key), type(section).model_fields[key].get_default(call_default_factory=True)
+    if isinstance(value, Section) and isinstance(default, Section):
+        return value.model_dump(exclude={"dtype"}) != default.model_dump(exclude={"dtype"})
+    return value != default
+
+
 # TrainConfig keys an RL model section inherits but the RL loop decides for itself, with where to set them
 RL_LOOP_KEYS = {"epochs": "ppo.steps", "max_steps": "ppo.steps", "eval_every": "ppo.eval_every",
                 "max_eval_batches": "ppo.eval_prompts", "save_every": "ppo.save_every",
@@ -243,7 +253,7 @@ class ActorConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _loop_keys(self):
-        for key in sorted(self.model_fields_set & RL_LOOP_KEYS.keys()):
+        for key in sorted(k for k in RL_LOOP_KEYS if _changed(self, k)):  # a saved config repeats the defaults
             raise ValueError(f"{key} is not read here: the RL loop sets it for actor and critic; use "
                              f"{RL_LOOP_KEYS[key]}")
         return self
@@ -433,11 +443,11 @@ class PPOConfig(Section):
             raise ValueError("normalize_scores normalises the reward model's score, but reward.sources has no "
                              "`model` source")
         for key in ("kl_estimator", "adaptive_kl", "kl_coef"):
-            if key in self.model_fields_set and self.kl_mode == "off":
+            if _changed(self, key) and self.kl_mode == "off":
                 raise ValueError(f"{key} is set but kl_mode is off: nothing would use it")
         if not self.uses_critic:
             for key in ("critic", "critic_model", "cliprange_value", "lam", "whiten_advantages"):
-                if key in self.model_fields_set:
+                if _changed(self, key):
                     raise ValueError(f"{key} is set, but only advantage gae reads it (a critic, GAE's λ and its "
                                      f"whitening); advantage {self.advantage} has its own baseline and scale")
         return self
