@@ -111,7 +111,8 @@ def cmd_chat(args) -> None:
 def cmd_serve_reward(args) -> None:
     from .rewards.server import serve
 
-    serve(args.rm_dir, args.host, args.port, args.batch_size, args.max_request_bytes, args.dtype, args.max_length)
+    serve(args.rm_dir, host=args.host, port=args.port, batch_size=args.batch_size,
+          max_request_bytes=args.max_request_bytes, dtype=args.dtype, max_length=args.max_length)
 
 
 def cmd_model_fetch(args) -> None:

@@ -1,77 +1,118 @@
 """Client of a remote reward server speaking OpenRLHF's remote reward-model protocol (docs/rewards.md):
 
-    POST <url>  {"query": [prompt + response text, ...], "prompts": [prompt text, ...], "labels": [...]}
-    → 200       {"rewards": [float, ...], ...}   (a bare JSON list of floats is accepted too)
+    POST <url>  {"query": [prompt + response, ...], "prompts": [prompt, ...], "labels": [label or null, ...]}
+    → 200       {"rewards": [float, ...], "scores": [...], "extra_logs": {...}}   ("rewards" is what is read;
+                a bare JSON list of floats is accepted too)
 
-Standard library only. Batches of batch_size; a connection error, a timeout or a 5xx answer is retried
-`retries` more times with bounded exponential backoff; a 4xx answer is not retried (the request is wrong).
+Standard library only. Requests of at most batch_size responses; a connection error, a timeout or a 5xx
+answer is tried again `retries` more times after 0.5 s, 1 s, 2 s, ... (at most 5 s); a 4xx answer is not
+(the request itself is wrong). After the last try: a RewardError naming the URL, the tries and the cause.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
 import urllib.error
 import urllib.request
 
-from .sources import RewardError
+from .sources import RewardError, record_field
+
+BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 5.0
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before try number `attempt` (1 = the first retry)."""
+    return min(BACKOFF_START_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
 
 
 class RemoteReward:
-    def __init__(self, url: str, timeout: float, retries: int, batch_size: int, label_key: str | None):
-        self.url, self.timeout, self.retries, self.batch_size, self.label_key = url, timeout, retries, batch_size, label_key
+    """fn(prompts, responses, metadata) -> rewards from the server at `url`; labels are metadata[label_key]
+    (None for every row when label_key is not set)."""
+
+    def __init__(self, url: str, timeout: float = 60.0, retries: int = 2, batch_size: int = 64,
+                 label_key: str | None = None):
+        self.url, self.timeout, self.retries = url, float(timeout), int(retries)
+        self.batch_size, self.label_key = int(batch_size), label_key
 
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
-        labels = [m.get(self.label_key) for m in metadata] if self.label_key else [None] * len(responses)
+        if self.label_key:
+            labels = record_field(metadata, self.label_key, "the label sent to the reward server")
+        else:
+            labels = [None] * len(responses)
         out: list[float] = []
         for i in range(0, len(responses), self.batch_size):
             part = slice(i, i + self.batch_size)
             body = {"query": [p + r for p, r in zip(prompts[part], responses[part])], "prompts": prompts[part],
                     "labels": labels[part]}
-            rewards = self._post(body)
+            rewards = self.post(body)
             if len(rewards) != len(body["query"]):
-                raise RewardError(f"the reward server {self.url} returned {len(rewards)} rewards for "
+                raise RewardError(f"reward server {self.url} returned {len(rewards)} rewards for "
                                   f"{len(body['query'])} queries")
             out.extend(rewards)
         return out
 
-    def _post(self, body: dict) -> list:
-        data = json.dumps(body).encode()
+    def post(self, body: dict) -> list:
+        """One request, tried 1 + retries times; the "rewards" of the answer."""
+        try:
+            data = json.dumps(body).encode()
+        except (TypeError, ValueError) as e:  # a label that is not JSON (a datetime, bytes)
+            raise RewardError(f"the request to reward server {self.url} is not JSON-serialisable: {e}") from None
         tries, cause = self.retries + 1, ""
         for attempt in range(tries):
             if attempt:
-                time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
-            request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
+                time.sleep(backoff(attempt))
+            request = urllib.request.Request(self.url, data=data, method="POST",
+                                             headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                    return _rewards(json.loads(answer.read()), self.url)
+                    text = answer.read()
             except urllib.error.HTTPError as e:
                 cause = f"HTTP {e.code}: {_error_text(e)}"
                 if e.code < 500:
-                    raise RewardError(f"the reward server {self.url} refused the request ({cause})") from None
-            except (socket.timeout, TimeoutError):
-                cause = f"timed out after {self.timeout:g} s"
+                    raise RewardError(f"reward server {self.url} refused the request ({cause})") from None
+                continue
             except urllib.error.URLError as e:
-                cause = str(getattr(e, "reason", e))
-            except (ConnectionError, OSError) as e:
-                cause = str(e)
-            except json.JSONDecodeError as e:
-                raise RewardError(f"the reward server {self.url} did not answer JSON: {e}") from None
-        raise RewardError(f"the reward server {self.url} did not answer after {tries} "
-                          f"tr{'y' if tries == 1 else 'ies'} ({cause})")
+                cause = self._describe(e.reason)
+                continue
+            except (OSError, http.client.HTTPException) as e:  # timeouts and resets while reading the answer
+                cause = self._describe(e)
+                continue
+            return _rewards(text, self.url, len(body["query"]))
+        raise RewardError(f"reward server {self.url} did not answer after {tries} "
+                          f"{'try' if tries == 1 else 'tries'} ({cause})")
+
+    def _describe(self, reason) -> str:
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            return f"timed out after {self.timeout:g} s"
+        if isinstance(reason, BaseException):
+            return str(reason) or type(reason).__name__
+        return str(reason)
 
 
-def _rewards(answer, url: str) -> list:
+def _rewards(text: bytes, url: str, n: int) -> list:
+    try:
+        answer = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RewardError(f"reward server {url} did not answer JSON ({e}): {text[:200]!r}") from None
     rewards = answer.get("rewards") if isinstance(answer, dict) else answer
+    if n == 1 and isinstance(rewards, (int, float)) and not isinstance(rewards, bool):
+        rewards = [rewards]  # one query answered with a bare number
     if not isinstance(rewards, list):
-        raise RewardError(f"the reward server {url} answered without a 'rewards' list: {str(answer)[:200]}")
+        raise RewardError(f"reward server {url} answered without a \"rewards\" list: {str(answer)[:200]}")
     return rewards
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:
     try:
         text = e.read().decode(errors="replace")
-        return json.loads(text).get("error", text)[:300]
     except Exception:
-        return e.reason if isinstance(e.reason, str) else ""
+        return str(e.reason)
+    try:
+        parsed = json.loads(text)
+        text = str(parsed.get("error", parsed.get("detail", text))) if isinstance(parsed, dict) else text
+    except json.JSONDecodeError:
+        pass
+    return text.strip()[:300] or str(e.reason)

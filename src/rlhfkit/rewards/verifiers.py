@@ -1,20 +1,21 @@
-"""Rule-based ("verifiable") rewards on response text: 1.0 or 0.0, pure functions."""
+"""Rule-based ("verifiable") rewards on response text: pure functions returning 1.0 or 0.0."""
 
 from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
 
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
+# a signed number with an optional "$", thousands commas and decimals: "-3", "$1,000.50", ".5"
+_NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _MARKER = "####"
 
 
 def normalize_number(text: str) -> str | None:
-    """'$1,000.50' → '1000.5', '72.0' → '72', '-3' → '-3'; None when it is not a number."""
-    cleaned = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    """'$1,000.50' → '1000.5', '72.0' → '72', '-3' → '-3', '.5' → '0.5'; None when it is not a number."""
+    cleaned = str(text).strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
     try:
         value = Decimal(cleaned)
-    except InvalidOperation:
+    except (InvalidOperation, ValueError):
         return None
     if not value.is_finite():
         return None
@@ -33,16 +34,16 @@ def extract_final_number(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
-def numbers_equal(a: str, b: str) -> bool:
-    """Numeric equality of two number strings ("1,000" = "1000", "0.50" = ".5")."""
+def numbers_equal(a, b) -> bool:
+    """Numeric equality of two numbers written as text ("1,000" = "1000", "0.50" = ".5", "$18.00" = "18")."""
     x, y = normalize_number(a), normalize_number(b)
     return x is not None and x == y
 
 
 def gsm8k_reward(response: str, answer) -> float:
-    """1.0 when the response's final number equals the reference answer."""
+    """1.0 when the response's final number (extract_final_number) equals the reference answer."""
     found = extract_final_number(response)
-    return float(found is not None and numbers_equal(found, str(answer)))
+    return float(found is not None and numbers_equal(found, answer))
 
 
 def exact_reward(response: str, answer) -> float:
@@ -55,6 +56,7 @@ def regex_reward(response: str, pattern: str) -> float:
     return float(re.search(pattern, response) is not None)
 
 
-def format_reward(response: str, pattern: str) -> float:
-    """1.0 when the pattern is found in the stripped response; anchor it ($) to test the ending."""
+def format_reward(response: str, pattern: str = r"####\s*-?[\d,]*\.?\d+\s*$") -> float:
+    """1.0 when re.search(pattern, response.strip()) finds it; the default (FormatRewardSource's) asks for
+    GSM8K's "#### <number>" at the very end."""
     return float(re.search(pattern, response.strip()) is not None)
