@@ -341,6 +341,10 @@ def test_serve_reward_scores_like_the_model_in_process_and_answers_errors_in_jso
 
         status, answer = _post(f"{base}/get_reward", b"x" * 5000)
         assert status == 413 and "--max-request-bytes" in answer["error"]
+        with pytest.raises(RewardError, match=r"refused the request \(HTTP 413: the request is \d+ bytes"):
+            remote(f"{base}/get_reward", retries=3)(["p" * 4000], ["r"] * 1, [{}])
+        status, answer = _post(f"{base}/get_reward", b"x" * (4 << 20))  # more than the sockets buffer
+        assert status == 413
         status, answer = _post(f"{base}/get_reward", b"{not json")
         assert status == 400 and "not JSON" in answer["error"]
         status, answer = _post(f"{base}/get_reward", json.dumps({"prompts": ["a"]}).encode())

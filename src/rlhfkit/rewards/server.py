@@ -177,10 +177,22 @@ def make_handler(scorer: RewardModelServer, rm_dir: str, max_bytes: int):
                 self.close_connection = True
                 raise RequestError(400, f"bad Content-Length {raw!r}")
             if size > max_bytes:
-                self.close_connection = True  # the body is not read
+                self.close_connection = True
+                self._discard(size)  # a client still sending would see a reset instead of the 413
                 raise RequestError(413, f"the request is {size} bytes, over the limit of {max_bytes} "
                                         "(--max-request-bytes); send smaller batches")
             return size
+
+        def _discard(self, size: int, cap: int = 64 << 20) -> None:
+            left = min(size, cap)
+            try:
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            except OSError:
+                pass
 
         def log_message(self, fmt, *args):  # only failures, one short line each
             pass
