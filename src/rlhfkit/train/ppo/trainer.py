@@ -326,7 +326,7 @@ class PPOTrainer:
             "objective/kl": kl_seq.sum(),
             "objective/entropy": -(exp.old_logprobs * mask).sum(),  # TRL: per-sequence −Σ log π
             "objective/non_score_reward": (-beta * kl_seq).sum(),
-            "objective/scores": exp.scores.sum(),
+            "objective/scores": self.rewards.total(per_source, normalize=False).sum(),  # before normalisation
             "objective/scores_shaped": exp.shaped_scores.sum(),
             "rollout/response_length": exp.rollout.response_lengths.sum(),
             "rollout/eos_rate": exp.rollout.ended.float().sum(),
