@@ -59,3 +59,33 @@ def test_unknown_role_is_named_with_the_roles_allowed():
     with pytest.raises(BadRecord, match=r"prompt\[1\] has the role 'Narrator'; a message's role must be one of "
                                         r"system, user, assistant"):
         to_example(raw, "sft", "f:1", 0)
+
+
+# --- metadata: the fields a format does not read -------------------------------------------------------
+
+def test_a_gsm8k_record_keeps_its_id_and_final_answer_as_metadata():
+    raw = {"id": "gsm-1", "prompt": "Q?", "response": "2 + 2 = 4\n#### 4", "final_answer": "4"}
+    assert to_example(raw, "sft", "f:1", 0).metadata == {"id": "gsm-1", "final_answer": "4"}
+
+
+def test_a_record_without_other_fields_has_empty_metadata():
+    assert to_example({"prompt": "Q?"}, "prompt", "f:1", 0).metadata == {}
+    assert to_example({"prompt": "Q?", "chosen": "a", "rejected": "b"}, "preference", "f:1", 0).metadata == {}
+    raw_hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"}
+    assert to_example(raw_hh, "preference", "f:1", 0).metadata == {}
+
+
+def test_metadata_is_what_the_format_does_not_read():
+    """A prompt record's `response` (e.g. an SFT file read as prompts) is not read, so it is metadata."""
+    raw = {"prompt": "Q?", "response": "A.", "reference": "R"}
+    assert to_example(raw, "sft", "f:1", 0).metadata == {"reference": "R"}
+    assert to_example(raw, "prompt", "f:1", 0).metadata == {"response": "A.", "reference": "R"}
+
+
+def test_metadata_keeps_json_values_as_they_are_and_leaves_out_the_rest():
+    import datetime
+
+    nested = {"turns": ["a", "b"], "score": 0.5, "n": 3, "ok": True, "none": None, "deep": {"k": [1, {"x": "ü"}]}}
+    raw = {"prompt": "Q?", **nested, "when": datetime.date(2024, 1, 2), "blob": b"\x00", "bad": {1: "int key"}}
+    meta = to_example(raw, "prompt", "f:1", 0).metadata
+    assert meta == nested and type(meta["n"]) is int

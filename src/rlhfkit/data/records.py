@@ -4,6 +4,9 @@ Three formats:
   preference  {prompt, chosen, rejected}  feeds phases 1 (prompt + chosen), 2 (pairs) and 3 (prompt)
   sft         {prompt, response}          feeds phase 1
   prompt      {prompt}                    feeds phase 3
+A record's other fields (those its format does not read, e.g. GSM8K's `id` and `final_answer`) are its
+`metadata`, kept as they are when they are JSON values (a parquet date or bytes field is left out): phase 3
+stores it with each prompt and the reward sources receive it.
 `prompt` is a plain string, an hh-rlhf transcript ("\\n\\nHuman: ...\\n\\nAssistant:"), or a list of
 {role, content} messages. Anthropic's raw hh-rlhf ({chosen, rejected} full transcripts) is read as
 preference pairs by splitting the two transcripts at their common prefix.
@@ -38,8 +41,24 @@ class BadRecord(Exception):
         self.reason, self.detail, self.where = reason, detail, where
 
 
-CONSUMED = {"prompt", "chosen", "rejected", "response"}  # the fields a format reads; the rest is metadata
 REQUIRED = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response"), "prompt": ("prompt",)}
+CONSUMED = {fmt: frozenset(fields) for fmt, fields in REQUIRED.items()}  # what a format reads; the rest is metadata
+
+
+def is_json_value(value) -> bool:
+    """Whether the value is JSON as json.loads gives it (null, bool, number, string, list, string-keyed object)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, list):
+        return all(is_json_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_json_value(v) for k, v in value.items())
+    return False
+
+
+def record_metadata(raw: dict, fmt: str) -> dict:
+    """The fields of a raw record that its format does not read, those that are JSON values, as they are."""
+    return {k: v for k, v in raw.items() if k not in CONSUMED[fmt] and is_json_value(v)}
 
 
 def detect_format(raw: dict) -> str:
@@ -137,7 +156,7 @@ def to_example(raw, fmt: str, where: str, index: int) -> Example:
     except BadRecord as e:
         raise BadRecord(e.reason, e.detail, where) from None
     rid = str(raw.get("id", index))
-    metadata = {k: v for k, v in raw.items() if k not in CONSUMED}
+    metadata = record_metadata(raw, fmt)
     if fmt == "preference":
         return Example(rid, where, turns, _response(raw, "chosen", where), _response(raw, "rejected", where),
                        metadata=metadata)
