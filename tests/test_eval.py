@@ -190,13 +190,13 @@ def mixed_tokenizers(tmp_path_factory):
             "rm_tok": rm_tok}
 
 
-def mixed_config(m: dict, out: str, model: str, retokenize: bool = True) -> Config:
+def mixed_config(m: dict, out: str, model: str, retokenize: bool = True, **eval_extra) -> Config:
     return Config.model_validate({
         "run": {"output_dir": str(m["tmp"] / out)}, "model": {"name_or_path": model},
         "data": {"datasets": [{"name": "prefs", "path": str(m["prefs"])}], "cache_dir": str(m["tmp"] / "cache"),
                  "max_seq_len": 128, "max_prompt_len": 64, "eval_fraction": 0.3, "phase_ratios": [0, 1, 0]},
         "eval": {"policy": str(m["policy"]), "baseline": str(m["policy"]), "reward_model": str(m["rm"]),
-                 "batch_size": 4},
+                 "batch_size": 4, **eval_extra},
         "ppo": {"retokenize": retokenize}})
 
 
@@ -247,3 +247,146 @@ def test_a_judge_with_another_tokenizer_needs_ppo_retokenize(mixed_tokenizers):
     with pytest.raises(ConfigError, match="ppo.retokenize") as e:
         Comparison(mixed_config(m, "run", str(m["policy"]), retokenize=False))
     assert str(m["rm"]) in str(e.value)
+
+
+# --- text rewards (eval.rewards) and the prompt records' metadata ----------------------------------------
+
+def questions(n: int) -> list[dict]:
+    return [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "response": f"{i} + {i} = {2 * i}\n#### {2 * i}",
+             "final_answer": str(2 * i), "level": i % 3} for i in range(n)]
+
+
+def text_config(tmp_path, **eval_section) -> Config:
+    """No reward model anywhere: an SFT-format GSM8K-like dataset feeds phase 3 only (as the GRPO recipe's)."""
+    data = write_jsonl(tmp_path / "gsm.jsonl", questions(30))
+    return Config.model_validate({
+        "run": {"output_dir": str(tmp_path / "run")}, "model": {"name_or_path": "tiny-random"},
+        "data": {"datasets": [{"name": "d", "path": str(data), "format": "sft", "phases": [3]}],
+                 "cache_dir": str(tmp_path / "cache"), "max_seq_len": 96, "max_prompt_len": 48, "eval_fraction": 0.2},
+        "eval": {"policy": "tiny-random", "baseline": "tiny-random", "max_prompts": 6, "batch_size": 3,
+                 "sampling": {"max_new_tokens": 8}, **eval_section}})
+
+
+def generations(cfg: Config) -> list[dict]:
+    return [json.loads(line) for line in (cfg.output_dir / "eval" / "generations.jsonl").read_text().splitlines()]
+
+
+def test_eval_judges_by_text_rewards_alone_with_the_prompt_files_metadata(tmp_path):
+    """No RM: eval.rewards judge. Every mean, paired gain and length equals what the written generations and
+    the prompt file's own fields give; a python source sees each record's metadata."""
+    from rlhfkit.eval.compare import run_eval
+    from rlhfkit.rewards.verifiers import gsm8k_reward
+
+    (tmp_path / "by_level.py").write_text(
+        "def score(prompts, responses, metadata):\n"
+        "    return [m['level'] * 10 + len(r) for r, m in zip(responses, metadata)]\n")
+    records = [{"id": f"t{i}", "prompt": f"Add {i} and {i + 1}.", "final_answer": str(2 * i + 1), "level": i % 4}
+               for i in range(5)]
+    test_file = write_jsonl(tmp_path / "sums.jsonl", records)
+    cfg = text_config(tmp_path, prompt_sets=["phase3", str(test_file)], rewards=[
+        {"type": "gsm8k", "name": "accuracy"}, {"type": "regex", "pattern": "[aeiou]", "name": "vowel"},
+        {"type": "python", "function": f"{tmp_path / 'by_level.py'}:score", "name": "by_level"}])
+    results = run_eval(cfg, show_progress=False)
+    assert results["reward_model"] is None and results["rm_accuracy"] is None
+    assert results["judges"] == ["accuracy", "vowel", "by_level"]
+    assert [t["metric"] for t in results["text_rewards"]] == ["accuracy", "match rate", "mean reward"]
+    gens = generations(cfg)
+    assert [g["metadata"] for g in gens if g["set"] == "sums"] == [{"id": r["id"], "final_answer": r["final_answer"],
+                                                                    "level": r["level"]} for r in records]
+    assert {g["set"] for g in gens} == {"phase3_eval", "sums"}
+    for name, s in results["sets"].items():
+        rows = [g for g in gens if g["set"] == name]
+        assert s["prompts"] == len(rows) > 0 and "rm_gain" not in s
+        for side in ("final", "sft"):
+            by_hand = {"accuracy": [gsm8k_reward(g[side], g["metadata"]["final_answer"]) for g in rows],
+                       "vowel": [float(any(c in "aeiou" for c in g[side])) for g in rows],
+                       "by_level": [g["metadata"]["level"] * 10 + len(g[side]) for g in rows]}
+            for judge, values in by_hand.items():
+                assert s[f"{judge}_{side}_score"] == pytest.approx(np.mean(values))
+                assert [g[f"{judge}_{side}"] for g in rows] == pytest.approx(values)
+            assert s[f"{side}_length"] == pytest.approx(np.mean([g[f"{side}_length"] for g in rows]))
+        for judge in ("accuracy", "vowel", "by_level"):
+            diff = [g[f"{judge}_final"] - g[f"{judge}_sft"] for g in rows]
+            assert s[f"{judge}_gain"] == pytest.approx(np.mean(diff))  # paired by prompt
+            lo, hi = s[f"{judge}_gain_ci"]
+            assert lo <= s[f"{judge}_gain"] + 1e-9 and hi >= s[f"{judge}_gain"] - 1e-9
+            assert not any(f["flag"] == "reward_hacking_risk" for f in s["flags"])
+    text = format_table(results)
+    assert "judged by eval.rewards alone" in text and "no rm scores" in text
+    assert "sums vowel (match rate): final" in text and "sums accuracy: final" in text
+    page = build_report(cfg.output_dir).read_text()
+    assert 'id="eval-judges"' in page and "judged by eval.rewards alone" in page
+
+
+def test_the_gsm8k_source_reads_each_prompts_final_answer_in_eval(tmp_path):
+    """The same response is right for one record and wrong for another: the answer comes from the metadata."""
+    from rlhfkit.engine.generation import Generation as G
+
+    cfg = text_config(tmp_path, rewards=[{"type": "gsm8k"}, {"type": "format", "name": "format_rate"}])
+    cmp = Comparison(cfg)
+    tok = cmp.tokenizer
+    prompt = tok("Q?", add_special_tokens=False).input_ids
+    reply = tok(" so 3 + 4 = 7\n#### 7", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    r = to_rollout(G(torch.tensor([prompt, prompt]), torch.tensor([len(prompt)] * 2), torch.tensor([reply, reply]),
+                     torch.tensor([len(reply)] * 2), torch.tensor([True, True])), tok.pad_token_id)
+    got = cmp.score_parts([r], [{"final_answer": "7"}, {"final_answer": "8"}])
+    assert got["gsm8k"].tolist() == [1.0, 0.0] and got["format_rate"].tolist() == [1.0, 1.0]
+    assert cmp.judge_names == ["gsm8k", "format_rate"] and cmp.judges == {}
+
+
+def test_weights_of_eval_rewards_give_a_weighted_sum(tmp_path):
+    from rlhfkit.eval.compare import run_eval
+
+    cfg = text_config(tmp_path, rewards=[{"type": "regex", "pattern": "[aeiou]", "name": "vowel", "weight": 0.5},
+                                         {"type": "regex", "pattern": "[0-9]", "name": "digit"}])
+    results = run_eval(cfg, show_progress=False)
+    assert results["judges"] == ["vowel", "digit", "weighted_sum"]
+    rows = generations(cfg)
+    want = [0.5 * g["vowel_final"] + g["digit_final"] for g in rows]
+    assert [g["weighted_sum_final"] for g in rows] == pytest.approx(want)
+    assert results["sets"]["phase3_eval"]["weighted_sum_final_score"] == pytest.approx(np.mean(want))
+    assert "0.5·vowel + 1·digit" in format_table(results)
+
+
+def test_eval_without_a_reward_model_or_text_rewards_says_what_to_set(tmp_path):
+    with pytest.raises(ConfigError, match="eval.rewards"):
+        Comparison(text_config(tmp_path))
+
+
+def test_a_prompt_file_without_the_field_a_reward_reads_names_the_line(tmp_path):
+    from rlhfkit.data.render import Renderer
+    from rlhfkit.errors import DataError
+    from rlhfkit.eval.compare import prompt_sets
+
+    bad = write_jsonl(tmp_path / "qs.jsonl", [{"prompt": "1+1?", "final_answer": "2"}, {"prompt": "2+2?", "answer": "4"}])
+    cfg = text_config(tmp_path, prompt_sets=[str(bad)], rewards=[{"type": "gsm8k"}])
+    with pytest.raises(DataError, match=r"qs.jsonl:2: eval.rewards\[0\] \(gsm8k\) reads .*'final_answer'.*\['answer'\]"):
+        prompt_sets(cfg, Renderer(_tok(), cfg.data))
+    other = write_jsonl(tmp_path / "other" / "qs.jsonl", [{"prompt": "3+3?"}])
+    twice = text_config(tmp_path, prompt_sets=[str(bad), str(other)], rewards=[{"type": "regex", "pattern": "x"}])
+    with pytest.raises(ConfigError, match="both be reported as the set 'qs'"):
+        prompt_sets(twice, Renderer(_tok(), twice.data))
+
+
+def _tok():
+    from rlhfkit.models.loading import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path="tiny-random"))
+
+
+def test_a_reward_model_and_text_rewards_judge_together(mixed_tokenizers):
+    m = mixed_tokenizers
+    cmp = Comparison(mixed_config(m, "run", str(m["policy"]), rewards=[{"type": "regex", "pattern": "a"}]))
+    assert cmp.judge_names == ["rm", "regex"] and cmp.reward_path == str(m["rm"])
+
+
+def test_real_gsm8k_test_prompts_carry_their_final_answer(tmp_path):
+    from conftest import needs_shared
+    from rlhfkit.data.render import Renderer
+    from rlhfkit.eval.compare import prompt_sets
+
+    path = needs_shared("data/eval/gsm8k_test.jsonl.gz")
+    cfg = text_config(tmp_path, prompt_sets=[str(path)], max_prompts=5, rewards=[{"type": "gsm8k"}])
+    rows = prompt_sets(cfg, Renderer(_tok(), cfg.data))["gsm8k_test"]
+    assert len(rows) == 5 and all(set(r["metadata"]) == {"id", "reference", "final_answer"} for r in rows)
+    assert all(r["metadata"]["reference"].rstrip().endswith(r["metadata"]["final_answer"]) for r in rows)

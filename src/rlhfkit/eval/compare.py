@@ -4,8 +4,11 @@ For every prompt set (the run's held-out phase-3 prompts, and prompt files such 
 ../shared/data/eval/eval_prompts.jsonl.gz), both models answer every prompt with the same sampling
 settings and the same per-prompt seed; the reward model (and an optional second judge) scores each
 response at its last token, and every text reward of eval.rewards (e.g. GSM8K accuracy, format rate) scores
-it from its text and the prompt record's metadata. Every one of them is a "judge" below, with the same
-figures. A run without a reward model (a verifiable-reward recipe) is judged by its text rewards alone. Reported per set: mean score of each model, the paired gain and the win rate
+it from its text and the prompt record's metadata (a prompt file's other fields, or the phase-3 record's);
+when a weight other than 1 is set, their weighted sum is reported too ("weighted_sum", the RL reward's form).
+Every one of them is a "judge" below, with the same figures. A run without a reward model (a verifiable-reward
+recipe) is judged by its text rewards alone, and says so. Reported per set: mean score of each model, the
+paired gain and the win rate
 of the policy over the baseline (ties count half), the gain at equal length, KL of the policy to the baseline
 on the policy's own samples (Σ log π − log π_ref per response; the baseline is the PPO reference), response
 lengths and EOS rates; 95% bootstrap intervals over prompts and flags (stats.py, docs/evaluation.md).
@@ -31,7 +34,7 @@ from ..data.records import BadRecord, to_example
 from ..data.render import Renderer, build_prompts
 from ..engine import distributed as D
 from ..engine.precision import DTYPES, cast_params, resolve_precision, why_auto
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
@@ -61,31 +64,79 @@ def _model_path(given: str | None, default: Path, key: str) -> str:
     return str(default)
 
 
+METRICS = {"gsm8k": "accuracy", "exact": "exact-match rate", "format": "format rate", "regex": "match rate"}
+WEIGHTED_SUM = "weighted_sum"  # the judge that sums the text rewards by weight, when a weight is set
+
+
+def required_fields(sources) -> list[tuple[int, str, str]]:
+    """(index in eval.rewards, type, metadata field) for every field a configured text reward reads."""
+    out = []
+    for i, s in enumerate(sources):
+        key = s.answer_key if s.type in ("gsm8k", "exact") else s.label_key if s.type == "remote" else None
+        if key is not None:
+            out.append((i, s.type, key))
+    return out
+
+
+def _check_fields(fields, metadata: dict, where: str) -> None:
+    for i, kind, key in fields:
+        if key not in metadata:
+            raise DataError(f"{where}: eval.rewards[{i}] ({kind}) reads the prompt record's field {key!r}, which "
+                            f"this record lacks (its other fields: {sorted(metadata)})")
+
+
 def prompt_sets(cfg: Config, renderer: Renderer) -> dict[str, list[dict]]:
     """name → prompt rows {prompt_ids (rendered, left-truncated like phase-3 data), metadata (the record's
-    other fields)}, at most eval.max_prompts each."""
-    out = {}
+    other fields)}, at most eval.max_prompts each. Every record must carry the fields eval.rewards read."""
+    out, origin = {}, {}
+    fields = required_fields(cfg.eval.rewards)
     for spec in cfg.eval.prompt_sets:
-        if spec == "phase3":
-            tables = Blend([t for _, t in load_phase(cfg.output_dir / "data", 3, "eval")])
-            out["phase3_eval"] = [tables.row(i) for i in range(min(len(tables), cfg.eval.max_prompts))]
-            continue
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"eval.prompt_sets: {path} not found")
-        examples = []
-        for i, (where, raw) in enumerate(iter_file_records(path)):
-            try:
-                if isinstance(raw, BadRecord):
-                    raise raw
-                examples.append(to_example(raw, "prompt", where, i))
-            except BadRecord as bad:
-                print(f"rlhfkit eval: skipping {bad}")
-            if len(examples) >= cfg.eval.max_prompts:
-                break
-        table, _ = build_prompts(examples, renderer)
-        out[path.name.split(".")[0]] = [table.row(i) for i in range(len(table))]
+        name = "phase3_eval" if spec == "phase3" else Path(spec).name.split(".")[0]
+        if name in out:
+            raise ConfigError(f"eval.prompt_sets: {spec!r} and {origin[name]!r} would both be reported as the set "
+                              f"{name!r}; give each prompt file a different name")
+        origin[name] = spec
+        out[name] = _phase3_rows(cfg, fields) if spec == "phase3" else _file_rows(cfg, Path(spec), renderer, fields)
+        if not out[name]:
+            raise DataError(f"eval.prompt_sets: {spec} gives no prompt to evaluate")
     return out
+
+
+def _phase3_rows(cfg: Config, fields) -> list[dict]:
+    rows = []
+    for dataset, table in load_phase(cfg.output_dir / "data", 3, "eval"):
+        for i in range(min(len(table), cfg.eval.max_prompts - len(rows))):
+            row = table.row(i)
+            row.setdefault("metadata", {})  # data prepared before prompts carried metadata
+            _check_fields(fields, row["metadata"], f"dataset {dataset!r}, phase-3 eval prompt {i}")
+            rows.append(row)
+    return rows
+
+
+def _file_rows(cfg: Config, path: Path, renderer: Renderer, fields) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"eval.prompt_sets: {path} not found")
+    examples, skipped = [], []
+    for i, (where, raw) in enumerate(iter_file_records(path)):
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            ex = to_example(raw, "prompt", where, i)
+        except BadRecord as bad:
+            if cfg.data.on_bad_record == "error":
+                raise DataError(f"eval.prompt_sets: {bad} (set data.on_bad_record=skip to skip such records)") from None
+            skipped.append(bad)
+            continue
+        _check_fields(fields, ex.metadata, where)
+        examples.append(ex)
+        if len(examples) >= cfg.eval.max_prompts:
+            break
+    table, stats = build_prompts(examples, renderer)
+    dropped = [f"{b.where}: {b.detail}" for b in skipped] + [f"{d['where']}: {d['detail']}" for d in stats.dropped_examples]
+    if dropped:
+        n = len(skipped) + sum(stats.dropped.values())
+        print(f"eval: {path.name}: skipped {n} record(s), first: {dropped[0]}", flush=True)
+    return [table.row(i) for i in range(len(table))]
 
 
 class Comparison:
@@ -97,6 +148,15 @@ class Comparison:
         self.policy_path = _model_path(e.policy, aligned_final(cfg), "eval.policy")
         self.baseline_path = _model_path(e.baseline, sft_stage_dir(cfg) / "final", "eval.baseline")
         self.reward_path = self._reward_path()
+        # built before any model loads, so a bad source fails in seconds
+        self.text_rewards = build_text_sources(e.rewards, setting="eval.rewards")
+        clash = sorted({s.name for s in self.text_rewards} & {"rm", "judge2", WEIGHTED_SUM})
+        if clash:
+            raise ConfigError(f"eval.rewards: the name {clash[0]!r} is taken by "
+                              f"{'the weighted sum of eval.rewards' if clash[0] == WEIGHTED_SUM else 'a reward-model judge'}"
+                              "; choose another")
+        # a weight only means something in a sum: reported when one is set (it is not ignored)
+        self.weighted = any(s.weight != 1.0 for s in self.text_rewards)
         self.tokenizer = load_tokenizer(model_config_for(cfg, self.policy_path))
         self.data_tokenizer = load_tokenizer(cfg.model)  # the one that encoded the run's prepared data
         dtype = DTYPES[e.dtype]
@@ -107,15 +167,20 @@ class Comparison:
         judge_paths = {**({"rm": self.reward_path} if self.reward_path else {}),
                        **({"judge2": e.second_judge} if e.second_judge else {})}
         self.judges = {name: self._judge(path, dtype) for name, path in judge_paths.items()}
-        self.text_rewards = build_text_sources(e.rewards, setting="eval.rewards")
-        clash = sorted({s.name for s in self.text_rewards} & {"rm", "judge2"})
-        if clash:
-            raise ConfigError(f"eval.rewards: the name {clash[0]!r} belongs to a reward-model judge; choose another")
         self.sampling, self.stop_ids = sampling_for(e.sampling, self.tokenizer)
 
     @property
     def judge_names(self) -> list[str]:
-        return list(self.judges) + [s.name for s in self.text_rewards]
+        return list(self.judges) + [s.name for s in self.text_rewards] + ([WEIGHTED_SUM] if self.weighted else [])
+
+    def text_reward_summary(self) -> list[dict]:
+        """eval.json's description of each text judge: name, type, weight and what its mean is."""
+        out = [{"name": s.name, "type": s.type, "weight": s.weight, "metric": METRICS.get(s.type, "mean reward")}
+               for s in self.text_rewards]
+        if self.weighted:
+            out.append({"name": WEIGHTED_SUM, "type": "sum", "weight": None, "metric": "weighted sum of "
+                        + " + ".join(f"{s.weight:g}·{s.name}" for s in self.text_rewards)})
+        return out
 
     def _reward_path(self) -> str | None:
         """eval.reward_model, else ppo.reward_model, else the RM stage's output; None when none is given or
@@ -153,6 +218,8 @@ class Comparison:
             responses = [self._text(p, k) for p in parts for k in range(len(p.lengths))]
             for source in self.text_rewards:
                 out[source.name] = torch.tensor(source(prompts, responses, metadata), dtype=torch.float32)
+            if self.weighted:
+                out[WEIGHTED_SUM] = sum(s.weight * out[s.name] for s in self.text_rewards)
         return out
 
     @torch.no_grad()
@@ -166,13 +233,14 @@ class Comparison:
 
     def compare_set(self, name: str, rows: list[dict], sink, planner: "PromptPlanner | None" = None) -> dict:
         """Both models answer batch by batch, judged as they go; a planner may stop the set early."""
-        pol, base, scored, kls = [], [], [], []
+        pol, base, scored, kls, metas = [], [], [], [], []
         for i in range(0, len(rows), self.e.batch_size):
             if planner is not None and i >= planner.cap:
                 break
             t0 = time.perf_counter()
             chunk = [r["prompt_ids"] for r in rows[i:i + self.e.batch_size]]
             metadata = [r.get("metadata", {}) for r in rows[i:i + self.e.batch_size]]
+            metas += metadata
             p, b = self.answer(self.policy, chunk, i), self.answer(self.baseline, chunk, i)
             pol, base = pol + p, base + b
             scored.append((self.score_parts(p, metadata), self.score_parts(b, metadata)))
@@ -195,7 +263,7 @@ class Comparison:
         for pp, bp in zip(pol, base):
             for k in range(len(pp.lengths)):
                 sink.write(json.dumps({
-                    "set": name, "index": i, "prompt": self._text(pp, k, prompt=True),
+                    "set": name, "index": i, "prompt": self._text(pp, k, prompt=True), "metadata": metas[i],
                     "sft": self._text(bp, k), "final": self._text(pp, k),
                     **{f"{j}_sft": float(base_scores[j][i]) for j in self.judge_names},
                     **{f"{j}_final": float(pol_scores[j][i]) for j in self.judge_names},
@@ -291,6 +359,7 @@ def run_eval(cfg: Config, show_progress: bool = True, budget: StageBudget | None
     sets = prompt_sets(cfg, renderer)
     results: dict = {"policy": cmp.policy_path, "baseline": cmp.baseline_path, "reward_model": cmp.reward_path,
                      "second_judge": cfg.eval.second_judge, "judges": cmp.judge_names,
+                     "text_rewards": cmp.text_reward_summary(),
                      "sampling": cfg.eval.sampling.model_dump(), "sets": {}}
     # The baseline's perplexity and the judge's accuracy on these very splits are what the SFT and RM stages
     # measured last (same model, same rows, same precision): read them instead of computing them again.
@@ -330,6 +399,23 @@ def judges_of(results: dict) -> list[str]:
                                      if any(f"{j}_win_rate" in s for s in results["sets"].values())]
 
 
+def judge_label(results: dict, judge: str) -> str:
+    """A judge as the report names it: "accuracy", "format_rate (match rate)", "rm"."""
+    metric = next((t["metric"] for t in results.get("text_rewards") or [] if t["name"] == judge), None)
+    return judge if metric is None or metric == judge.replace("_", " ") else f"{judge} ({metric})"
+
+
+def judge_note(results: dict) -> str:
+    """What judged: the reward models and the text rewards, or, without a reward model, that it is absent."""
+    text = results.get("text_rewards") or []
+    rewards = ", ".join(f"{t['name']} = {t['metric']}" + (f" ({t['type']})" if t["type"] not in ("sum",) else "")
+                        for t in text)
+    if "reward_model" in results and results["reward_model"] is None:
+        return (f"judged by eval.rewards alone: {rewards}. No reward model was given or trained "
+                "(eval.reward_model, ppo.reward_model, the RM stage), so there are no rm scores and no rm_accuracy.")
+    return f"text rewards: {rewards}" if text else ""
+
+
 def format_table(results: dict) -> str:
     judges = judges_of(results)
     head = f"{'set':<22} {'n':>4} " + " ".join(f"{j + ' sft':>9} {j + ' final':>9} {'win':>6}" for j in judges)
@@ -346,7 +432,8 @@ def format_table(results: dict) -> str:
     for key in ("sft_perplexity", "final_perplexity", "rm_accuracy"):
         if results.get(key) is not None:
             extra.append(f"{key} {results[key]:.4g}")
-    return "\n".join(lines + ["  ".join(extra)] + interval_lines(results, judges))
+    note = judge_note(results)
+    return "\n".join(lines + ["  ".join(extra)] + ([note] if note else []) + interval_lines(results, judges))
 
 
 def interval_lines(results: dict, judges: list[str]) -> list[str]:
@@ -356,7 +443,7 @@ def interval_lines(results: dict, judges: list[str]) -> list[str]:
     for name, s in results["sets"].items():
         level = f"{s['bootstrap']['confidence']:.0%} CI"
         for j in judges:
-            lines.append(f"{name} {j}: final {fmt(s[f'{j}_final_score'], '.3f')} "
+            lines.append(f"{name} {judge_label(results, j)}: final {fmt(s[f'{j}_final_score'], '.3f')} "
                          f"{fmt_interval(s[f'{j}_final_score_ci'], '.3f')} vs SFT {fmt(s[f'{j}_sft_score'], '.3f')} "
                          f"{fmt_interval(s[f'{j}_sft_score_ci'], '.3f')}; gain {fmt(s[f'{j}_gain'])} "
                          f"{fmt_interval(s[f'{j}_gain_ci'])} {level}, win {fmt(s[f'{j}_win_rate'], '.2f')} "

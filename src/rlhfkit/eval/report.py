@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..paths import write_text_atomic
 from ..tracking import read_metrics
-from .compare import judges_of
+from .compare import judge_label, judge_note, judges_of
 from .stats import fmt, fmt_interval
 
 CURVES = {
@@ -68,7 +68,9 @@ def _eval_table(results: dict) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
     extra = ", ".join(f"{k.replace('_', ' ')}: {results[k]:.4g}" for k in ("sft_perplexity", "final_perplexity", "rm_accuracy")
                       if results.get(k) is not None)
-    return f'<table id="eval-table">{head}{"".join(rows)}</table><p>{html.escape(extra)}</p>'
+    note = judge_note(results)
+    note = f'<p id="eval-judges">{html.escape(note)}</p>' if note else ""
+    return f'<table id="eval-table">{head}{"".join(rows)}</table><p>{html.escape(extra)}</p>{note}'
 
 
 def _interval_table(results: dict) -> str:
@@ -81,7 +83,7 @@ def _interval_table(results: dict) -> str:
         if "bootstrap" not in s:  # written before intervals existed
             continue
         for j in judges:
-            cells = [name, j, s["prompts"],
+            cells = [name, judge_label(results, j), s["prompts"],
                      f"{fmt(s[f'{j}_sft_score'], '.3f')} {fmt_interval(s[f'{j}_sft_score_ci'], '.3f')}",
                      f"{fmt(s[f'{j}_final_score'], '.3f')} {fmt_interval(s[f'{j}_final_score_ci'], '.3f')}",
                      f"{fmt(s[f'{j}_gain'])} {fmt_interval(s[f'{j}_gain_ci'])}",

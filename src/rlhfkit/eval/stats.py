@@ -174,11 +174,12 @@ def set_flags(per_judge: dict[str, dict], kl: float, n: int) -> list[dict]:
             flags.append({"flag": "length_driven", "judge": j, "reason": (
                 f"{j} gain {fmt(s['gain'])} {fmt_interval(s['gain_ci'])} is "
                 f"{fmt(s['gain_at_equal_length'])} {fmt_interval(s['gain_at_equal_length_ci'])} at equal length")})
-    if per_judge:
-        primary = "rm" if "rm" in per_judge else next(iter(per_judge))
-        reason = reward_hacking_reason(per_judge, kl, primary)
+    # Hacking is a risk for the learned reward model the policy was optimised against, not for text rewards
+    # (a verifier checks the answer itself): without "rm" there is no such judge.
+    if "rm" in per_judge:
+        reason = reward_hacking_reason(per_judge, kl, "rm")
         if reason:
-            flags.append({"flag": "reward_hacking_risk", "judge": primary, "reason": reason})
+            flags.append({"flag": "reward_hacking_risk", "judge": "rm", "reason": reason})
     return flags
 
 
