@@ -183,7 +183,7 @@ def rlhfkit_config(args, work: Path, inputs: dict):
     if args.beta > 0:
         ppo.update({"kl_mode": "loss", "kl_coef": args.beta, "kl_estimator": "k3", "reference": {"dtype": "float32"}})
     else:
-        ppo.update({"kl_mode": "off", "kl_coef": 0.0})
+        ppo.update({"kl_mode": "off"})
     raw = {
         "run": {"output_dir": str(work / "run-rlhfkit")},
         "model": {"name_or_path": inputs["model_dir"]},
@@ -197,71 +197,15 @@ def rlhfkit_config(args, work: Path, inputs: dict):
 
 
 # --- rlhfkit side --------------------------------------------------------------------------------------------
-class _PythonSource:
-    def __init__(self, spec, name: str):
-        import importlib.util
-
-        path, fn = spec.function.rsplit(":", 1)
-        mod_spec = importlib.util.spec_from_file_location(f"_bench_reward_{name}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-        self.fn, self.name, self.weight = getattr(module, fn), name, spec.weight
-
-    def __call__(self, prompts, responses, metadata):
-        return self.fn(prompts, responses, metadata)
-
-
-def ensure_text_sources() -> str:
-    """rlhfkit.rewards.sources (the text reward sources PPOTrainer imports) where this checkout has it; else a
-    stand-in for the `python` source only (load path.py:fn, call it on the decoded texts), said in the output."""
-    try:
-        import rlhfkit.rewards.sources  # noqa: F401
-        return "rlhfkit.rewards.sources"
-    except ImportError:
-        pass
-    import types
-
-    def build_text_sources(sources):
-        out = []
-        for i, s in enumerate(x for x in sources if x.type != "model"):
-            if s.type != "python":
-                raise SystemExit(f"the stand-in for rlhfkit.rewards handles python sources only, not {s.type}")
-            out.append(_PythonSource(s, s.name or ("python" if i == 0 else f"python_{i}")))
-        return out
-
-    pkg = types.ModuleType("rlhfkit.rewards")
-    pkg.__path__ = []
-    mod = types.ModuleType("rlhfkit.rewards.sources")
-    mod.build_text_sources = build_text_sources
-    pkg.sources = mod
-    sys.modules["rlhfkit.rewards"], sys.modules["rlhfkit.rewards.sources"] = pkg, mod
-    return "benchmark stand-in (rlhfkit.rewards not in this checkout)"
-
-
 def worker_rlhfkit(args, work: Path) -> dict:
     import importlib.metadata as md
 
     import torch
 
-    reward_loader = ensure_text_sources()
     from rlhfkit.train.ppo.trainer import PPOTrainer
 
     inputs = json.loads((work / "inputs.json").read_text())
     trainer = PPOTrainer(rlhfkit_config(args, work, inputs), show_progress=False)
-    workarounds = []
-    if trainer.p.kl_mode == "off":
-        # PPOTrainer.step reads stats["objective/kl"] for the KL controller, but experience_stats drops that
-        # key when kl_mode is off (KeyError at the end of step, after its timings). Put back a 0 (the fixed
-        # controller ignores it); costs nothing measurable.
-        original_stats = trainer.experience_stats
-
-        def experience_stats(*a, **k):
-            out = original_stats(*a, **k)
-            out.setdefault("objective/kl", 0.0)
-            return out
-
-        trainer.experience_stats = experience_stats
-        workarounds.append("objective/kl put back for kl_mode off (PPOTrainer.step KeyError)")
     n_resp = args.prompts * args.generations
     steps = []
     for step in range(args.warmup + args.iters):
@@ -275,11 +219,10 @@ def worker_rlhfkit(args, work: Path) -> dict:
             steps.append({"s": m["time/step"], "gen": m["time/generation"], "len": mean_len})
     return {"side": "rlhfkit", "version": md.version("rlhfkit"),
             "dtype": trainer.actor_t.dtype, "rollout_dtype": str(trainer.policy.model.dtype).removeprefix("torch."),
-            "old_logprobs_from_rollout": trainer.reuse_logprobs, "workarounds": workarounds,
+            "old_logprobs_from_rollout": trainer.reuse_logprobs,
             "versions": {"torch": torch.__version__, "transformers": md.version("transformers")},
             "iterations": [s["s"] for s in steps], "generation_s": [s["gen"] for s in steps],
-            "mean_length": [s["len"] for s in steps], "threads": torch.get_num_threads(),
-            "reward_loader": reward_loader}
+            "mean_length": [s["len"] for s in steps], "threads": torch.get_num_threads()}
 
 
 # --- TRL side ------------------------------------------------------------------------------------------------
@@ -381,8 +324,7 @@ def report(results: list[dict], args, machine: str) -> None:
     if "rlhfkit" in by:
         r = by["rlhfkit"]
         print(f"rlhfkit: actor {r['dtype']}, rollouts {r['rollout_dtype']}, old log-probs from the rollout: "
-              f"{r['old_logprobs_from_rollout']}; python reward loaded by {r['reward_loader']}"
-              + "".join(f"; workaround: {w}" for w in r["workarounds"]))
+              f"{r['old_logprobs_from_rollout']}")
     if "trl" in by and "rlhfkit" in by:
         ratio = statistics.mean(by["trl"]["iterations"]) / statistics.mean(by["rlhfkit"]["iterations"])
         print(f"ratio TRL/rlhfkit (s/iter): {ratio:.2f}x (> 1: rlhfkit faster)")
