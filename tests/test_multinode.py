@@ -1,7 +1,8 @@
 """Two hosts on one machine: two network namespaces joined by a veth pair (10.213.7.1 and .2, addresses that
 exist only inside them), one torchrun node in each (2 nodes × 1 process, gloo), each node with its own output
 dir and data cache, so nothing is shared on disk. ZeRO-3 SFT and PPO (actor at ZeRO-3) match one process; both
-nodes killed mid-run resume across the two hosts to the same weights; a node that never joins ends the run."""
+nodes killed mid-run resume across the two hosts to the same weights; the whole pipeline runs across them; a
+node that never joins ends the run."""
 
 import json
 import os
@@ -85,8 +86,19 @@ class TwoHosts:
                                  f"run.output_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}",
                                  "--no-progress"], **env)
 
-    def run_both(self, args: list[str], run_dirs: tuple[Path, Path]) -> list[str]:
-        procs = [self.start_node(n, args, run_dirs[n]) for n in (0, 1)]
+    def start_deepspeed_node(self, node: int, args: list[str], run_dir: Path, hostfile: Path) -> subprocess.Popen:
+        """The same through the `deepspeed` launcher, each node started by itself (`--no_ssh`, as under a
+        scheduler), with a hostfile of the two hosts."""
+        return self.start(node, [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                                 "--no_ssh", "--node_rank", str(node), "--master_addr", ADDR[0], "--master_port",
+                                 str(PORT), "--no_local_rank", "--module", "rlhfkit.cli", *args,
+                                 f"run.output_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}",
+                                 "--no-progress"])
+
+    def run_both(self, args: list[str], run_dirs: tuple[Path, Path], hostfile: Path | None = None) -> list[str]:
+        """Both nodes under torchrun, or under the `deepspeed` launcher when given its hostfile."""
+        procs = [self.start_deepspeed_node(n, args, run_dirs[n], hostfile) if hostfile else
+                 self.start_node(n, args, run_dirs[n]) for n in (0, 1)]
         outs = [_finish(p) for p in procs]
         for n, (p, out) in enumerate(zip(procs, outs)):
             assert p.returncode == 0, f"node {n}:\n{out[-4000:]}"
@@ -134,6 +146,15 @@ def _weights(run_dir: Path, stage: str) -> dict:
     return load_file(str(run_dir / stage / "final" / "model.safetensors"))
 
 
+def _listing(d: Path) -> dict[str, str]:
+    """Every file under d with its SHA-256."""
+    import hashlib
+
+    assert d.is_dir(), f"{d} is missing"
+    return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.rglob("*"))
+            if f.is_file()}
+
+
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -165,8 +186,9 @@ def test_zero3_sft_on_two_hosts_matches_one_process_and_resumes_after_both_nodes
     a, b = train_losses(ref, "sft"), train_losses(straight[0], "sft")
     assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b)) < TOLERANCE, (a, b)
     assert _max_diff(_weights(ref, "sft"), _weights(straight[0], "sft")) < TOLERANCE
-    # No shared disk: each node published its own part; the final model was written once, on rank 0's node.
-    assert not (straight[1] / "sft" / "final").exists()
+    # No shared disk: each node published its own part of each checkpoint; the final model was exported once,
+    # on rank 0's node, and copied to node 1's disk for the stages after it.
+    assert _listing(straight[1] / "sft" / "final") == _listing(straight[0] / "sft" / "final")
     parts = [(d / "sft" / "checkpoints" / "step-0000008" / "COMPLETE").read_text() for d in straight]
     assert "rng_rank0.pt" in parts[0] and "rng_rank1.pt" not in parts[0] and "model/" in parts[0]
     assert "rng_rank1.pt" in parts[1] and "rng_rank0.pt" not in parts[1] and "model/" not in parts[1]
@@ -216,9 +238,32 @@ def test_ppo_with_the_actor_at_zero3_on_two_hosts_matches_one_process(hosts, tmp
         a, b = metrics(ref, key), metrics(runs[0], key)
         assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < TOLERANCE, (key, a, b)
     assert _max_diff(_weights(ref, "ppo"), _weights(runs[0], "ppo")) < TOLERANCE
-    assert not (runs[1] / "ppo" / "final").exists()
+    assert _listing(runs[1] / "ppo" / "final") == _listing(runs[0] / "ppo" / "final")
     print(f"\nPPO median step time: 1 process {_step_times(ref, 'ppo', 'time/step'):.3f} s, "
           f"2 hosts {_step_times(runs[0], 'ppo', 'time/step'):.3f} s")
+
+
+def test_the_pipeline_runs_across_two_hosts_without_a_shared_disk_under_the_deepspeed_launcher(hosts, tmp_path):
+    """sft → rm → ppo → eval → export, one node per host started by the `deepspeed` launcher with a hostfile,
+    each with its own output dir: every training stage's final/ reaches node 1's disk for the next stage; eval
+    and export run on rank 0; a rerun skips every stage on both nodes."""
+    from conftest import write_jsonl
+    from test_pipeline import pipeline_config
+    from test_training import synthetic_pairs
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(48))  # a path every node sees
+    cfg = pipeline_config(tmp_path, data, export={"gguf": "none"})
+    runs = node_dirs(tmp_path)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("host0 slots=1\nhost1 slots=1\n")
+    hosts.run_both(["pipeline", str(cfg)], runs, hostfile)
+    for stage in ("sft", "rm", "ppo"):
+        assert _listing(runs[1] / stage / "final") == _listing(runs[0] / stage / "final"), stage
+    assert (runs[0] / "eval" / "eval.json").is_file() and (runs[0] / "export" / "export.json").is_file()
+    outs = hosts.run_both(["pipeline", str(cfg)], runs, hostfile)
+    for stage in ("sft", "rm", "ppo", "eval", "export"):
+        assert f"pipeline: {stage} is complete, skipped" in outs[0], outs[0][-3000:]
+    assert "pipeline: sft ..." not in outs[0] + outs[1]
 
 
 def test_a_node_that_never_joins_ends_the_run_within_the_timeout(hosts, tmp_path, pairs_file):
@@ -260,16 +305,26 @@ if rank == 1:  # node 1 stopped before publishing step 6; its step 4 was damaged
     shutil.rmtree(own / "checkpoints" / "step-0000006")
     (own / "checkpoints" / "step-0000004" / "rng_rank1.pt").write_bytes(b"x" * 101)  # same size, other bytes
 D.barrier()
+D.COPY_CHUNK_BYTES = 5  # several pieces per file
+for disk in (own, shared):
+    if rank == 0:
+        (disk / "final" / "sub").mkdir(parents=True)
+        (disk / "final" / "model.bin").write_bytes(bytes(range(23)))
+        (disk / "final" / "sub" / "empty").write_bytes(b"")
+    D.copy_dir_to_every_disk(disk / "final")
+copies = {name: sorted([str(f.relative_to(d)), f.read_bytes().hex()] for f in d.rglob("*") if f.is_file())
+          for name, d in (("own", own / "final"), ("shared", shared / "final"))}
+copies["shared_dir"] = sorted(f.name for f in shared.iterdir())
 chosen = latest_checkpoint(own)
 complete = json.loads((own / "checkpoints" / "step-0000002" / "COMPLETE").read_text())
-(tmp / f"result{rank}.json").write_text(json.dumps({"leaders": leaders, "chosen": chosen.name,
+(tmp / f"result{rank}.json").write_text(json.dumps({"leaders": leaders, "chosen": chosen.name, "copies": copies,
                                                     "files": sorted(complete["files"])}))
 D.barrier()
 os._exit(0)  # no interpreter teardown under gloo (see cli._leave_process_group)
 """
 
 
-def test_each_disk_publishes_its_own_part_and_resume_takes_the_newest_step_every_disk_holds_intact(tmp_path):
+def test_each_disk_publishes_its_own_part_resume_takes_the_newest_step_every_disk_holds_and_final_is_copied(tmp_path):
     script = tmp_path / "parts.py"
     script.write_text(PARTS_SCRIPT)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -280,6 +335,11 @@ def test_each_disk_publishes_its_own_part_and_resume_takes_the_newest_step_every
     assert [results[r]["leaders"] for r in (0, 1)] == [{"shared": 0, "own": 0}, {"shared": 0, "own": 1}]
     assert results[0]["files"] == ["model/weights", "rng_rank0.pt"] and results[1]["files"] == ["rng_rank1.pt"]
     assert results[0]["chosen"] == results[1]["chosen"] == "step-0000002"
+    # final/ copied from rank 0's disk to the other disk in 5-byte pieces; on the shared disk nothing moved
+    files = [["model.bin", bytes(range(23)).hex()], ["sub/empty", ""]]
+    assert results[0]["copies"]["own"] == results[1]["copies"]["own"] == files
+    assert results[0]["copies"]["shared"] == results[1]["copies"]["shared"] == files
+    assert results[0]["copies"]["shared_dir"] == ["final"]
     said = p.stdout + p.stderr
     assert f"checkpoint {tmp_path / 'node0' / 'checkpoints' / 'step-0000006'}" not in said  # intact there
     assert (f"checkpoint {tmp_path / 'node1' / 'checkpoints' / 'step-0000006'} on rank 1's disk" in said

@@ -64,8 +64,18 @@ def is_complete(cfg: Config, stage: str) -> bool:
     return (out / "export.json").is_file()
 
 
+def stages_to_run(cfg: Config, stages: list[str]) -> list[str]:
+    """Collective: the stages every rank runs. A training stage runs unless its final/ is on every node's disk
+    (the next stage reads it there); eval and export write on rank 0 only, so rank 0's disk decides those."""
+    here = [s for s in stages if not is_complete(cfg, s)]
+    missing_somewhere = set().union(*D.all_gather_object({s for s in here if s in TRAINING}))
+    on_main = D.broadcast_object(here)
+    return [s for s in stages if s in on_main or s in missing_somewhere]
+
+
 def reset(cfg: Config, stage: str) -> None:
-    if stage != "data" and D.is_main():
+    """Delete a stage's outputs, on every node's disk (collective)."""
+    if D.leads_disk(cfg.output_dir) and stage != "data":
         shutil.rmtree(stage_output(cfg, stage), ignore_errors=True)
 
 
@@ -73,7 +83,7 @@ def run_stage(cfg: Config, stage: str, show_progress: bool, budget=None) -> None
     from .data.prepare import prepare
 
     if stage == "data":
-        if D.is_main():
+        if D.leads_disk(cfg.output_dir):  # every node's disk needs the prepared data
             prepare(cfg, show_progress=show_progress)
         D.barrier()
     elif stage == "sft":
@@ -165,8 +175,12 @@ def check_unchanged(cfg: Config, stage: str) -> None:
 
     if stage not in TRAINING:
         return
-    resolved = resolve_precision(cfg)
-    changes = recorded_changes(stage_output(cfg, stage), stage_fingerprint(resolved, stage, stage_inputs(resolved, stage)))
+    changes = None
+    if D.is_main():  # rank 0's record decides for every rank: nodes without a shared disk have it there only
+        resolved = resolve_precision(cfg)
+        changes = recorded_changes(stage_output(cfg, stage),
+                                   stage_fingerprint(resolved, stage, stage_inputs(resolved, stage)))
+    changes = D.broadcast_object(changes)
     if changes:
         listed = "\n  ".join(changes)
         raise ConfigError(f"{stage} finished with other settings than this config's:\n  {listed}\n"
@@ -193,7 +207,7 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
         timings.pop(stage, None)
         plans.pop(stage, None)
     D.barrier()
-    todo = [s for s in stages if not is_complete(cfg, s)]
+    todo = stages_to_run(cfg, stages)
     for stage in stages:
         if stage not in todo:
             check_unchanged(cfg, stage)

@@ -199,3 +199,44 @@ def disk_leader(path: Path) -> int:
 def leads_disk(path: Path) -> bool:
     """Whether this rank writes, for every rank that sees the same directory as it, what is written once per disk."""
     return disk_leader(path) == rank()
+
+
+COPY_CHUNK_BYTES = 64 << 20
+
+
+def copy_dir_to_every_disk(path: Path) -> None:
+    """Collective: rank 0's directory `path` (a published model) appears at `path` on every other disk too,
+    so that on nodes without a shared filesystem the next stage finds its input on each node. Each other disk's
+    leader receives every file over the process group (in 64 MiB pieces) into a temp dir beside `path` and
+    renames it into place, so a reader sees no half-written copy. Nothing moves when every rank shares rank 0's
+    disk."""
+    from ..paths import make_temp_dir, publish_dir
+
+    path = Path(path)
+    receiver = leads_disk(path.parent) and rank() != 0
+    if not any(all_gather_object(receiver)):
+        return
+    files = broadcast_object(sorted((str(f.relative_to(path)), f.stat().st_size)
+                                    for f in path.rglob("*") if f.is_file()) if is_main() else None)
+    tmp = make_temp_dir(path) if receiver else None
+    for rel, size in files:
+        src = open(path / rel, "rb") if is_main() else None
+        if receiver:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        dst = open(tmp / rel, "wb") if receiver else None
+        try:
+            for start in range(0, size, COPY_CHUNK_BYTES):
+                n = min(COPY_CHUNK_BYTES, size - start)
+                piece = torch.empty(n, dtype=torch.uint8)
+                if src is not None:
+                    piece = torch.frombuffer(bytearray(src.read(n)), dtype=torch.uint8)
+                piece = piece.to(device())  # NCCL moves CUDA tensors only
+                dist.broadcast(piece, 0)
+                if dst is not None:
+                    dst.write(piece.cpu().numpy().tobytes())
+        finally:
+            for f in (src, dst):
+                if f is not None:
+                    f.close()
+    if receiver:
+        publish_dir(tmp, path)

@@ -26,7 +26,7 @@ from .losses import selected_token_logprobs
 def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Blend, int]:
     """The phase's train and eval rows, preparing the data first if needed (a cache hit normally).
 
-    Rank 0 prepares; the others wait, then read the same files.
+    Each disk's first rank prepares; the others wait, then read the same files.
     """
     data_dir = cfg.output_dir / "data"
     D.init_distributed()

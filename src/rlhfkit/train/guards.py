@@ -193,17 +193,18 @@ def recorded_changes(out_dir: Path, fingerprint: dict) -> list[str]:
 
 def guard_resume(out_dir: Path, stage: str, fingerprint: dict, resume: str, has_checkpoints: bool) -> None:
     """Stop before resuming a checkpoint made under other settings (it would silently mix the two);
-    otherwise record the fingerprint the checkpoints about to be written depend on."""
+    otherwise record the fingerprint the checkpoints about to be written depend on. Rank 0's record decides for
+    every rank (nodes without a shared disk have it on rank 0's only), so all stop or go on together."""
     path = Path(out_dir) / FINGERPRINT_FILE
-    if has_checkpoints and resume != "never":
-        changes = recorded_changes(out_dir, fingerprint)
-        if changes and resume == "auto":
+    changes = D.broadcast_object(recorded_changes(out_dir, fingerprint) if D.is_main() and has_checkpoints else [])
+    if changes and resume != "never":
+        if resume == "auto":
             listed = "\n  ".join(changes)
             raise RlhfkitError(
                 f"{out_dir} has checkpoints of a {stage} run made with other settings:\n  {listed}\n"
                 f"Start fresh: delete {out_dir} (or set {stage}.resume=never, or `rlhfkit pipeline --from {stage}`);"
                 f" continue from the checkpoint under the new settings anyway: {stage}.resume=force")
-        if changes and D.is_main():
+        if D.is_main():
             print(f"{stage}: resuming under changed settings ({stage}.resume=force): " + "; ".join(changes), flush=True)
     if D.is_main():
         write_text_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True))

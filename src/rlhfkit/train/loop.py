@@ -109,6 +109,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     planner.write()
     if D.is_main():
         publish_final(ckpt / "model", out_dir / "final", final)
+    D.copy_dir_to_every_disk(out_dir / "final")  # the next stage reads it on every node
     D.barrier()
     tracker.close()
     return final

@@ -157,6 +157,9 @@ class PPOTrainer:
             publish_final(ckpt / "model", self.out_dir / "final", final)
             if self.ema is not None:
                 publish_final(ckpt / "ema_model", self.out_dir / "final-ema", {})
+        D.copy_dir_to_every_disk(self.out_dir / "final")  # eval and export may run on any node
+        if self.ema is not None:
+            D.copy_dir_to_every_disk(self.out_dir / "final-ema")
         D.barrier()
         tracker.close()
         return final
