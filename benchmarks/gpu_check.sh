@@ -5,7 +5,8 @@
 #      (benchmarks/wheels, made on a machine with internet by benchmarks/gpu_wheels.sh);
 #   2. the tiny pipeline (configs/tiny.yaml: data, sft, rm, ppo, eval, export) on the GPU;
 #   3. one SmolLM2-135M SFT, RM and PPO step each, bf16, at ZeRO-0 and at ZeRO-3;
-#   4. benchmarks/rollout.py (the rollout path vs plain model.generate).
+#   4. benchmarks/rollout.py: plain model.generate vs the rollout path in each of its decoding loops (dynamic,
+#      static cache, and static cache compiled: CUDA graphs), with whether they sampled the same tokens.
 # Each figure is printed as it comes; a part that fails or runs out of time is said, and the rest go on.
 #
 #   bash benchmarks/gpu_check.sh                      # everything, 480 s budget
@@ -110,6 +111,8 @@ part_tiny() {
 }
 
 # One SmolLM2 step of each stage, bf16, at one ZeRO stage. RM and PPO start from the previous stage's output.
+# PPO samples with the dynamic loop: one step would time torch.compile, not the step (the tiny pipeline runs
+# the default, compiled on a GPU; the rollout part times each loop).
 part_smol_at() {
   local z="$1" dir="$OUT/smol-zero$1"
   local common=("run.output_dir=$dir" "--no-progress")
@@ -121,6 +124,7 @@ part_smol_at() {
     && figures stage "$dir" rm "SmolLM2 RM step, bf16, ZeRO-$z"
   run "smol_ppo_zero$z" "$PYTHON" -m rlhfkit.cli ppo configs/quickstart.yaml "${common[@]}" \
       ppo.steps=1 ppo.eval_every=0 ppo.eval_prompts=8 ppo.save_every=0 ppo.rollout_dtype=bfloat16 \
+      ppo.rollout_decoding=dynamic \
       ppo.actor.dtype=bfloat16 "ppo.actor.zero_stage=$z" ppo.critic.dtype=bfloat16 "ppo.critic.zero_stage=$z" \
       ppo.reference.dtype=bfloat16 ppo.reward.dtype=bfloat16 \
     && figures stage "$dir" ppo "SmolLM2 PPO step, bf16, actor and critic at ZeRO-$z"
@@ -132,7 +136,8 @@ part_smol() {
 }
 
 part_rollout() {
-  run rollout "$PYTHON" benchmarks/rollout.py --batches 1,16 --new-tokens 64 --repeats 3 && cat "$OUT/rollout.log"
+  run rollout "$PYTHON" benchmarks/rollout.py --batches 1,16 --new-tokens 64 --repeats 3 \
+      --decodings dynamic,static,compiled && cat "$OUT/rollout.log"
 }
 
 for part in $PARTS; do

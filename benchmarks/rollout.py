@@ -1,22 +1,28 @@
-"""Rollout speed: rlhfkit's generation path vs plain `model.generate` in fp32, same prompts and lengths.
+"""Rollout speed: rlhfkit's generation path, in each of its decoding loops, vs plain `model.generate` in
+fp32, same prompts and lengths.
 
     .venv/bin/python benchmarks/rollout.py                       # SmolLM2-135M, batch 1 and 16, 64 new tokens
     .venv/bin/python benchmarks/rollout.py --model tiny-random --repeats 1   # quick check
+    .venv/bin/python benchmarks/rollout.py --decodings dynamic,static        # without the compiled loop
 
 Both sides sample (temperature 0.7) from the same left-padded real prompts (hh prompts from
 ../shared/data/ppo, left-truncated to --prompt-len tokens) and are forced to produce exactly
 --new-tokens tokens per row (EOS is not a stop here), so both do the same amount of decoding work.
 
 * plain: the fp32 model as loaded, `model.generate(do_sample=True, ...)` under torch.no_grad.
-* rlhfkit: what PPO uses for experience: the RolloutPolicy inference copy (weights copied from an fp32
-  training engine, at --rollout-dtype, dropout off, KV cache) and rlhfkit.engine.generation.generate with
-  per-prompt seeds. --rollout-dtype defaults to auto, as ppo.rollout_dtype does: bf16 where it is native
-  (a CPU with AVX512-BF16 or AMX, a GPU with bf16), else fp32.
+* rlhfkit <decoding>: what PPO uses for experience: the RolloutPolicy inference copy (weights copied from
+  an fp32 training engine, at --rollout-dtype, dropout off, KV cache) and rlhfkit.engine.generation.generate
+  with per-prompt seeds, once per decoding loop of ppo.rollout_decoding (--decodings): dynamic (a growing
+  DynamicCache), static (a StaticCache of a bucketed length, fixed shapes) and compiled (static with the
+  decode step under torch.compile: CUDA graphs on a GPU, inductor's C++ kernels on a CPU). --rollout-dtype
+  defaults to auto, as ppo.rollout_dtype does: bf16 where it is native and fast (a GPU with bf16, a CPU
+  whose bf16 matmul is measured faster), else fp32.
 
-Prints the machine (CPU model, threads, torch's CPU capability, native bf16 or not, what `auto` resolves to)
-and the resolved rollout dtype, then tokens/s of each side per batch size with the precision each ran in
-(median of --repeats runs after one warm-up) and the ratio; the ratio compares two precisions unless the
-rollout dtype is float32.
+Prints the machine (CPU or GPU model, threads, torch's CPU capability, native bf16 or not, what `auto`
+resolves to) and the resolved rollout dtype, then per batch size one row per side: tokens/s with the
+precision it ran in (median of --repeats runs after one warm-up), the ratio to plain (two precisions unless
+the rollout dtype is float32), the warm-up call's seconds (the compiled loop compiles then, once per batch
+shape and length bucket) and whether the static loops sampled the same tokens as the dynamic one.
 """
 
 from __future__ import annotations
@@ -54,14 +60,16 @@ def real_prompts(tokenizer, n: int, prompt_len: int) -> list[np.ndarray]:
     raise SystemExit(f"{path} has fewer than {n} prompts")
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Seconds of the first (warm-up) call and the median of `repeats` calls after it."""
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times[0], statistics.median(times[1:])
 
 
 def main() -> None:
@@ -73,11 +81,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rollout-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                     help="auto: bfloat16 where bf16 is native, else float32 (float16 on a GPU without bf16)")
+    ap.add_argument("--decodings", default="dynamic,static,compiled",
+                    help="rlhfkit's decoding loops to time (ppo.rollout_decoding values): dynamic, static, compiled")
     args = ap.parse_args()
+    decodings = args.decodings.split(",")
 
     from rlhfkit.config import ModelConfig, TrainConfig
     from rlhfkit.engine.backend import TrainEngine, param_groups
-    from rlhfkit.engine.generation import SamplingConfig, generate, pad_left
+    from rlhfkit.engine import distributed as D
+    from rlhfkit.engine.generation import SamplingConfig, decoder_for, generate, pad_left, resolve_decoding
     from rlhfkit.engine.precision import DTYPES, machine_summary, resolve_dtype
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.train.common import TokenLogprobLM
@@ -89,24 +101,25 @@ def main() -> None:
     torch.manual_seed(0)
     mcfg = ModelConfig(name_or_path=args.model)
     tok = load_tokenizer(mcfg)
-    plain = load_causal_lm(mcfg, dtype="float32").eval()
+    plain = load_causal_lm(mcfg, dtype="float32").eval().to(D.device())  # where the rollout copy runs
     actor = TokenLogprobLM(load_causal_lm(mcfg, dtype="float32"))
     t = TrainConfig(micro_batch_size=1, dtype="float32")  # the copy starts from the same weights as plain's
     engine = TrainEngine(actor, t, 1, param_groups(actor, 1e-6, 0.0))
-    policy = RolloutPolicy(engine, t, DTYPES[dtype])
+    policy = RolloutPolicy(engine, t, DTYPES[dtype], "dynamic")
+    decoders = {d: decoder_for(policy.model, resolve_decoding(d), "--decodings") for d in decodings}
     no_stop = [plain.config.vocab_size]  # an id no model can emit: every row decodes exactly --new-tokens tokens
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.7)
 
     print(f"model {args.model}, {args.new_tokens} new tokens, prompts ≤ {args.prompt_len} tokens, "
           f"torch threads {torch.get_num_threads()}, rollout dtype {dtype}"
           f"{' (auto)' if args.rollout_dtype == 'auto' else ''}")
-    print(f"{'batch':>5} {'plain dtype':>11} {'plain tok/s':>12} {'rlhfkit dtype':>13} {'rlhfkit tok/s':>14} "
-          f"{'ratio':>6}")
+    print(f"{'batch':>5} {'side':<18} {'dtype':>8} {'tok/s':>8} {'vs plain':>8} {'first call s':>12}  tokens")
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = real_prompts(tok, batch, args.prompt_len)
         ids, lengths = pad_left(prompts, tok.pad_token_id)
         width = ids.shape[1]
         attention = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
+        ids, attention = ids.to(D.device()), attention.to(D.device())
 
         def run_plain():
             with torch.no_grad():
@@ -115,14 +128,25 @@ def main() -> None:
                                      pad_token_id=tok.pad_token_id)
             assert out.shape[1] - width == args.new_tokens
 
-        def run_ours():
-            g = generate(policy.model, prompts, tok.pad_token_id, no_stop, sampling, seeds=list(range(batch)))
-            assert int(g.response_lengths.min()) == args.new_tokens
-
         tokens = batch * args.new_tokens
-        plain_s, ours_s = timed(run_plain, args.repeats), timed(run_ours, args.repeats)
-        print(f"{batch:>5} {'float32':>11} {tokens / plain_s:>12.1f} {dtype:>13} {tokens / ours_s:>14.1f} "
-              f"{plain_s / ours_s:>5.2f}x", flush=True)
+        first, plain_s = timed(run_plain, args.repeats)
+        print(f"{batch:>5} {'plain generate':<18} {'float32':>8} {tokens / plain_s:>8.1f} {'':>8} {first:>12.1f}",
+              flush=True)
+        sampled = {}
+        for decoding, static in decoders.items():
+            def run_ours():
+                g = generate(policy.model, prompts, tok.pad_token_id, no_stop, sampling, seeds=list(range(batch)),
+                             static=static)
+                assert int(g.response_lengths.min()) == args.new_tokens
+                sampled[decoding] = g.response_ids
+
+            first, ours_s = timed(run_ours, args.repeats)
+            same = ""
+            if decoding != "dynamic" and "dynamic" in sampled:
+                differ = int((sampled[decoding] != sampled["dynamic"]).any(dim=1).sum())
+                same = "as dynamic" if not differ else f"{differ} of {batch} rows differ from dynamic"
+            print(f"{batch:>5} {'rlhfkit ' + decoding:<18} {dtype:>8} {tokens / ours_s:>8.1f} "
+                  f"{plain_s / ours_s:>7.2f}x {first:>12.1f}  {same}", flush=True)
     print(f"machine: {machine}")
 
 

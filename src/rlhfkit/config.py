@@ -26,6 +26,8 @@ class Section(BaseModel):
 # auto: bf16 where the hardware runs it natively, fp16 on GPUs without bf16, fp32 elsewhere
 # (engine/precision.py); resolved once per stage and saved in the resolved config.
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
+# The decoding loop of rollouts and eval answers (engine/generation.py): auto, dynamic, static or compiled
+Decoding = Literal["auto", "dynamic", "static", "compiled"]
 
 
 class TinyModelConfig(Section):
@@ -363,6 +365,12 @@ class PPOConfig(Section):
     generation_batch_size: int | None = Field(None, ge=1)  # prompts per generate() call; default: all of a process's
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     rollout_dtype: Precision = "auto"
+    # How the rollout copy runs its decoding loop; every choice samples the same tokens (row-seeded):
+    # dynamic: a KV cache growing by one column per step; static: a fixed-shape StaticCache of prompt width +
+    # max_new_tokens rounded up to 64, kept and reused per (batch, length); compiled: static with the decode
+    # step under torch.compile (CUDA graphs on a GPU; needs a C++ compiler on a CPU). auto: compiled where
+    # CUDA is available, dynamic on a CPU (docs/algorithms.md, "Rollouts")
+    rollout_decoding: Decoding = "auto"
     # When the rollout copy is exactly the trained actor (full fine-tune, the actor's precision, no dropout),
     # the log-probs the sampler computed are the old log-probs: one actor forward fewer per step.
     reuse_rollout_logprobs: bool = True
@@ -466,6 +474,7 @@ class EvalConfig(Section):
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     batch_size: int = Field(8, ge=1)
     dtype: Precision = "auto"
+    decoding: Decoding = "auto"  # as ppo.rollout_decoding, for both models' answers
     seed: int = 1234
     # Rewards computed from the text and the prompt records' metadata (gsm8k, exact, regex, format, python,
     # remote; not `model`, the judge is reward_model), each reported per model and set with an interval:

@@ -33,6 +33,7 @@ from ..data.readers import iter_file_records
 from ..data.records import BadRecord, to_example
 from ..data.render import Renderer, build_prompts
 from ..engine import distributed as D
+from ..engine.generation import decoder_for, resolve_decoding
 from ..engine.precision import DTYPES, cast_params, resolve_precision, why_auto
 from ..errors import ConfigError, DataError
 from ..models.loading import load_causal_lm, load_tokenizer
@@ -160,10 +161,12 @@ class Comparison:
         self.tokenizer = load_tokenizer(model_config_for(cfg, self.policy_path))
         self.data_tokenizer = load_tokenizer(cfg.model)  # the one that encoded the run's prepared data
         dtype = DTYPES[e.dtype]
+        decoding = resolve_decoding(e.decoding)
         if D.is_main():
-            print(f"eval: precision {e.dtype} (auto: {why_auto()})", flush=True)
+            print(f"eval: precision {e.dtype} (auto: {why_auto()}), decoding {decoding}", flush=True)
         self.policy = self._lm(self.policy_path, dtype)
         self.baseline = self._lm(self.baseline_path, dtype)
+        self.static = {m: decoder_for(m, decoding, "eval.decoding") for m in (self.policy, self.baseline)}
         judge_paths = {**({"rm": self.reward_path} if self.reward_path else {}),
                        **({"judge2": e.second_judge} if e.second_judge else {})}
         self.judges = {name: self._judge(path, dtype) for name, path in judge_paths.items()}
@@ -208,7 +211,7 @@ class Comparison:
         """Rollouts of `model` on the prompts (per-prompt seeds, by index in the set, shared by both models)."""
         seeds = [self.e.seed * 1_000_003 + start + j for j in range(len(prompts))]
         return sample_rollouts(model, prompts, seeds, self.e.batch_size, self.tokenizer.pad_token_id, self.stop_ids,
-                               self.sampling)
+                               self.sampling, static=self.static[model])
 
     @torch.no_grad()
     def score_parts(self, parts, metadata: list[dict]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from ..config import SamplingSettings, TrainConfig
 from ..engine import distributed as D
 from ..engine.backend import TrainEngine
 from ..engine.precision import torch_dtype
-from ..engine.generation import Generation, SamplingConfig, generate
+from ..engine.generation import Generation, SamplingConfig, StaticDecoder, decoder_for, generate, resolve_decoding
 from ..errors import ConfigError
 from ..train.batching import pad_right
 from ..train.common import base_config, dense_config, gathered_weights
@@ -28,14 +28,16 @@ class RolloutPolicy:
     """A plain inference copy of the actor for sampling: no grad, KV cache, dropout off, LoRA merged in,
     at the rollout dtype (`auto`: the machine's precision), refreshed from the trained weights after every
     update. The training module itself may be ZeRO-3 partitioned, carry unmerged LoRA adapters or hold
-    fp32 weights, each of which makes token-by-token sampling slower.
+    fp32 weights, each of which makes token-by-token sampling slower. `decoding` (ppo.rollout_decoding)
+    chooses the decoding loop; the static ones keep their caches and compiled step in `decoder`, valid
+    across refreshes because the weights are copied in place.
 
     `exact` says whether the copy computes exactly the trained actor: a full fine-tune (no LoRA to merge,
     no 4-bit weights to dequantize), at the actor's own precision, without dropout. Then the log-probs
     the sampler saw are the actor's old log-probs and PPO skips one actor forward per step; otherwise the
     training actor recomputes them, and the rollout dtype only changes which tokens are sampled."""
 
-    def __init__(self, engine: TrainEngine, t: TrainConfig, dtype: torch.dtype):
+    def __init__(self, engine: TrainEngine, t: TrainConfig, dtype: torch.dtype, decoding: str = "auto"):
         from transformers import AutoModelForCausalLM
 
         self.t = t
@@ -43,6 +45,7 @@ class RolloutPolicy:
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(D.device())
         self.model.eval().requires_grad_(False)
         self.exact = not t.lora.enabled and dtype == torch_dtype(t.dtype) and t.dropout == 0.0
+        self.decoder = decoder_for(self.model, resolve_decoding(decoding), "ppo.rollout_decoding")
         self.refresh(engine)
 
     @torch.no_grad()
@@ -84,11 +87,13 @@ def check_ppo_sampling(settings: SamplingSettings) -> None:
 
 
 def sample_rollouts(model, prompts: list[np.ndarray], seeds: list[int], batch_size: int, pad_id: int,
-                    stop_ids: list[int], sampling: SamplingConfig, return_logprobs: bool = False) -> list["Rollout"]:
+                    stop_ids: list[int], sampling: SamplingConfig, return_logprobs: bool = False,
+                    static: StaticDecoder | None = None) -> list["Rollout"]:
     """One response per prompt, `batch_size` prompts per generate() call, each prompt with its own seed;
-    every batch re-packed right-padded (with the sampled tokens' log-probs when asked)."""
+    every batch re-packed right-padded (with the sampled tokens' log-probs when asked). `static`: the
+    model's static-shape decoder (generate()), None for the dynamic loop."""
     return [to_rollout(generate(model, prompts[i:i + batch_size], pad_id, stop_ids, sampling,
-                                seeds[i:i + batch_size], return_logprobs), pad_id)
+                                seeds[i:i + batch_size], return_logprobs, static), pad_id)
             for i in range(0, len(prompts), batch_size)]
 
 

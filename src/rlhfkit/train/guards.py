@@ -122,7 +122,8 @@ def lock_run(out_dir: Path) -> None:
 NOT_MATH = {"eval_every", "max_eval_batches", "save_every", "keep_checkpoints", "log_every", "resume",
             "wandb_project", "max_nonfinite_steps", "micro_batch_size", "gradient_accumulation_steps",
             "gradient_checkpointing",
-            "offload_optimizer", "offload_param", "eval_prompts", "samples_logged", "generation_batch_size"}
+            "offload_optimizer", "offload_param", "eval_prompts", "samples_logged", "generation_batch_size",
+            "rollout_decoding"}  # every decoding loop samples the same tokens (tests/test_static_decode.py)
 FINGERPRINT_FILE = "fingerprint.json"
 
 

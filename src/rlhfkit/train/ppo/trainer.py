@@ -83,7 +83,7 @@ class PPOTrainer:
         self.rewards = self._build_rewards(reward_model)
         self.kl_ctl = (PF.AdaptiveKLController(p.kl_coef, p.adaptive_kl.target, p.adaptive_kl.horizon)
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
-        self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype))
+        self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype), p.rollout_decoding)
         self.reuse_logprobs = p.reuse_rollout_logprobs and self.policy.exact
         self.norm = self.score_normalization() if p.normalize_scores else None
         self.rewards.score_stats = self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
@@ -220,7 +220,7 @@ class PPOTrainer:
         the batch is split over processes or generation batches."""
         size = self.p.generation_batch_size or max(len(prompts), 1)
         return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
-                                               self.sampling, return_logprobs=self.reuse_logprobs), self.pad_id)
+                                               self.sampling, self.reuse_logprobs, self.policy.decoder), self.pad_id)
 
     def update(self, exp: Experience, step: int, kl_coef: float) -> dict:
         """ppo_epochs passes over the batch; per mini-batch one actor (and critic) optimizer step.
