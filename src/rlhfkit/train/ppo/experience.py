@@ -4,7 +4,7 @@ old log-probs (actor, dropout off), reference log-probs (unless the KL is off), 
 the reward → shaped scores (missing-EOS penalty, clip) → advantages by ppo.advantage:
 
   gae                    per-token rewards (−β·KL + score at the last token) → GAE → whitened (PPO)
-  grpo, dr_grpo, rloo    sequence reward (score, −β·ΣKL when the KL is in the reward) → group baseline
+  grpo, dr_grpo, rloo    the score → group baseline, then −β·Σ_{k≥t} KL_k per token (KL in the reward)
   reinforce_pp           per-token rewards → returns → whitened over the whole batch (REINFORCE++)
   reinforce_pp_baseline  the score minus its group's mean, then as reinforce_pp
 
@@ -91,9 +91,10 @@ def make_experience(r: Rollout, scores: torch.Tensor, actor, reference, critic, 
         if p.whiten_advantages:
             advantages = whiten_over_ranks(advantages, mask & keep[:, None])
     elif p.advantage in ("grpo", "dr_grpo", "rloo"):
-        sequence_reward = shaped - beta * kl.sum(1)
-        advantages = PF.group_advantages(sequence_reward.view(-1, n), p.advantage).flatten()
-        advantages = PF.token_level(advantages, lengths, width)
+        # The task score is normalised within its group first and the KL joins per token after (OpenRLHF):
+        # folded into the score, grpo's std division would blow the KL's spread up in groups of equal scores.
+        group = PF.group_advantages(shaped.view(-1, n), p.advantage).flatten()
+        advantages = PF.reinforce_returns(rewards_with_kl(group)[0], lengths, 1.0)  # A_i − β·Σ_{k≥t} KL_k
     else:  # reinforce_pp, reinforce_pp_baseline
         if p.advantage == "reinforce_pp_baseline":
             shaped_for_return = PF.group_advantages(shaped.view(-1, n), p.advantage).flatten()

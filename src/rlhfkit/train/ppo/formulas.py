@@ -21,6 +21,8 @@ from ..losses import length_mask
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
 GROUP_METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+LOG_RATIO_MAX = 20.0  # |log-ratio| before any exp: e^20 ≈ 4.9e8 is finite in fp32 (e^89 is not)
+K3_MAX = 10.0  # k3 is capped here, as verl does: one token far off the reference cannot dominate the loss
 
 
 def _response_mask(response_lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -36,15 +38,15 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     """Per-token estimate of KL(π ‖ π_ref) from tokens sampled by π (Schulman, "Approximating KL divergence").
 
     k1  = log π − log π_ref                      (unbiased, can be negative)
-    k3  = (r − 1) − log r,  r = π_ref / π        (unbiased, always ≥ 0, lower variance)
+    k3  = (r − 1) − log r,  r = π_ref / π        (unbiased, always ≥ 0, lower variance; capped at K3_MAX)
     abs = |k1|,  mse = ½·k1²                     (as in TRL)
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
-        d = -log_ratio  # log r
-        return torch.expm1(d) - d  # expm1 keeps (r − 1) exact when r ≈ 1
+        d = (-log_ratio).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)  # log r; e^d stays finite
+        return (torch.expm1(d) - d).clamp(max=K3_MAX)  # expm1 keeps (r − 1) exact when r ≈ 1
     if estimator == "abs":
         return log_ratio.abs()
     if estimator == "mse":
@@ -77,13 +79,13 @@ def kl_loss_term(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch
     Shao et al. 2024, uses k3: π_ref/π − log(π_ref/π) − 1, whose gradient in log π is 1 − π_ref/π).
 
     Same estimators as kl_penalty (Schulman, "Approximating KL divergence"); 0 on padding, whose log-ratios
-    are zeroed before any exp so garbage there cannot become NaN. For k3 the log-ratio is clamped to
-    [−20, 20] before expm1 so e^{−x} cannot overflow (no gradient beyond; verl instead clamps k3 to ±10 after).
+    are zeroed before any exp so garbage there cannot become NaN. k3 (kl_penalty) clamps the log-ratio to
+    ±LOG_RATIO_MAX before expm1 and caps k3 at K3_MAX, as verl does: no gradient beyond either.
+    Its gradient in expectation is that of the forward KL(π_ref ‖ π), not of KL(π ‖ π_ref); mse's (k2) is the
+    reverse KL's (Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL").
     """
     mask = mask.bool()
     log_ratio = torch.where(mask, logprobs - ref_logprobs, 0.0)
-    if estimator == "k3":
-        log_ratio = log_ratio.clamp(-20.0, 20.0)
     kl = kl_penalty(log_ratio, torch.zeros_like(log_ratio), estimator)
     return torch.where(mask, kl, 0.0)
 
@@ -223,8 +225,9 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     """
     mask = mask.bool()
     clip_high = clip_low if clip_high is None else clip_high
-    # Padding log-ratios are zeroed before exp so garbage there cannot overflow into NaN gradients.
-    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    # Padding log-ratios are zeroed before exp so garbage there cannot overflow into NaN gradients, and the
+    # rest clamped so that one far-off token gives a large finite ratio, not inf (verl clamps at ±20 too).
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
     advantages = torch.where(mask, advantages, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
