@@ -309,7 +309,7 @@ class FormatRewardSource(_RewardSourceBase):
     """1 when the response ends in the answer format; default: GSM8K's "#### <number>" line."""
 
     type: Literal["format"]
-    pattern: str = r"####\s*-?[\d,]*\.?\d+\s*$"
+    pattern: str = r"####\s*-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)\s*$"
 
 
 class RemoteRewardSource(_RewardSourceBase):

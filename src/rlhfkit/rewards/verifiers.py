@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-# a signed number with an optional "$", thousands commas and decimals: "-3", "$1,000.50", ".5"
-_NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+# a signed number with an optional "$", thousands commas and decimals: "-3", "$1,000.50", ".5". A comma
+# only counts between groups of three digits: "3,5" is 3 then 5 and "1,2,3" a list, never 35 or 123.
+_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+# format's default: "#### <number>" at the very end, commas as thousands separators only (FormatRewardSource
+# in config.py has the same default)
+FORMAT_PATTERN = r"####\s*-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)\s*$"
 _MARKER = "####"
 
 
@@ -56,7 +60,7 @@ def regex_reward(response: str, pattern: str) -> float:
     return float(re.search(pattern, response) is not None)
 
 
-def format_reward(response: str, pattern: str = r"####\s*-?[\d,]*\.?\d+\s*$") -> float:
+def format_reward(response: str, pattern: str = FORMAT_PATTERN) -> float:
     """1.0 when re.search(pattern, response.strip()) finds it; the default (FormatRewardSource's) asks for
     GSM8K's "#### <number>" at the very end."""
     return float(re.search(pattern, response.strip()) is not None)
