@@ -4,8 +4,9 @@
     → 200       {"rewards": [float, ...], "scores": [...], "extra_logs": {...}}   ("rewards" is what is read;
                 a bare JSON list of floats is accepted too)
 
-Standard library only. Requests of at most batch_size responses; a connection error, a timeout or a 5xx
-answer is tried again `retries` more times after 0.5 s, 1 s, 2 s, ... (at most 5 s); a 4xx answer is not
+Standard library only. Requests of at most batch_size responses; a connection error, a timeout, a 5xx,
+408 (Request Timeout) or 429 (Too Many Requests) answer is tried again `retries` more times after 0.5 s,
+1 s, 2 s, ... (at most 5 s), or after the answer's Retry-After (at most 60 s); any other 4xx answer is not
 (the request itself is wrong). After the last try: a RewardError naming the URL, the tries and the cause.
 """
 
@@ -13,19 +14,42 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
 import time
 import urllib.error
 import urllib.request
+from email.utils import parsedate_to_datetime
 
 from .sources import RewardError, record_field
 
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 5.0
+# a server's Retry-After is honoured up to this: a busy server must not stall training indefinitely
+RETRY_AFTER_MAX_S = 60.0
+# 4xx answers that say "try later" rather than "the request is wrong"
+RETRIED_4XX = (408, 429)
 
 
 def backoff(attempt: int) -> float:
     """Seconds to wait before try number `attempt` (1 = the first retry)."""
     return min(BACKOFF_START_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
+
+
+def retry_delay(attempt: int, retry_after: str | None) -> float:
+    """Seconds before try `attempt`: the server's Retry-After (seconds or an HTTP date) when it sent a
+    readable one, at most RETRY_AFTER_MAX_S; else backoff(attempt)."""
+    if retry_after is None:
+        return backoff(attempt)
+    try:
+        seconds = float(retry_after)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(retry_after).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return backoff(attempt)
+    if not math.isfinite(seconds):
+        return backoff(attempt)
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
 
 
 class RemoteReward:
@@ -60,10 +84,11 @@ class RemoteReward:
             data = json.dumps(body).encode()
         except (TypeError, ValueError) as e:  # a label that is not JSON (a datetime, bytes)
             raise RewardError(f"the request to reward server {self.url} is not JSON-serialisable: {e}") from None
-        tries, cause = self.retries + 1, ""
+        tries, cause, retry_after = self.retries + 1, "", None
         for attempt in range(tries):
             if attempt:
-                time.sleep(backoff(attempt))
+                time.sleep(retry_delay(attempt, retry_after))
+            retry_after = None
             request = urllib.request.Request(self.url, data=data, method="POST",
                                              headers={"Content-Type": "application/json"})
             try:
@@ -71,8 +96,9 @@ class RemoteReward:
                     text = answer.read()
             except urllib.error.HTTPError as e:
                 cause = f"HTTP {e.code}: {_error_text(e)}"
-                if e.code < 500:
+                if e.code < 500 and e.code not in RETRIED_4XX:
                     raise RewardError(f"reward server {self.url} refused the request ({cause})") from None
+                retry_after = e.headers.get("Retry-After") if e.headers is not None else None
                 continue
             except urllib.error.URLError as e:
                 cause = self._describe(e.reason)
