@@ -145,8 +145,8 @@ def test_a_missing_metadata_key_names_the_key_the_source_and_the_record():
 
 class FakeRewardServer:
     """A tiny reward server on 127.0.0.1 (a free port) in a thread. `plan` is a list of behaviours, one per
-    request, the last repeated: "ok" (rewards = len(query)), "list" (a bare JSON list), "500", "400",
-    "hang" (answers nothing for 10 s)."""
+    request, the last repeated: "ok" (rewards = len(query)), "list" (a bare JSON list), "500", "400", "408",
+    "429", "429:N" (with Retry-After: N), "hang" (answers nothing for 10 s)."""
 
     def __init__(self, plan: list[str]):
         self.plan, self.requests = list(plan), []
@@ -160,16 +160,19 @@ class FakeRewardServer:
                 if what == "hang":
                     time.sleep(10)
                     return
-                if what in ("500", "400"):
-                    self._send(int(what), {"error": "scripted failure"})
+                if what.split(":")[0] in ("500", "400", "408", "429"):  # "429:2": with Retry-After: 2
+                    status, _, retry_after = what.partition(":")
+                    self._send(int(status), {"error": "scripted failure"}, retry_after)
                     return
                 rewards = [float(len(q)) for q in body["query"]]
                 self._send(200, rewards if what == "list" else {"rewards": rewards, "scores": rewards,
                                                                "extra_logs": {"n": len(rewards)}})
 
-            def _send(self, status, payload):
+            def _send(self, status, payload, retry_after=""):
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                if retry_after:
+                    self.send_header("Retry-After", retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -332,8 +335,10 @@ def test_serve_reward_scores_like_the_model_in_process_and_answers_errors_in_jso
 
         prompts = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "Hi", "Hello there, how"]
         responses = ["It is 4.", " there", " are you doing today? Fine, thanks!"]
-        # the client the trainer uses: one request of 3 rows, scored by the server in a padded batch of 2 and one of 1
-        served = remote(f"{base}/get_reward", batch_size=3)(prompts, responses, [{}, {}, {}])
+        # the client the trainer uses: one request of 3 rows, scored by the server in a padded batch of 2 and one of 1;
+        # every response ended, so as generated each ends in EOS
+        generated = [r + "<|im_end|>" for r in responses]
+        served = remote(f"{base}/get_reward", batch_size=3)(prompts, responses, [{}, {}, {}], generated=generated)
         expected = _in_process_scores(rm_dir, prompts, responses)
         assert served == pytest.approx(expected, abs=1e-5)
         status, answer = _post(f"{base}/get_reward", json.dumps({"query": [p + r for p, r in zip(prompts, responses)]}).encode())

@@ -5,13 +5,17 @@ protocol (remote.py is its client; docs/rewards.md):
     → 200             {"rewards": [float, ...], "scores": [float, ...]}
     GET  /health      → 200 {"status": "ok", "model": RM_DIR}
 
-Each query is prompt + response as text. It is tokenized without adding special tokens (the prompt is
-already rendered); when "prompts" gives its prompt and the query starts with it, prompt and response are
-tokenized apart and joined, as rlhfkit's own re-tokenizing scorer does. EOS is appended unless the tokens
-end in it (the reward model was trained on replies ending in EOS) and the score is read at that last token
-(RewardModel.score). --max-length keeps the last N tokens. Scoring runs in batches of --batch-size under
-one lock (one model, many connections). Errors are JSON {"error": ...}: 400 for a malformed request
-(naming the field), 413 for a body over --max-request-bytes, 500 if scoring itself fails.
+Each query is prompt + response as text, special tokens kept (OpenRLHF's client decodes them): a response
+that ended ends in the EOS text. It is tokenized without adding special tokens (the prompt is already
+rendered); when "prompts" gives its prompt and the query starts with it, prompt and response are tokenized
+apart and joined, as rlhfkit's own re-tokenizing scorer does. A response that ended gets the EOS id back
+and is scored there (the reward model was trained on replies ending in EOS); one cut at max length has no
+EOS and is scored at its last token, as the in-process reward model scores it (RewardModel.score).
+--max-length (default: the model's max_position_embeddings) keeps the last N tokens. Scoring runs in
+batches of --batch-size under one lock (one model, many connections). A connection that sends nothing for
+SOCKET_TIMEOUT_S is closed. Errors are JSON {"error": ...}: 400 for a malformed request (naming the
+field), 408 for a body that stopped arriving, 413 for a body over --max-request-bytes, 500 if scoring
+itself fails.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelLoadError, RlhfkitError
+
+# Seconds a connection may stay silent (an idle keep-alive, a body that stopped arriving) before it is
+# closed: otherwise each such client holds a thread and a socket forever.
+SOCKET_TIMEOUT_S = 30.0
 
 
 class RequestError(Exception):
@@ -66,18 +74,31 @@ class RewardModelServer:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+        if max_length is None:  # one long query would otherwise hold the lock and can run out of memory
+            max_length = getattr(self.model.config, "max_position_embeddings", None)
         self.batch_size, self.max_length = batch_size, max_length
         self.lock = threading.Lock()
 
     def encode(self, query: str, prompt: str | None) -> list[int]:
-        """Token ids of one query, EOS-terminated, cut to the last max_length tokens."""
+        """Token ids of one query, cut to the last max_length tokens; EOS-terminated only where the text
+        ends in the EOS text (the response ended), as the in-process RM scores a response cut at max length
+        at its last token."""
         tok = self.tokenizer
+        eos, pad = tok.eos_token or "", tok.pad_token or ""
+        ended = False
+        while True:  # trailing padding (OpenRLHF's client may send it) and the EOS it follows
+            if eos and query.endswith(eos):
+                query, ended = query[:-len(eos)], True
+            elif pad and query.endswith(pad):
+                query = query[:-len(pad)]
+            else:
+                break
         if prompt and query.startswith(prompt):
             ids = (tok(prompt, add_special_tokens=False)["input_ids"]
                    + tok(query[len(prompt):], add_special_tokens=False)["input_ids"])
         else:
             ids = tok(query, add_special_tokens=False)["input_ids"]
-        if self.eos is not None and (not ids or ids[-1] != self.eos):
+        if ended:
             ids = ids + [self.eos]
         return ids[-self.max_length:] if self.max_length else ids
 
@@ -125,6 +146,7 @@ def make_handler(scorer: RewardModelServer, rm_dir: str, max_bytes: int):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "rlhfkit-serve-reward"
+        timeout = SOCKET_TIMEOUT_S  # on every read and write of the connection
 
         def _send(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -155,7 +177,12 @@ def make_handler(scorer: RewardModelServer, rm_dir: str, max_bytes: int):
                     self.close_connection = True  # the body is not read
                     raise RequestError(404, f"no such path {self.path}; use POST /get_reward")
                 size = self._body_size()
-                queries, prompts = parse_request(self.rfile.read(size))
+                try:
+                    body = self.rfile.read(size)
+                except TimeoutError:
+                    self.close_connection = True
+                    raise RequestError(408, f"the client stopped sending the body for {self.timeout:g} s") from None
+                queries, prompts = parse_request(body)
                 rewards = scorer.score(queries, prompts)
                 self._send(200, {"rewards": rewards, "scores": rewards})
             except RequestError as e:

@@ -8,6 +8,7 @@ traceback. The `model` source (the trained reward model on token ids) is the tra
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -28,16 +29,24 @@ class RewardError(RlhfkitError):
 class TextRewardSource:
     """One configured source: `fn(prompts, responses, metadata) -> floats`, validated on every call.
 
-    name: logged as reward/<name>; type: the config's type; weight: its factor in the summed reward."""
+    name: logged as reward/<name>; type: the config's type; weight: its factor in the summed reward;
+    reads_generated: fn is given the responses as generated (special tokens kept) when the caller has them."""
 
-    def __init__(self, name: str, type_: str, weight: float, fn: Callable, what: str | None = None):
+    def __init__(self, name: str, type_: str, weight: float, fn: Callable, what: str | None = None,
+                 reads_generated: bool = False):
         self.name, self.type, self.weight, self._fn, self.what = name, type_, float(weight), fn, what
+        self.reads_generated = reads_generated
 
     def __repr__(self) -> str:
         return f"TextRewardSource(name={self.name!r}, type={self.type!r}, weight={self.weight})"
 
-    def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict],
+                 generated: list[str] | None = None) -> list[float]:
+        """responses: decoded without special tokens; generated (optional): the same responses decoded with
+        them (generated_texts), which a remote server reads (its EOS or end marker where a response ended)."""
         label = f"reward source {self.name!r}" + (f" ({self.what})" if self.what else "")
+        if self.reads_generated and generated is not None:
+            responses = generated
         try:
             values = self._fn(list(prompts), list(responses), list(metadata))
         except RewardError as e:
@@ -56,6 +65,14 @@ class TextRewardSource:
             more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
             raise RewardError(f"{label} returned a non-finite value ({values[bad[0]]}) for response {bad[0]}{more}")
         return values
+
+
+def generated_texts(tokenizer, rollout) -> list[str]:
+    """Each response of a rollout (input_ids, prompt_lens, lengths) decoded as generated, special tokens
+    kept: it ends in the EOS or end marker where the response ended and not where it was cut at max length,
+    as OpenRLHF's client sends it to a remote reward server."""
+    return [tokenizer.decode(rollout.input_ids[i, int(rollout.prompt_lens[i]):int(rollout.lengths[i])],
+                             skip_special_tokens=False) for i in range(len(rollout.lengths))]
 
 
 def _short(value) -> str:
@@ -100,7 +117,10 @@ def load_function(spec: str, setting: str, base_dir: str | Path | None = None) -
         path = path if path.is_absolute() else base / path
         if not path.is_file():
             raise ConfigError(f"{setting}: file {path} not found (relative paths start at {base})")
-        module_name = f"rlhfkit_reward_{abs(hash(str(path.resolve())))}_{path.stem}"
+        # hashlib, not hash(): str hashes are salted per process, and other processes (data-loader workers,
+        # other ranks unpickling) must find the module under the same name
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        module_name = f"rlhfkit_reward_{digest}_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
@@ -190,7 +210,8 @@ def build_text_sources(sources: list, *, base_dir: str | Path | None = None,
             fn, what = RemoteReward(s.url, s.timeout, s.retries, s.batch_size, s.label_key), None
         else:
             raise ConfigError(f"{where}: unknown reward source type {s.type!r}")
-        out.append(TextRewardSource(name, s.type, s.weight, fn, what))
+        # a remote server gets the query unchanged, as OpenRLHF sends it (docs/rewards.md)
+        out.append(TextRewardSource(name, s.type, s.weight, fn, what, reads_generated=s.type == "remote"))
     names = [s.name for s in out]
     if "model" in names:
         raise ConfigError(f"{setting}: the name 'model' belongs to the reward model's source; choose another")
