@@ -124,6 +124,21 @@ def test_a_gain_at_any_length_is_not_flagged_as_length_driven():
     assert flags(s) == []
 
 
+def test_a_gain_that_holds_at_equal_length_with_a_wide_interval_is_inconclusive_not_length_driven():
+    """Final is 10-30 tokens longer on every prompt, so the equal-length gain is an extrapolation with a wide
+    interval: at 30 prompts it reaches 0 although the estimate is above the raw gain. Not significant is not
+    length-driven."""
+    rng = np.random.default_rng(7)
+    sft_len = rng.integers(10, 40, size=30)
+    final_len = sft_len + rng.integers(10, 30, size=30)
+    sft = rng.normal(size=30)
+    s = figures(sft + 0.6 + rng.normal(0, 0.8, size=30), sft, final_len, sft_len)
+    assert S.significant_gain(s["rm_gain_ci"]) and s["rm_gain_at_equal_length"] > s["rm_gain"]
+    assert s["rm_gain_at_equal_length_ci"][0] < 0
+    assert not s["rm_length_driven"] and flags(s) == ["length_inconclusive"]
+    assert "cannot tell" in s["flags"][0]["reason"]
+
+
 def test_reward_hacking_risk_when_the_second_judge_does_not_confirm_the_gain():
     rng = np.random.default_rng(6)
     sft, noise = rng.normal(size=30), rng.normal(size=30)

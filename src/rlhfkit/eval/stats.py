@@ -6,7 +6,7 @@ Pure functions over per-prompt numpy arrays (docs/evaluation.md explains every f
 - mean score of each model, the paired gain (final − SFT per prompt) and the win rate (ties count half),
   each with its interval;
 - the gain at equal length: intercept of the least-squares line gain_i = a + b·Δlength_i;
-- flags: likely length-driven, reward-hacking risk, few prompts.
+- flags: likely length-driven, length control inconclusive, reward-hacking risk, few prompts.
 """
 
 from __future__ import annotations
@@ -117,11 +117,19 @@ def judge_statistics(final: np.ndarray, sft: np.ndarray, length_diff: np.ndarray
 
 
 def is_length_driven(s: dict) -> bool:
-    """A significant gain whose equal-length estimate is under half of it, or whose interval reaches 0."""
+    """A significant gain whose equal-length estimate is under half of it. On the point estimate: with
+    20-60 prompts the equal-length interval is often wide, and reaching 0 only says "not significant"."""
     if not significant_gain(s["gain_ci"]) or s["gain_at_equal_length"] is None:
         return False
+    return s["gain_at_equal_length"] < s["gain"] / 2
+
+
+def is_length_inconclusive(s: dict) -> bool:
+    """A significant gain that holds at equal length by the estimate, but whose equal-length interval reaches
+    0: these prompts cannot tell whether it survives at equal length."""
     ci = s["gain_at_equal_length_ci"]
-    return s["gain_at_equal_length"] < s["gain"] / 2 or (ci is not None and ci[0] <= 0)
+    return (significant_gain(s["gain_ci"]) and s["gain_at_equal_length"] is not None and not s["length_driven"]
+            and ci is not None and ci[0] <= 0)
 
 
 def reward_hacking_reason(judges: dict[str, dict], kl: float, primary: str = "rm",
@@ -170,10 +178,14 @@ def set_flags(per_judge: dict[str, dict], kl: float, n: int) -> list[dict]:
         flags.append({"flag": "few_prompts", "judge": None,
                       "reason": f"{n} prompts: intervals are too narrow below {FEW_PROMPTS} (and absent below 2)"})
     for j, s in per_judge.items():
+        at_equal = (f"{j} gain {fmt(s['gain'])} {fmt_interval(s['gain_ci'])} is "
+                    f"{fmt(s['gain_at_equal_length'])} {fmt_interval(s['gain_at_equal_length_ci'])} at equal length")
         if s["length_driven"]:
-            flags.append({"flag": "length_driven", "judge": j, "reason": (
-                f"{j} gain {fmt(s['gain'])} {fmt_interval(s['gain_ci'])} is "
-                f"{fmt(s['gain_at_equal_length'])} {fmt_interval(s['gain_at_equal_length_ci'])} at equal length")})
+            flags.append({"flag": "length_driven", "judge": j, "reason": at_equal})
+        elif is_length_inconclusive(s):
+            flags.append({"flag": "length_inconclusive", "judge": j, "reason": (
+                f"{at_equal}: its interval reaches 0, so these {n} prompts cannot tell whether the gain holds at "
+                "equal length")})
     # Hacking is a risk for the learned reward model the policy was optimised against, not for text rewards
     # (a verifier checks the answer itself): without "rm" there is no such judge.
     if "rm" in per_judge:
