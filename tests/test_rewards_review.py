@@ -231,10 +231,7 @@ def test_commas_are_read_as_thousands_separators_only(text, number):
 
 
 def test_format_default_pattern_takes_commas_as_thousands_separators_only():
-    from rlhfkit.rewards.verifiers import FORMAT_PATTERN
-
     default = FormatRewardSource(type="format").pattern
-    assert default == FORMAT_PATTERN  # the config's default and format_reward's are the same pattern
     (source,) = build_text_sources([{"type": "format"}])
     for pattern in (default, None):
         check = (lambda r: format_reward(r)) if pattern is None else (lambda r: format_reward(r, pattern))
@@ -242,6 +239,9 @@ def test_format_default_pattern_takes_commas_as_thousands_separators_only():
         assert check("#### 1,200") == check("#### -1,200.5") == check("#### 72") == check("#### .5") == 1.0
     assert source(["p"] * 2, ["#### 3,5", "#### 1,200"], [{}, {}]) == [0.0, 1.0]
     assert gsm8k_reward("#### 3,5", "35") == 0.0
+    from rlhfkit.rewards.verifiers import FORMAT_PATTERN
+
+    assert default == FORMAT_PATTERN  # the config's default and format_reward's are the same pattern
 
 
 def test_every_real_gsm8k_answer_is_read_back():
