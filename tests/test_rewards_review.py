@@ -206,7 +206,8 @@ def test_retry_after_is_read_in_both_forms_and_bounded():
 # --- 11a: file-based reward functions ---------------------------------------------------------------
 
 def test_a_reward_file_gets_the_same_module_name_in_every_process():
-    code = f"from rlhfkit.rewards.sources import load_function; print(load_function({str(FNS) + ':length'!r}, 'x').__module__)"
+    spec = f"{FNS}:length"
+    code = f"from rlhfkit.rewards.sources import load_function; print(load_function({spec!r}, 'x').__module__)"
     names = set()
     for seed in ("1", "2"):
         done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
