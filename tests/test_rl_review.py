@@ -93,3 +93,55 @@ def test_surrogate_log_ratio_is_clamped_before_exp():
     assert stats["ratio"][0, 0].item() == pytest.approx(math.exp(20))
     loss.sum().backward()
     assert torch.isfinite(logp.grad).all()
+
+
+# --- 6. a reward that fails during eval -------------------------------------------------------------
+
+FLAKY_REWARD = '''
+calls = 0
+
+
+def score(prompts, responses, metadata):
+    """share of "a" in the response; the {fail_at}th call fails (a judge that goes down)."""
+    global calls
+    calls += 1
+    if calls == {fail_at}:
+        raise RuntimeError("the judge is down")
+    return [sum(c in "aA" for c in r) / max(len(r), 1) for r in responses]
+'''
+
+
+@pytest.mark.parametrize("steps, eval_every", [(4, 2), (2, 0)], ids=["periodic_eval", "final_eval"])
+def test_a_reward_failing_in_eval_leaves_the_finished_steps_resumable(tmp_path, prompts_file, steps, eval_every):
+    """Calls: eval at step 0, steps 1 and 2, then the eval after step 2 (periodic or final) fails. Step 2 must
+    be checkpointed, the message must say to rerun, and the rerun must resume at step 2."""
+    reward = tmp_path / "flaky.py"
+    reward.write_text(FLAKY_REWARD.replace("{fail_at}", "4"))
+    source = {"type": "python", "function": f"{reward}:score", "name": "flaky"}
+    cfg = grpo_config(tmp_path, prompts_file, steps=steps, eval_every=eval_every, eval_prompts=8, kl_mode="loss",
+                      reward={"sources": [source]}, actor={"learning_rate": 1e-3, "micro_batch_size": 8})
+    p = cli(["ppo", str(cfg), "--no-progress"])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert "the judge is down" in out and "rerun the same command to resume" in out, out[-3000:]
+    run = tmp_path / "run"
+    assert (run / "ppo" / "checkpoints" / "step-0000002" / "COMPLETE").is_file()
+
+    reward.write_text(FLAKY_REWARD.replace("{fail_at}", "-1"))  # the judge is back
+    out = run_ok(["ppo", str(cfg), "--no-progress"])
+    assert "resumed at step 2" in out
+    assert len(metrics(run, "reward/flaky")) == steps and (run / "ppo" / "final" / "model.safetensors").is_file()
+
+
+# --- 11. critic head, normalisation samples, logged metrics -----------------------------------------
+
+def test_no_non_score_reward_is_logged_when_the_kl_is_a_loss(tmp_path, prompts_file):
+    """kl_mode: loss puts no KL in the reward: objective/non_score_reward must not be logged, and
+    objective/rlhf_reward is the shaped score alone."""
+    cfg = grpo_config(tmp_path, prompts_file, steps=1, eval_prompts=8, kl_mode="loss",
+                      actor={"learning_rate": 1e-3, "micro_batch_size": 8})
+    run_ok(["ppo", str(cfg), "--no-progress"])
+    run = tmp_path / "run"
+    assert metrics(run, "objective/kl") and metrics(run, "loss/kl")  # the KL is there, as a loss
+    assert metrics(run, "objective/non_score_reward") == []
+    assert metrics(run, "objective/rlhf_reward") == metrics(run, "objective/scores_shaped")

@@ -131,7 +131,7 @@ class PPOTrainer:
             tracker.write(f"ppo: resumed at step {start}/{total}")
         else:
             norm = {f"score_norm/{k}": v for k, v in (self.norm or {}).items()}
-            tracker.log(0, {**norm, **timed(self.evaluate, planner.timed_eval)(0)})
+            tracker.log(0, {**norm, **self._evaluate_or_save(0, planner)})
         guard = NonFiniteGuard("ppo", self.out_dir, p.actor.max_nonfinite_steps, "ppo.actor.max_nonfinite_steps")
         done = start
         while done < total:
@@ -146,10 +146,10 @@ class PPOTrainer:
             guard.check(done, {k: metrics.get(k) for k in ("loss/policy", "loss/value", "policy/grad_norm",
                                                            "val/grad_norm")})
             if p.eval_every and done % p.eval_every == 0 and done < total:
-                tracker.log(done, timed(self.evaluate, planner.timed_eval)(done))
+                tracker.log(done, self._evaluate_or_save(done, planner))
             if p.save_every and done % p.save_every == 0 and done < total:
                 timed(self.save_checkpoint, planner.timed_save)(done)
-        final = self.evaluate(total)
+        final = self._evaluate_or_save(total, planner, timed_eval=False)
         tracker.log(total, final)
         ckpt = self.save_checkpoint(total)
         planner.write()
@@ -324,11 +324,11 @@ class PPOTrainer:
         the β of this batch's KL (in the reward or the loss); reward/<name> is each source's raw mean."""
         mask = exp.rollout.response_mask()
         kl_seq = exp.kl.sum(1)
-        beta = kl_coef if self.p.kl_mode != "off" else 0.0
+        in_reward = self.p.kl_mode == "reward"  # only then is −β·KL part of the reward (non_score_reward)
         sums = {
             "objective/kl": kl_seq.sum(),
             "objective/entropy": -(exp.old_logprobs * mask).sum(),  # TRL: per-sequence −Σ log π
-            "objective/non_score_reward": (-beta * kl_seq).sum(),
+            **({"objective/non_score_reward": (-kl_coef * kl_seq).sum()} if in_reward else {}),
             "objective/scores": self.rewards.total(per_source, normalize=False).sum(),  # before normalisation
             "objective/scores_shaped": exp.shaped_scores.sum(),
             "rollout/response_length": exp.rollout.response_lengths.sum(),
@@ -338,12 +338,11 @@ class PPOTrainer:
         keys = sorted(sums)
         n, *vals = D.all_reduce_sum([float(len(kl_seq))] + [float(sums[k]) for k in keys])
         out = {k: v / n for k, v in zip(keys, vals)}
-        out["objective/rlhf_reward"] = out["objective/scores_shaped"] + out["objective/non_score_reward"]
+        out["objective/rlhf_reward"] = out["objective/scores_shaped"] + out.get("objective/non_score_reward", 0.0)
         if self.p.dynamic_sampling:  # a count over the whole step, not a mean
             out["rollout/groups_dropped"] = D.all_reduce_sum([float((~exp.keep).sum()) / self.p.n_samples_per_prompt])[0]
         if self.p.kl_mode == "off":
-            for key in ("objective/kl", "objective/non_score_reward"):
-                del out[key]
+            del out["objective/kl"]
         if self.critic is not None:
             out["val/explained_variance"] = explained_variance_over_ranks(exp.old_values, exp.returns, mask)
             out["val/mean"] = masked_moments_over_ranks(exp.old_values, mask)[0]
@@ -410,6 +409,14 @@ class PPOTrainer:
         if self.norm is not None and D.is_main():
             (tmp / SCORE_STATS_FILE).write_text(json.dumps(self.norm, indent=1))
         return finish_checkpoint(tmp, step, self.p.keep_checkpoints, {"step": step, "stage": "ppo"})
+
+    def _evaluate_or_save(self, done: int, planner: StepPlanner, timed_eval: bool = True) -> dict:
+        """evaluate(done); a reward that fails there is handled as in a step: the steps done are checkpointed
+        (unless they already are), so that rerunning resumes after them instead of losing them."""
+        try:
+            return timed(self.evaluate, planner.timed_eval)(done) if timed_eval else self.evaluate(done)
+        except RewardFailed as e:
+            raise RewardFailed(f"ppo: eval after step {done}: {e}; {self._save_for_resume(done)}") from None
 
     def _save_for_resume(self, done: int) -> str:
         """After a failed reward call: the state after step `done` (nothing of the failed step was applied),
