@@ -62,6 +62,14 @@ def test_pipeline_runs_every_stage_then_skips_finished_ones(tiny_run):
     assert record["replay_overrides"] == ("sft.max_steps=4 rm.max_steps=4 ppo.steps=4 eval.max_prompts=6 "
                                           "pipeline.time_budget_minutes=null")
     assert "time budget" in tiny_run["out"] and "the same run on any machine" in tiny_run["out"]
+    # where the time went: every stage's parts add up to its wall time; the training share is printed
+    assert list(record["time"]) == list(record["seconds"])
+    for stage, t in record["time"].items():
+        assert t["wall_s"] == pytest.approx(record["seconds"][stage])
+        assert sum(t["seconds"].values()) == pytest.approx(t["wall_s"]), stage
+    for stage in ("sft", "rm"):
+        assert record["time"][stage]["seconds"]["train_steps"] > 0 and record["time"][stage]["utilisation"] > 0
+    assert "training steps:" in tiny_run["out"] and "GFLOP/s in float32" in tiny_run["out"]
     again = run_ok(["pipeline", str(tiny_run["config"]), "--no-progress"])
     for stage in ("sft", "rm", "ppo", "eval", "export"):
         assert f"pipeline: {stage} is complete, skipped" in again

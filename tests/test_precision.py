@@ -68,6 +68,7 @@ def test_every_model_defaults_to_auto_and_frozen_models_follow_the_actor(cpu_kin
               cfg.ppo.critic.dtype, cfg.ppo.reference.dtype, cfg.ppo.reward.dtype, cfg.ppo.rollout_dtype]
     assert set(dtypes) == {"auto"}
     cpu_kind(True)
+    cfg.sft.learning_rate = cfg.rm.learning_rate = cfg.ppo.actor.learning_rate = P.BF16_FULL_WEIGHTS_MIN_LR
     r = P.resolve_precision(cfg)
     assert {r.sft.dtype, r.rm.dtype, r.ppo.reference.dtype, r.ppo.rollout_dtype, r.eval.dtype} == {"bfloat16"}
     cpu_kind(False)
@@ -76,6 +77,22 @@ def test_every_model_defaults_to_auto_and_frozen_models_follow_the_actor(cpu_kin
     assert r.sft.dtype == r.ppo.rollout_dtype == "float32"
     assert r.ppo.actor.dtype == r.ppo.reference.dtype == r.ppo.reward.dtype == "bfloat16"
     assert P.resolve_precision(r) == r  # idempotent: a resolved config replays as it is
+
+
+def test_auto_trains_full_weights_in_fp32_on_a_cpu_where_bf16_updates_would_vanish(cpu_kind, tmp_path, monkeypatch):
+    cfg = make_config(tmp_path, [{"name": "d", "path": "x.jsonl"}])
+    cpu_kind(True)
+    cfg.sft.learning_rate = 2e-5  # full weights: Adam's ~lr updates are below half a bf16 step of most weights
+    cfg.rm.learning_rate = P.BF16_FULL_WEIGHTS_MIN_LR
+    cfg.ppo.actor.learning_rate = 1e-5
+    cfg.ppo.actor.lora.r = 8  # LoRA factors start at zero: their updates survive at any rate
+    r = P.resolve_precision(cfg)
+    assert (r.sft.dtype, r.rm.dtype, r.ppo.actor.dtype) == ("float32", "bfloat16", "bfloat16")
+    assert r.ppo.reference.dtype == "bfloat16" and r.eval.dtype == "bfloat16"
+    assert "learning rate 2e-05" in P.why_stage("sft")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU run is long: its fp32 masters add up
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert P.resolve_precision(cfg).sft.dtype == "bfloat16"
 
 
 def test_a_stage_logs_and_saves_its_resolved_precision(tmp_path, capsys):

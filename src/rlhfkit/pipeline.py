@@ -22,6 +22,7 @@ from .config import Config
 from .engine import distributed as D
 from .errors import ConfigError
 from .paths import write_text_atomic
+from .timing import start_stage
 from .train.guards import lock_run
 
 ALL_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "export")
@@ -200,12 +201,14 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
     record_file = cfg.output_dir / "pipeline.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     timings, plans = record.setdefault("seconds", {}), record.setdefault("plans", {})
+    breakdown = record.setdefault("time", {})
     record["time_budget_minutes"] = cfg.pipeline.time_budget_minutes
     rerun = stages[stages.index(from_stage):] if from_stage else []
     for stage in rerun:
         reset(cfg, stage)
         timings.pop(stage, None)
         plans.pop(stage, None)
+        breakdown.pop(stage, None)
     D.barrier()
     todo = stages_to_run(cfg, stages)
     for stage in stages:
@@ -218,9 +221,11 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
         if D.is_main():
             print(f"pipeline: {stage} ..." + (f" (time budget {budget.seconds:.0f}s)" if budget else ""), flush=True)
         t0 = time.perf_counter()
+        stage_clock = start_stage(stage)
         run_stage(cfg, stage, show_progress, budget)
         took = time.perf_counter() - t0
         timings[stage] = took  # for a resumed stage: the part since the resume
+        breakdown[stage] = stage_clock.summary(wall=took)
         plan_file = stage_output(cfg, stage) / "plan.json"
         if plan_file.is_file():
             plans[stage] = json.loads(plan_file.read_text())
@@ -234,4 +239,29 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
         write_text_atomic(record_file, json.dumps(record, indent=1))
         print(f"pipeline: planned steps {planned}; the same run on any machine: {record['replay_overrides']}",
               flush=True)
+    if breakdown and D.is_main():
+        print(time_table(breakdown), flush=True)
     return record
+
+
+def time_table(breakdown: dict[str, dict]) -> str:
+    """Where the pipeline's time went: each stage's parts, the training steps' share of the whole, and each
+    training stage's achieved FLOP/s against the measured matmul peak at its precision."""
+    from .timing import PARTS
+
+    cols = (*PARTS, "other")
+    lines = ["pipeline time (s): stage  " + "  ".join(f"{c:>11}" for c in cols) + "        wall"]
+    for stage, b in breakdown.items():
+        lines.append(f"  {stage:<20}" + "  ".join(f"{b['seconds'].get(c, 0.0):11.1f}" for c in cols) + f"  {b['wall_s']:10.1f}")
+    wall = sum(b["wall_s"] for b in breakdown.values())
+    steps = sum(b["seconds"].get("train_steps", 0.0) for b in breakdown.values())
+    lines.append(f"  training steps: {steps:.0f}s of {wall:.0f}s ({100 * steps / max(wall, 1e-9):.0f}%)")
+    for stage, b in breakdown.items():
+        if b.get("achieved_flops_per_s"):
+            peak = b.get("peak_flops_per_s")
+            lines.append(f"  {stage}: {b['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s in {b['dtype']}"
+                         + (f", {100 * b['utilisation']:.0f}% of the measured matmul peak {peak / 1e9:.0f} GFLOP/s"
+                            if peak else "")
+                         + (f"; {100 * b['weights_changed_mean']:.0f}% of compute-copy weights changed per step"
+                            if "weights_changed_mean" in b else ""))
+    return "\n".join(lines)

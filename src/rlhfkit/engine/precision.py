@@ -68,33 +68,57 @@ def native_bf16() -> bool:
 def cpu_bf16_speedup() -> float:
     """bf16 over fp32 matmul throughput on this CPU (a SmolLM2-sized projection), measured once and kept in
     the user cache, so that concurrent processes and later stages resolve `auto` alike."""
+    return _measured_once("bf16_speedup", lambda: _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16))
+
+
+@lru_cache(maxsize=None)
+def matmul_peak_flops(dtype: str) -> float:
+    """FLOP/s of a SmolLM2-sized projection matmul at `dtype` where rlhfkit computes (GPU or CPU), measured
+    once per machine kind and kept in the user cache: the peak a training stage's utilisation is set against."""
+    m, k, n = 1024, 576, 1536
+    if torch.cuda.is_available():
+        m, k, n = 8192, 4096, 4096
+    return _measured_once(f"matmul_flops_{dtype}", lambda: 2.0 * m * k * n / _matmul_seconds(DTYPES[dtype], shape=(m, k, n)))
+
+
+def _measured_once(name: str, measure) -> float:
     import json
 
     from filelock import FileLock
 
     from ..paths import cache_root
 
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
-    key = f"{model}|{torch.get_num_threads()} threads|torch {torch.__version__}"
-    path = cache_root() / "cpu_bf16_speedup.json"
+    if torch.cuda.is_available():
+        where = f"GPU {torch.cuda.get_device_name()}"
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
+        where = f"{model}|{torch.get_num_threads()} threads"
+    key = f"{where}|torch {torch.__version__}"
+    path = cache_root() / ("cpu_bf16_speedup.json" if name == "bf16_speedup" else f"measured_{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         known = json.loads(path.read_text()) if path.is_file() else {}
         if key not in known:
-            known[key] = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+            known[key] = measure()
             path.write_text(json.dumps(known, indent=1))
     return known[key]
 
 
-def _matmul_seconds(dtype: torch.dtype, reps: int = 5) -> float:
+def _matmul_seconds(dtype: torch.dtype, reps: int = 5, shape: tuple[int, int, int] = (1024, 576, 1536)) -> float:
     import time
 
-    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    m, k, n = shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps
 
 
@@ -179,17 +203,51 @@ def _cpuinfo_lines() -> list[str]:
         return []
 
 
+# On a CPU, full-weight training in bf16 needs a learning rate whose Adam updates (about lr per element) reach
+# half a bf16 step of most weights, or the compute copy the forward passes use hardly changes in a run of tens
+# of steps (train/update_probe.py measures it every step). Measured on SmolLM2-135M's linear weights: the
+# share of weights an update of size lr changes is 4% at 1e-5, 7% at 2e-5, 28% at 1e-4 and 52% at 2e-4.
+# Below this rate `auto` trains full weights in fp32 on a CPU. LoRA factors (the B factor starts at zero)
+# and value heads train in bf16 at any rate. GPU runs take thousands of steps, over which the fp32 master
+# weights add up and show: there `auto` keeps bf16.
+BF16_FULL_WEIGHTS_MIN_LR = 2e-4
+
+_why_stage: dict[str, str] = {}
+
+
+def auto_for_training(t, where: str) -> str:
+    """`auto` for a trainable model: the machine's precision, unless that is half precision on a CPU and its
+    full weights train at a learning rate whose updates would mostly vanish in the compute copy (fp32 then)."""
+    dtype = auto_dtype()
+    if dtype == "float32" or torch.cuda.is_available() or t.lora.enabled:
+        return dtype
+    if t.learning_rate < BF16_FULL_WEIGHTS_MIN_LR:
+        _why_stage[where] = (f"{where}: float32, not {dtype}: its full weights train at learning rate "
+                             f"{t.learning_rate:g}, below which most {dtype} updates vanish "
+                             f"(BF16_FULL_WEIGHTS_MIN_LR {BF16_FULL_WEIGHTS_MIN_LR:g}; use LoRA or set the dtype)")
+        return "float32"
+    return dtype
+
+
+def why_stage(where: str) -> str | None:
+    """Why `auto` chose fp32 for this trainable model on a bf16 machine, if it did."""
+    return _why_stage.get(where)
+
+
 def resolve_precision(cfg):
-    """A copy of the run config with every `auto` precision made concrete (idempotent). Reference and
-    reward default to the actor's precision; rollouts and everything else to the machine's."""
+    """A copy of the run config with every `auto` precision made concrete (idempotent). Trainable models by
+    auto_for_training; reference and reward default to the actor's precision; rollouts and everything
+    else to the machine's."""
     cfg = cfg.model_copy(deep=True)
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, "model.dtype")
-    for name in ("sft", "rm", "dpo", "eval"):
+    for name in ("sft", "rm", "dpo"):
         section = getattr(cfg, name)
-        section.dtype = resolve_dtype(section.dtype, f"{name}.dtype")
+        section.dtype = auto_for_training(section, name) if section.dtype == "auto" else resolve_dtype(section.dtype, f"{name}.dtype")
+    cfg.eval.dtype = resolve_dtype(cfg.eval.dtype, "eval.dtype")
     p = cfg.ppo
     for name in ("actor", "critic"):
-        getattr(p, name).dtype = resolve_dtype(getattr(p, name).dtype, f"ppo.{name}.dtype")
+        t = getattr(p, name)
+        t.dtype = auto_for_training(t, f"ppo.{name}") if t.dtype == "auto" else resolve_dtype(t.dtype, f"ppo.{name}.dtype")
     for name in ("reference", "reward"):
         frozen = getattr(p, name)
         frozen.dtype = p.actor.dtype if frozen.dtype == "auto" else resolve_dtype(frozen.dtype, f"ppo.{name}.dtype")

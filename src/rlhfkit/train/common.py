@@ -13,8 +13,9 @@ from ..config import Config, ModelConfig, TrainConfig, save_resolved_config
 from ..data.prepare import load_phase, prepare
 from ..engine import distributed as D
 from ..engine.backend import TrainEngine, checkpoint_dirs, param_groups, seed_everything
-from ..engine.precision import DTYPES, resolve_precision, why_auto
+from ..engine.precision import DTYPES, resolve_precision, why_auto, why_stage
 from ..models.lora import apply_lora, merge_lora_state_dict
+from ..timing import ensure_stage
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend, collate_pairs
 from .guards import guard_resume, lock_run, require_finite_weights, stage_fingerprint
@@ -42,6 +43,7 @@ def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Ble
 def begin_stage(cfg: Config, out_dir: Path, stage: str) -> Config:
     """Every stage starts here: process group, precision resolved for this machine (and said), seeds
     (before any model is built), resolved config. Returns the resolved config the stage runs on."""
+    ensure_stage(stage)
     D.init_distributed()
     lock_run(cfg.output_dir)
     cfg = resolve_precision(cfg)
@@ -51,6 +53,9 @@ def begin_stage(cfg: Config, out_dir: Path, stage: str) -> Config:
     seed_everything((cfg.ppo.actor if stage == "ppo" else section).seed)
     if D.is_main():
         print(f"{stage}: precision {precision_summary(cfg, stage)} (auto: {why_auto()})", flush=True)
+        for where in (("ppo.actor", "ppo.critic") if stage == "ppo" else (stage,)):
+            if why_stage(where):
+                print(f"{stage}: {why_stage(where)}", flush=True)
         save_resolved_config(cfg, out_dir)
     return cfg
 

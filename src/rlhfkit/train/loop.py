@@ -19,10 +19,12 @@ from ..engine import distributed as D
 from ..engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
 from ..engine.sharding import equal_count_batches
 from ..paths import link_or_copy, make_temp_dir, publish_dir
+from ..timing import clock, train_flops_per_token
 from ..tracking import Tracker
 from .batching import Blend, StepSchedule, rank_micro_batches
 from .budget import StageBudget, StepPlanner
 from .guards import NonFiniteGuard
+from .update_probe import UpdateProbe
 
 
 @dataclass
@@ -70,12 +72,18 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         tracker.write(f"{stage.name}: resumed from {ckpt} at step {start}/{total}")
 
     guard = NonFiniteGuard(stage.name, out_dir, t.max_nonfinite_steps)
+    stage_clock = clock()
+    stage_clock.add("load", time.perf_counter() - stage_clock.started)  # data, model, engine, resume state
+    stage_clock.dtype = engine.cfg.dtype
+    flops_per_token = train_flops_per_token(engine.module)
+    probe = UpdateProbe(stage.name, engine.module, engine.cfg.dtype)
     if start == 0:
-        tracker.log(0, timed(evaluate, planner.timed_eval)(stage, engine, t))
+        tracker.log(0, timed(evaluate, planner.timed_eval, "eval")(stage, engine, t))
     step = start
     while step < total:
         t0 = time.perf_counter()
         engine.train()
+        probe.before()
         rows_idx = schedule.rows_for_step(step)
         all_rows = [stage.train.row(int(i)) for i in rows_idx]
         n_units = stage.units(all_rows)
@@ -88,39 +96,59 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         keys = sorted(sums)
         totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
         took = time.perf_counter() - t0
+        stage_clock.add("train_steps", took)
+        stage_clock.train_flops += flops_per_token * stage.tokens(all_rows)
         done = step = step + 1
         total = planner.after_step(done, took)
         tracker.set_total(total)
         logged = {"train/loss": totals.pop("loss") / n_units, "train/lr": engine.lr,
                   "train/grad_norm": engine.grad_norm(), "train/step_time_s": took,
-                  "train/tokens_per_s": stage.tokens(all_rows) / took}
+                  "train/tokens_per_s": stage.tokens(all_rows) / took, **probe.after(done, tracker.write)}
         logged.update({f"train/{k}": v / n_units for k, v in totals.items()})
         finite = all(v is None or math.isfinite(v) for v in logged.values())
         tracker.log(done, logged if done % t.log_every == 0 or done == total or not finite else {}, advance=True)
         guard.check(done, {k: logged[k] for k in ("train/loss", "train/grad_norm")})
         if t.eval_every and done % t.eval_every == 0 and done < total:
-            tracker.log(done, timed(evaluate, planner.timed_eval)(stage, engine, t))
+            tracker.log(done, timed(evaluate, planner.timed_eval, "eval")(stage, engine, t))
         if t.save_every and done % t.save_every == 0 and done < total:
-            timed(save_checkpoint, planner.timed_save)(engine, stage, out_dir, done, t.keep_checkpoints)
+            timed(save_checkpoint, planner.timed_save, "checkpoint")(engine, stage, out_dir, done, t.keep_checkpoints)
 
-    final = evaluate(stage, engine, t)
+    with stage_clock.part("eval"):
+        final = evaluate(stage, engine, t)
     tracker.log(total, final)
-    ckpt = save_checkpoint(engine, stage, out_dir, total, t.keep_checkpoints)
-    planner.write()
-    if D.is_main():
-        publish_final(ckpt / "model", out_dir / "final", final)
-    D.copy_dir_to_every_disk(out_dir / "final")  # the next stage reads it on every node
+    with stage_clock.part("checkpoint"):
+        ckpt = save_checkpoint(engine, stage, out_dir, total, t.keep_checkpoints)
+        planner.write()
+        if D.is_main():
+            publish_final(ckpt / "model", out_dir / "final", final)
+        D.copy_dir_to_every_disk(out_dir / "final")  # the next stage reads it on every node
     D.barrier()
     tracker.close()
+    finish_timing(out_dir, probe)
     return final
 
 
-def timed(fn, record):
-    """fn, reporting its wall time to record(seconds) after each call."""
+def finish_timing(out_dir: Path, probe: UpdateProbe) -> None:
+    """<stage>/timing.json: the stage's time breakdown, utilisation and update figure (rank 0)."""
+    stage_clock = clock()
+    if D.is_main():
+        if stage_clock.train_flops:
+            from ..engine.precision import matmul_peak_flops
+
+            stage_clock.peak_flops = matmul_peak_flops(stage_clock.dtype)
+        stage_clock.extra.update(probe.summary())
+        stage_clock.write(out_dir)
+
+
+def timed(fn, record, part: str | None = None):
+    """fn, reporting its wall time to record(seconds) after each call (and to the stage clock's part)."""
     def call(*args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
-        record(time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        record(took)
+        if part:
+            clock().add(part, took)
         return out
     return call
 

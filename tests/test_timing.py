@@ -1,0 +1,50 @@
+"""Where a stage's time goes (timing.json, pipeline.json) and whether its updates reach the compute copy."""
+
+import json
+
+import pytest
+
+from rlhfkit.timing import PARTS, StageClock
+from test_training import evals, pairs_file, run_ok, write_config  # noqa: F401  (pairs_file is a fixture)
+
+
+def test_the_parts_of_a_stage_add_up_to_its_wall_time():
+    clock = StageClock("sft")
+    clock.add("train_steps", 3.0)
+    clock.add("eval", 1.0)
+    s = clock.summary(wall=5.0)
+    assert s["seconds"]["other"] == pytest.approx(1.0)
+    assert sum(s["seconds"].values()) == pytest.approx(s["wall_s"])
+    assert s["share"]["train_steps"] == pytest.approx(0.6)
+
+
+def test_sft_records_its_time_breakdown_and_utilisation(tmp_path, pairs_file):
+    cfg = write_config(tmp_path, pairs_file, data={"phase_ratios": [1, 0, 0]},
+                       sft={"max_steps": 6, "micro_batch_size": 8, "learning_rate": 1e-3, "save_every": 3})
+    run_ok(["sft", str(cfg), "--no-progress"])
+    t = json.loads((tmp_path / "run" / "sft" / "timing.json").read_text())
+    parts = t["seconds"]
+    assert set(parts) == {*PARTS, "other"}
+    assert sum(parts.values()) == pytest.approx(t["wall_s"], rel=1e-9)
+    for part in PARTS:  # each was timed: model loading, 6 steps, evals before and after, 2 checkpoints
+        assert parts[part] > 0, part
+    assert t["dtype"] == "float32" and t["peak_flops_per_s"] > 0
+    assert t["achieved_flops_per_s"] == pytest.approx(t["train_flops"] / parts["train_steps"])
+    assert 0 < t["utilisation"] < 2  # a lower bound of the real figure, set against one measured matmul
+
+
+@pytest.mark.parametrize("lr, learns", [(1e-6, False), (1e-2, True)])
+def test_the_update_figure_tells_a_stalled_bf16_run_from_a_learning_one(tmp_path, pairs_file, lr, learns):
+    """Full weights in bf16: at lr 1e-6 Adam's updates are below half a bf16 step of the tiny model's weights
+    (|w| ≈ 0.013), so the compute copy hardly changes and the run says so; at 1e-2 nearly every weight moves."""
+    cfg = write_config(tmp_path, pairs_file, data={"phase_ratios": [1, 0, 0]},
+                       sft={"max_steps": 6, "micro_batch_size": 8, "learning_rate": lr, "dtype": "bfloat16",
+                            "lr_scheduler": "constant"})
+    out = run_ok(["sft", str(cfg), "--no-progress"])
+    changed = evals(tmp_path / "run", "sft", "precision/weights_changed")
+    assert len(changed) == 6
+    t = json.loads((tmp_path / "run" / "sft" / "timing.json").read_text())
+    if learns:
+        assert min(changed[1:]) > 0.9 and not t["updates_vanish"] and "barely learns" not in out
+    else:
+        assert max(changed[1:]) < 0.1 and t["updates_vanish"] and "barely learns" in out
