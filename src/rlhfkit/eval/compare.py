@@ -45,7 +45,7 @@ from ..rollout.sampling import Rollout, sample_rollouts, sampling_for
 from ..rollout.scoring import RewardScorer, load_reward_model, response_kl, tokenizer_pair
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
-from ..rewards.sources import build_text_sources
+from ..rewards.sources import build_text_sources, generated_texts
 from .stats import Bootstrap, fmt, fmt_interval, set_statistics
 
 
@@ -171,6 +171,7 @@ class Comparison:
                        **({"judge2": e.second_judge} if e.second_judge else {})}
         self.judges = {name: self._judge(path, dtype) for name, path in judge_paths.items()}
         self.sampling, self.stop_ids = sampling_for(e.sampling, self.tokenizer)
+        self.samples: dict[str, dict] = {}  # per set: each prompt's scores, lengths, EOS and KL (for the pool)
 
     @property
     def judge_names(self) -> list[str]:
@@ -219,8 +220,9 @@ class Comparison:
         if self.text_rewards:
             prompts = [self._text(p, k, prompt=True) for p in parts for k in range(len(p.lengths))]
             responses = [self._text(p, k) for p in parts for k in range(len(p.lengths))]
+            generated = [g for p in parts for g in generated_texts(self.tokenizer, p)]  # as a remote server reads them
             for source in self.text_rewards:
-                out[source.name] = torch.tensor(source(prompts, responses, metadata), dtype=torch.float32)
+                out[source.name] = torch.tensor(source(prompts, responses, metadata, generated), dtype=torch.float32)
             if self.weighted:
                 out[WEIGHTED_SUM] = sum(s.weight * out[s.name] for s in self.text_rewards)
         return out
@@ -253,15 +255,14 @@ class Comparison:
         pol_scores = {j: torch.cat([s[0][j] for s in scored]) for j in self.judge_names}
         base_scores = {j: torch.cat([s[1][j] for s in scored]) for j in self.judge_names}
         kl = torch.cat(kls)
-        stats, lengths = {"prompts": len(kl)}, {}
-        for label, parts in (("final", pol), ("sft", base)):
-            lengths[label] = torch.cat([p.response_lengths for p in parts])
-            stats[f"{label}_length"] = float(lengths[label].float().mean())
-            stats[f"{label}_eos_rate"] = float(torch.cat([p.ended for p in parts]).float().mean())
-        stats.update(set_statistics({j: s.numpy() for j, s in pol_scores.items()},
-                                    {j: s.numpy() for j, s in base_scores.items()},
-                                    lengths["final"].numpy(), lengths["sft"].numpy(), kl.numpy(),
-                                    Bootstrap(seed=self.e.seed)))
+        lengths = {label: torch.cat([p.response_lengths for p in parts]) for label, parts in (("final", pol), ("sft", base))}
+        samples = {"final": {j: v.numpy() for j, v in pol_scores.items()},
+                   "sft": {j: v.numpy() for j, v in base_scores.items()},
+                   "final_length": lengths["final"].numpy(), "sft_length": lengths["sft"].numpy(),
+                   "final_ended": torch.cat([p.ended for p in pol]).numpy(),
+                   "sft_ended": torch.cat([p.ended for p in base]).numpy(), "kl": kl.numpy()}
+        self.samples[name] = samples
+        stats = summarize(samples, self.e.seed)
         i = 0
         for pp, bp in zip(pol, base):
             for k in range(len(pp.lengths)):
@@ -318,6 +319,44 @@ class Comparison:
         return correct / len(rows)
 
 
+def summarize(samples: dict, seed: int) -> dict:
+    """A prompt set's figures from its per-prompt samples: lengths, EOS rates, and every judge's statistics
+    with paired bootstrap intervals over its prompts."""
+    stats = {"prompts": len(samples["kl"])}
+    for label in ("final", "sft"):
+        stats[f"{label}_length"] = float(np.mean(samples[f"{label}_length"]))
+        stats[f"{label}_eos_rate"] = float(np.mean(samples[f"{label}_ended"]))
+    stats.update(set_statistics(samples["final"], samples["sft"], samples["final_length"], samples["sft_length"],
+                                samples["kl"], Bootstrap(seed=seed)))
+    return stats
+
+
+def pooled_samples(per_set: dict[str, dict]) -> dict:
+    """Every set's prompts as one sample: the pooled result is a paired bootstrap over all of them."""
+    sets = list(per_set.values())
+    out = {k: np.concatenate([s[k] for s in sets]) for k in sets[0] if k not in ("final", "sft")}
+    for side in ("final", "sft"):
+        out[side] = {j: np.concatenate([s[side][j] for s in sets]) for j in sets[0][side]}
+    return out
+
+
+POOLED = "pooled"
+
+
+def result_rows(results: dict) -> dict[str, dict]:
+    """The rows a table shows: every prompt set, then the pool of them all (when there is more than one)."""
+    return {**results["sets"], **({POOLED: results[POOLED]} if results.get(POOLED) else {})}
+
+
+def wilson_interval(share: float, n: int, z: float = 1.959964) -> list[float] | None:
+    """95% Wilson score interval of a proportion measured on n items (the RM's accuracy on its eval pairs)."""
+    if n < 1:
+        return None
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return [centre - half, centre + half]
+
+
 def pair_rollout(rows: list[dict], pad_id: int, eos_id: int) -> Rollout:
     """Preference pairs (chosen rows then rejected rows) laid out as rollouts, so that a judge scores them as
     it scores responses; a response ends when its last token is the data's EOS (not cut by max_seq_len)."""
@@ -372,6 +411,10 @@ def run_eval(cfg: Config, show_progress: bool = True, budget: StageBudget | None
     results["final_perplexity"] = cmp.perplexity(cmp.policy)
     results["rm_accuracy"] = (stage_figure(cmp.reward_path, rm_stage_dir(cfg), "eval/accuracy",
                                            cfg.rm.max_eval_batches is None, cmp.rm_accuracy) if cmp.reward_path else None)
+    if results["rm_accuracy"] is not None:
+        pairs = len(Blend([t for _, t in load_phase(cfg.output_dir / "data", 2, "eval")]))
+        results["rm_accuracy_pairs"] = pairs
+        results["rm_accuracy_ci"] = wilson_interval(results["rm_accuracy"], pairs)
     planner = PromptPlanner(budget, len(sets), cfg.eval.max_prompts, cfg.eval.batch_size, out_dir / "plan.json")
     tmp = out_dir / "generations.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as sink:
@@ -379,6 +422,8 @@ def run_eval(cfg: Config, show_progress: bool = True, budget: StageBudget | None
             if show_progress:
                 print(f"eval: {name} ({min(len(prompts), planner.cap)} prompts)", flush=True)
             results["sets"][name] = cmp.compare_set(name, prompts, sink, planner)
+    if len(cmp.samples) > 1:
+        results[POOLED] = {"sets": list(cmp.samples), **summarize(pooled_samples(cmp.samples), cfg.eval.seed)}
     tmp.replace(out_dir / "generations.jsonl")
     write_text_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
     return results
@@ -424,7 +469,7 @@ def format_table(results: dict) -> str:
     head = f"{'set':<22} {'n':>4} " + " ".join(f"{j + ' sft':>9} {j + ' final':>9} {'win':>6}" for j in judges)
     head += f" {'KL':>7} {'len sft':>8} {'len fin':>8} {'eos sft':>8} {'eos fin':>8}"
     lines = [head]
-    for name, s in results["sets"].items():
+    for name, s in result_rows(results).items():
         row = f"{name:<22} {s['prompts']:>4} "
         row += " ".join(f"{s[f'{j}_sft_score']:>9.3f} {s[f'{j}_final_score']:>9.3f} {s[f'{j}_win_rate']:>6.3f}"
                         for j in judges)
@@ -435,6 +480,8 @@ def format_table(results: dict) -> str:
     for key in ("sft_perplexity", "final_perplexity", "rm_accuracy"):
         if results.get(key) is not None:
             extra.append(f"{key} {results[key]:.4g}")
+    if results.get("rm_accuracy_ci"):
+        extra[-1] += f" {fmt_interval(results['rm_accuracy_ci'], '.3f')} on {results['rm_accuracy_pairs']} pairs"
     note = judge_note(results)
     return "\n".join(lines + ["  ".join(extra)] + ([note] if note else []) + interval_lines(results, judges))
 
@@ -443,7 +490,7 @@ def interval_lines(results: dict, judges: list[str]) -> list[str]:
     """Per set and judge: mean scores, gain, win rate and gain at equal length with their intervals; per set:
     KL and length difference with theirs, then the flags."""
     lines = []
-    for name, s in results["sets"].items():
+    for name, s in result_rows(results).items():
         level = f"{s['bootstrap']['confidence']:.0%} CI"
         for j in judges:
             lines.append(f"{name} {judge_label(results, j)}: final {fmt(s[f'{j}_final_score'], '.3f')} "

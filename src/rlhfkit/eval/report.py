@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..paths import write_text_atomic
 from ..tracking import read_metrics
-from .compare import judge_label, judge_note, judges_of
+from .compare import judge_label, judge_note, judges_of, result_rows
 from .stats import fmt, fmt_interval
 
 CURVES = {
@@ -58,7 +58,7 @@ def _eval_table(results: dict) -> str:
     cols = ["set", "prompts"] + [c for j in judges for c in (f"{j} score SFT", f"{j} score final", f"{j} win rate")]
     cols += ["KL final‖SFT", "length SFT", "length final", "EOS rate SFT", "EOS rate final"]
     rows = []
-    for name, s in results["sets"].items():
+    for name, s in result_rows(results).items():
         cells = [name, s["prompts"]]
         for j in judges:
             cells += [f"{s[f'{j}_sft_score']:.3f}", f"{s[f'{j}_final_score']:.3f}", f"{s[f'{j}_win_rate']:.3f}"]
@@ -75,11 +75,11 @@ def _eval_table(results: dict) -> str:
 
 def _interval_table(results: dict) -> str:
     """Per set and judge: every figure with its bootstrap interval, then the set's flags (docs/evaluation.md)."""
-    judges = [j for j in judges_of(results) if any(f"{j}_gain_ci" in s for s in results["sets"].values())]
+    judges = [j for j in judges_of(results) if any(f"{j}_gain_ci" in s for s in result_rows(results).values())]
     cols = ["set", "judge", "prompts", "score SFT", "score final", "gain final − SFT", "win rate",
             "gain at equal length", "score per extra token", "KL final‖SFT", "length final − SFT"]
     rows, flags = [], []
-    for name, s in results["sets"].items():
+    for name, s in result_rows(results).items():
         if "bootstrap" not in s:  # written before intervals existed
             continue
         for j in judges:
