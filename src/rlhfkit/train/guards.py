@@ -7,7 +7,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -24,18 +26,25 @@ class NonFiniteError(RlhfkitError):
 
 class NonFiniteGuard:
     """Counts optimizer steps with a non-finite loss or gradient norm (the backend skipped their update) and
-    stops the run, naming the step and the last good checkpoint, once more than `tolerance` were seen."""
+    stops the run, naming the step and the last good checkpoint, once more than `tolerance` were seen.
+    Also catches a run that collapsed without going non-finite: a gradient norm of exactly 0 for
+    COLLAPSE_STEPS steps in a row (a huge learning rate saturated the model, which then learns nothing)."""
+
+    COLLAPSE_STEPS = 3
 
     def __init__(self, stage: str, out_dir: Path, tolerance: int, setting: str | None = None):
         self.stage, self.out_dir, self.tolerance = stage, Path(out_dir), tolerance
         self.setting = setting or f"{stage}.max_nonfinite_steps"
         self.seen = 0
         self.warned_zero_grad = False
+        self.zero_since: dict[str, int] = {}  # grad-norm key -> first step of its current run of exact zeros
+        self.collapse_said: set[str] = set()
 
     def check(self, step: int, values: dict[str, float | None]) -> None:
         bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
         if not bad:
             self._warn_zero_gradient(step, values)
+            self._check_collapse(step, values)
             return
         self.seen += 1
         shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
@@ -62,6 +71,41 @@ class NonFiniteGuard:
             print(f"{self.stage}: warning: gradient norm is exactly 0 at step {step}; the model is no longer "
                   "learning (saturated outputs? check the learning rate)", flush=True)
 
+    def _check_collapse(self, step: int, values: dict) -> None:
+        """COLLAPSE_STEPS optimizer steps in a row with a gradient norm of exactly 0 (never seen in a run that
+        learns: a real gradient is not exactly 0): SFT, RM and DPO stop, publishing nothing, since every later
+        stage would build on a destroyed model. PPO warns only: a batch whose advantages are all 0 (GRPO with
+        every reward of a group equal, e.g. all answers wrong) has an exactly-0 policy gradient too."""
+        for key, v in values.items():
+            if not key.endswith("grad_norm") or v is None:
+                continue
+            if v != 0.0 or step <= 1:  # step 1 is measured on the untouched model
+                self.zero_since.pop(key, None)
+                continue
+            first = self.zero_since.setdefault(key, step)
+            if step - first + 1 < self.COLLAPSE_STEPS or key in self.collapse_said:
+                continue
+            self.collapse_said.add(key)
+            losses = ", ".join(f"{k} = {x:.6g}" for k, x in values.items() if "loss" in k and x is not None)
+            what = (f"{key} has been exactly 0 at every step since step {first} (steps {first}-{step}"
+                    f"{'; ' + losses if losses else ''}): the model stopped learning without going non-finite.")
+            if self.stage == "ppo":
+                if D.is_main():
+                    print(f"{self.stage}: WARNING: {what} Either every advantage of these steps was 0 (all rewards "
+                          "of each prompt's samples equal: the reward gives no signal yet), or the learning rate is "
+                          "far too high and the updates destroyed the model (a loss stuck at ln(vocabulary size) "
+                          "means uniform predictions); check ppo.actor.learning_rate and the rewards.", flush=True)
+                continue
+            raise TrainingCollapsedError(
+                f"{self.stage}: {what} The updates destroyed the model: its outputs saturated, most likely because "
+                f"{self.stage}.learning_rate is far too high (a loss stuck at ln(vocabulary size) means uniform "
+                f"predictions). Nothing was published as final/; rerun with a lower learning rate and "
+                f"{self.stage}.resume=never (the checkpoints since step {first - 1} hold the collapsed model).")
+
+
+class TrainingCollapsedError(NonFiniteError):
+    """Training stopped learning (gradient exactly 0 for several steps) without a non-finite value."""
+
 
 def require_finite_weights(state_dict: dict[str, torch.Tensor], what: str) -> None:
     """Refuse to write weights with NaN/inf in them (a diverged run must not publish a model)."""
@@ -76,12 +120,28 @@ def require_finite_weights(state_dict: dict[str, torch.Tensor], what: str) -> No
 _held: dict[Path, int] = {}  # locks this process holds: path -> open fd (kept open: the lock lives with it)
 
 
+def _close_held_in_child() -> None:
+    """A forked child (a DataLoader worker, a compile worker) shares the lock with its parent through the
+    inherited fd, and would keep the dir locked after the parent died: it closes its copies. (An exec'd child
+    never gets them: os.open's fds are close-on-exec.)"""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 def lock_output_dir(out_dir: Path) -> None:
     """Hold an exclusive lock on the run's output dir for the life of this process.
 
     flock(2) is released by the kernel when its holder dies, so a lock left by a killed run is taken over
     without a word; a live holder is named by the pid it wrote. Taking it twice in one process (the
-    pipeline runs several stages) is a no-op."""
+    pipeline runs several stages) is a no-op. A file system without flock (Lustre mounted without `flock`,
+    some NFS set-ups) gets a warning and no lock (docs/multinode.md)."""
     out_dir = Path(out_dir)
     path = out_dir / ".rlhfkit.lock"
     if path in _held:
@@ -90,7 +150,7 @@ def lock_output_dir(out_dir: Path) -> None:
         raise RlhfkitError(f"output dir {out_dir} is a file; set run.output_dir to a directory")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise RlhfkitError(f"cannot write to the output dir {out_dir}: {e.strerror}") from None
     try:
@@ -100,6 +160,11 @@ def lock_output_dir(out_dir: Path) -> None:
         os.close(fd)
         raise RlhfkitError(f"{out_dir} is in use by another rlhfkit run ({holder}); wait for it to finish, "
                            "or give this run another run.output_dir") from None
+    except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: this file system does not lock (Lustre noflock, NFS)
+        print(f"rlhfkit: warning: cannot lock {path} ({e.strerror or e}): this file system does not support "
+              f"flock. Running without the lock: nothing stops a second run from writing into {out_dir} at the "
+              "same time (and mixing checkpoints); make sure only one run uses it (see docs/multinode.md).",
+              file=sys.stderr, flush=True)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _held[path] = fd
@@ -187,9 +252,16 @@ def recorded_changes(out_dir: Path, fingerprint: dict) -> list[str]:
     """How the settings differ from those a stage's outputs were made with ([] when unknown)."""
     path = Path(out_dir) / FINGERPRINT_FILE
     try:
-        return fingerprint_changes(json.loads(path.read_text()), fingerprint) if path.is_file() else []
-    except (OSError, ValueError):
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+        if recorded is not None and not isinstance(recorded, dict):
+            raise ValueError(f"a JSON object was expected, not {type(recorded).__name__}")
+    except (OSError, ValueError) as e:
+        if D.is_main():
+            print(f"rlhfkit: warning: {path} cannot be read ({e}): the settings {Path(out_dir).name}'s outputs were "
+                  "made with are unknown, so they are not compared with today's (a resume goes on unchecked; "
+                  "delete the dir to start fresh)", flush=True)
         return []
+    return fingerprint_changes(recorded, fingerprint) if recorded is not None else []
 
 
 def guard_resume(out_dir: Path, stage: str, fingerprint: dict, resume: str, has_checkpoints: bool) -> None:
@@ -207,6 +279,24 @@ def guard_resume(out_dir: Path, stage: str, fingerprint: dict, resume: str, has_
                 f" continue from the checkpoint under the new settings anyway: {stage}.resume=force")
         if D.is_main():
             print(f"{stage}: resuming under changed settings ({stage}.resume=force): " + "; ".join(changes), flush=True)
+    if resume == "never":  # before the new fingerprint: the old steps must not mix with this run's
+        clear_checkpoints(out_dir, stage)
     if D.is_main():
         write_text_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True))
+    D.barrier()
+
+
+def clear_checkpoints(out_dir: Path, stage: str) -> None:
+    """Collective: delete the checkpoints of an earlier run on every disk (resume=never). Left there, they
+    would be pruned together with this run's by step number (deleting this run's newer but lower-numbered
+    steps) and be resumed later under this run's fingerprint."""
+    base = Path(out_dir) / "checkpoints"
+    if D.leads_disk(out_dir) and base.exists():
+        steps = sorted(d.name for d in base.iterdir() if d.name.startswith("step-"))
+        old = base.with_name(f".checkpoints.old-{os.getpid()}")
+        os.replace(base, old)  # one rename: a crash mid-delete leaves no half-deleted step to resume
+        shutil.rmtree(old, ignore_errors=True)
+        if steps:
+            print(f"{stage}: resume=never: deleted the earlier run's checkpoints under {base} ({', '.join(steps)})",
+                  flush=True)
     D.barrier()
