@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         if lost:
             print(f"rlhfkit: error: {lost}", file=sys.stderr)
             return 3
+        backend = sys.modules.get("rlhfkit.engine.backend")  # loaded whenever a checkpoint can be in progress
+        full = backend.checkpoint_write_failure(e) if backend is not None else None
+        if full:  # e.g. torch's "[enforce fail at inline_container.cc] ... file write failed" while exporting
+            print(f"rlhfkit: error: {full}", file=sys.stderr)
+            return 2
         problem = machine_problem(e)
         if problem is None:
             raise

@@ -12,8 +12,10 @@ gradient is then exactly that of the global mean, however the step was cut into 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 import shutil
 import socket
@@ -200,9 +202,15 @@ class TrainEngine:
         """Optimizer, scheduler, weights (DeepSpeed's own format, all ranks) and per-rank RNG states."""
         if D.leads_disk(ckpt_dir):  # DeepSpeed writes its replicated model-states file on rank 0 only; every
             self.engine.save_non_zero_checkpoint = True  # disk's part of the checkpoint needs one (ZeRO 0-2)
-        self.engine.save_checkpoint(str(ckpt_dir / "engine"), tag="state", client_state=client_state,
-                                    save_latest=False)
-        torch.save(_rng_state(), ckpt_dir / f"rng_rank{self.rank}.pt")
+        try:
+            self.engine.save_checkpoint(str(ckpt_dir / "engine"), tag="state", client_state=client_state,
+                                        save_latest=False)
+            torch.save(_rng_state(), ckpt_dir / f"rng_rank{self.rank}.pt")
+        except (OSError, RuntimeError) as e:
+            full = checkpoint_write_failure(e)
+            if full:
+                raise DiskFullError(full) from None
+            raise
 
     def load_state(self, ckpt_dir: Path) -> dict:
         """Weights, optimizer moments, schedule position and RNG of a checkpoint. The hyperparameters stay
@@ -362,13 +370,48 @@ def checkpoint_problem(ckpt: Path, hashes: bool = True) -> str | None:
     return listing_problem(ckpt, listed or {}, hashes)  # no list: written before lists existed
 
 
+class DiskFullError(RlhfkitError):
+    """The disk filled up while a checkpoint was written (its temp dir is deleted)."""
+
+
+LOW_SPACE_BYTES = 64 << 20  # less free than this after a failed write: the disk is full
+_writing: Path | None = None  # the temp dir of the checkpoint this process is writing
+
+
+def checkpoint_write_failure(e: BaseException) -> str | None:
+    """The message for an error that means the disk filled while this process wrote a checkpoint, after
+    deleting the half-written temp dir; None for anything else (or when no checkpoint is being written).
+    torch.save's error says only "[enforce fail at inline_container.cc] ... file write failed", so besides
+    ENOSPC/EDQUOT (or their text, as safetensors wraps them) a write error with the disk nearly full counts."""
+    global _writing
+    tmp = _writing
+    if tmp is None or not isinstance(e, (OSError, RuntimeError)):
+        return None
+    quota = (isinstance(e, OSError) and e.errno == errno.EDQUOT) or os.strerror(errno.EDQUOT) in str(e)
+    full = quota or (isinstance(e, OSError) and e.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(e)
+    try:
+        free = shutil.disk_usage(next(p for p in (tmp, *tmp.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if not full and (free is None or free >= LOW_SPACE_BYTES):
+        return None
+    _writing = None
+    shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left taking the space
+    step = tmp.parent / tmp.name.removeprefix(".tmp-")
+    why = os.strerror(errno.EDQUOT if quota else errno.ENOSPC) + (f", {free >> 10} KiB free" if free is not None else "")
+    return (f"disk full while writing checkpoint {step} ({why}): free space and rerun the same command to resume "
+            f"(from the last complete checkpoint; the half-written one was deleted)")
+
+
 def begin_checkpoint(root: Path, step: int) -> Path:
     """A temp dir every rank writes into (one per disk); `finish_checkpoint` renames each into place."""
+    global _writing
     tmp = Path(root) / "checkpoints" / f".tmp-step-{step:07d}"
     if D.leads_disk(tmp.parent):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     D.barrier()
+    _writing = tmp
     return tmp
 
 
@@ -376,6 +419,7 @@ def finish_checkpoint(tmp: Path, step: int, keep: int, meta: dict) -> Path:
     """Publish this disk's part (COMPLETE listing its files, then the rename); once every disk has published
     its part, drop the parts older than the newest `keep` (a node that stops before that keeps an older step
     every disk still has)."""
+    global _writing
     final = tmp.parent / f"step-{step:07d}"
     D.barrier()  # every rank has written its part
     leader, error = D.leads_disk(tmp.parent), None
@@ -388,8 +432,12 @@ def finish_checkpoint(tmp: Path, step: int, keep: int, meta: dict) -> Path:
             error = e
     if D.all_reduce_min(0 if error else 1) == 0:
         if error:
+            full = checkpoint_write_failure(error)
+            if full:
+                raise DiskFullError(full) from None
             raise error
         raise RlhfkitError(f"checkpoint step {step}: another node could not publish its part (its output says why)")
+    _writing = None
     if leader:
         for old in published_checkpoints(tmp.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
