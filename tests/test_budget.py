@@ -76,3 +76,45 @@ def test_a_budgeted_stage_replays_exactly_with_its_planned_steps(tmp_path):
     a = load_file(tmp_path / "a" / "run" / "sft" / "final" / "model.safetensors")
     b = load_file(tmp_path / "b" / "run" / "sft" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+RESUMED_PLAN_SCRIPT = r"""
+import json, os, sys, time
+from pathlib import Path
+from rlhfkit.engine import distributed as D
+from rlhfkit.train.budget import StageBudget, StepPlanner
+
+rank, world = D.init_distributed()
+own = Path(sys.argv[1]) / f"node{rank}" / "sft"  # each rank's own disk: plan.json is on rank 0's only
+own.mkdir(parents=True)
+if rank == 0:
+    (own / "plan.json").write_text(json.dumps({"planned": 7, "configured": 20}))
+planner = StepPlanner(StageBudget(seconds=1.0, started=time.perf_counter()), "sft", 20, 0, 0, own / "plan.json",
+                      resumed=True)
+totals = [planner.total] + [planner.after_step(step, 0.5) for step in (4, 5, 6)]
+(Path(sys.argv[1]) / f"result{rank}.json").write_text(json.dumps(totals))
+D.barrier()
+os._exit(0)
+"""
+
+
+def test_a_resumed_budgeted_stage_keeps_rank_0s_plan_on_every_rank_without_a_shared_disk(tmp_path):
+    """Rank 1 had no plan.json on its disk, kept its budget and waited in the plan's all_reduce (which rank 0,
+    finishing its recorded plan, never joined) until the process-group timeout."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_training import ENV, _free_port
+
+    script = tmp_path / "plan.py"
+    script.write_text(RESUMED_PLAN_SCRIPT)
+    try:
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(_free_port()), str(script), str(tmp_path)], env={**ENV, "RLHFKIT_DIST_TIMEOUT": "30"},
+                           cwd=REPO, capture_output=True, text=True, timeout=120, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the resumed planner hung")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1)] == [[7, 7, 7, 7]] * 2
+    assert (tmp_path / "node0" / "sft" / "plan.json").is_file() and not (tmp_path / "node1" / "sft" / "plan.json").exists()

@@ -46,11 +46,27 @@ class StepPlanner:
         self.saves_seen = 0
         self.save_guess_steps = save_guess_steps  # a checkpoint's cost in steps, until one was timed
         self.planned_once = False
-        if budget is not None and resumed and self.plan_file.is_file():  # it finishes its recorded plan
-            self.total = int(json.loads(self.plan_file.read_text())["planned"])
+        # Rank 0's plan.json decides for every rank: without a shared disk only rank 0's disk has it, and a rank
+        # that kept its budget while the others dropped theirs would wait in after_step's all_reduce forever.
+        recorded = None
+        if budget is not None and resumed:
+            recorded = D.broadcast_object(self._recorded_plan() if D.is_main() else None)
+        if recorded is not None:  # it finishes its recorded plan
+            self.total = recorded
             self.budget = None
         elif budget is not None and D.is_main():
             self.plan_file.unlink(missing_ok=True)
+
+    def _recorded_plan(self) -> int | None:
+        """The planned number of steps in plan.json, or None when there is none (or it cannot be read)."""
+        try:
+            return int(json.loads(self.plan_file.read_text())["planned"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"{self.name}: warning: {self.plan_file} cannot be read ({e}); planning the steps again",
+                  flush=True)
+            return None
 
     def timed_eval(self, seconds: float) -> None:
         self.eval_s = max(self.eval_s, seconds)
