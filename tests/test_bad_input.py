@@ -270,3 +270,33 @@ def test_damaged_prepared_table_is_an_error_naming_it(tmp_path, tiny_tokenizer, 
     table.write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(DataError, match=r"p\.npz cannot be read .*run `rlhfkit data prepare CONFIG` again"):
         load_phase(cfg.output_dir / "data", 2, "train")
+
+
+# ---- issue 19: wrong columns, an output dir that is a file ----
+
+def test_a_preference_file_with_other_columns_names_the_file_and_the_fields(tmp_path, tiny_tokenizer):
+    """It said only "dataset 'x' (train): no valid records", naming neither the file nor the fields."""
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "good": "yes", "bad": "no"} for i in range(6)])
+    cfg = make_config(tmp_path, [{"name": "x", "path": str(path), "format": "preference"}])
+    with pytest.raises(DataError) as err:
+        prepare(cfg, tokenizer=tiny_tokenizer, show_progress=False)
+    message = str(err.value)
+    assert f"dataset 'x' (train): no valid records in {path}" in message
+    assert "a preference record needs the fields ['prompt', 'chosen', 'rejected']" in message
+    assert "its first records have ['bad', 'good', 'question']" in message
+
+
+@pytest.mark.parametrize("where", ["run", "run/inside"])
+def test_data_prepare_with_an_output_dir_that_is_a_file_is_an_error_naming_it(tmp_path, prefs_file, capsys, where):
+    """`rlhfkit data prepare` ended in a NotADirectoryError traceback (the training stages said it)."""
+    from rlhfkit.cli import main
+
+    (tmp_path / "run").write_text("not a dir")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name_or_path: tiny-random}}\n"
+                   f"data: {{cache_dir: {tmp_path}/cache, datasets: [{{name: p, path: {prefs_file}}}]}}\n"
+                   f"run: {{output_dir: {tmp_path / where}}}\n")
+    assert main(["data", "prepare", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"run.output_dir {tmp_path / where}: {tmp_path / 'run'} is a file, not a directory" in err, err
+    assert "Traceback" not in err

@@ -19,6 +19,20 @@ def cache_root() -> Path:
     return path
 
 
+def require_dir(path: str | os.PathLike, setting: str) -> Path:
+    """mkdir -p, or a user error naming the setting and the path when it (or a dir above it) is a file."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise ConfigError(f"{setting} {path}: {blocker} is a file, not a directory; set {setting} to a "
+                          "directory") from None
+    return path
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from ..config import Config, DataConfig, DatasetConfig, save_resolved_config
 from ..errors import DataError
 from ..paths import (cache_root, file_listing, file_sha256, link_or_copy, listing_problem, make_temp_dir, publish_dir,
-                     write_text_atomic)
+                     require_dir, write_text_atomic)
 from . import registry
 from .readers import check_data_file, iter_file_records
-from .records import BadRecord, Example, detect_format, to_example
+from .records import REQUIRED, BadRecord, Example, detect_format, to_example
 from .render import BUILDERS, MAX_REPORTED, Renderer
 from .split import carve_eval, prompt_key, split_phases
 from .table import TokenTable
@@ -111,6 +111,13 @@ class Source:
     def phases(self) -> list[int]:
         return sorted(self.ds.phases or FORMAT_PHASES[self.format])
 
+    def location(self, split: str) -> str:
+        """The file (or hub dataset and split) a split's records come from, for messages."""
+        if self.hub:
+            spec = registry.REGISTRY[self.ds.name]
+            return f"hub dataset {self.ds.name} [{spec.train_split if split == 'train' else spec.eval_split}]"
+        return str(self.ds.path if split == "train" else self.ds.eval_path)
+
     def iter_raw(self, split: str):
         if self.hub:
             spec = registry.REGISTRY[self.ds.name]
@@ -118,10 +125,16 @@ class Source:
         return iter_file_records(self.ds.path if split == "train" else self.ds.eval_path)
 
 
+FIELDS_SHOWN = 5  # records whose field names a "no valid records" error shows
+
+
 def load_examples(src: Source, split: str, on_bad: str, limit: int | None) -> tuple[list[Example], LoadReport]:
     report, examples = LoadReport(), []
+    found: set[str] = set()  # the fields of the first records, for the error when none is valid
     for index, (where, raw) in enumerate(src.iter_raw(split)):
         report.read += 1
+        if index < FIELDS_SHOWN and isinstance(raw, dict):
+            found.update(map(str, raw))
         try:
             if isinstance(raw, BadRecord):
                 raise raw
@@ -136,7 +149,9 @@ def load_examples(src: Source, split: str, on_bad: str, limit: int | None) -> tu
             break
     report.valid = len(examples)
     if not examples:
-        raise DataError(f"dataset {src.ds.name!r} ({split}): no valid records; skipped: {dict(report.skipped)}")
+        raise DataError(f"dataset {src.ds.name!r} ({split}): no valid records in {src.location(split)}: a "
+                        f"{src.format} record needs the fields {list(REQUIRED[src.format])}; its first records "
+                        f"have {sorted(found) if found else 'no JSON object'}; skipped: {dict(report.skipped)}")
     return examples, report
 
 
@@ -189,9 +204,9 @@ def chunk_key(identity: dict, renderer_fp: dict, cfg: DataConfig, split: str, ph
 
 
 def data_cache_dir(cfg: DataConfig) -> Path:
-    path = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if cfg.cache_dir:
+        return require_dir(Path(cfg.cache_dir).expanduser(), "data.cache_dir")
+    return require_dir(cache_root() / "data", "the data cache (RLHFKIT_CACHE)")
 
 
 def _slug(name: str) -> str:
@@ -259,9 +274,9 @@ def prepare(cfg: Config, tokenizer=None, show_progress: bool = True) -> dict:
     Prints the skip summary (`skip_summary`) the first time this process prepares this data."""
     from ..models.loading import load_tokenizer
 
+    out = require_dir(cfg.output_dir, "run.output_dir") / "data"  # a file there: a message, not a traceback
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     renderer = Renderer(tokenizer, cfg.data)
-    out = cfg.output_dir / "data"
     manifest = {"tokenizer": renderer.fingerprint() | {"pad_id": int(tokenizer.pad_token_id)},
                 "phase_ratios": list(cfg.data.phase_ratios), "datasets": [],
                 "phases": {str(p): {s: [] for s in SPLITS} for p in PHASE_NAMES}, "cache_hits": 0, "cache_misses": 0}
