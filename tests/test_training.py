@@ -306,3 +306,16 @@ def test_dpo_with_lora_uses_the_adapter_free_model_as_reference(tmp_path, pairs_
     run_ok(["dpo", str(cfg_path), "--no-progress"])
     acc = evals(tmp_path / "run", "dpo", "eval/rewards/accuracy")
     assert acc[0] == 0.0 and acc[-1] > 0.9  # adapter off == reference at the start; then it learns
+
+
+def test_rm_score_stats_come_from_the_last_training_scores_without_a_scoring_pass():
+    from rlhfkit.train.reward import ScoreWindow
+
+    window = ScoreWindow(8)
+    window.add(torch.arange(3.0))
+    assert window.stats() is None  # under half a window: the caller scores pairs instead
+    for start in (3.0, 7.0):
+        window.add(torch.arange(start, start + 4))
+    kept = torch.arange(3.0, 11.0, dtype=torch.float64)  # the last 8 of 0..10
+    mean, std = window.stats()
+    assert mean == pytest.approx(float(kept.mean())) and std == pytest.approx(float(kept.std(unbiased=False)))

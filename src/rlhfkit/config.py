@@ -156,6 +156,8 @@ class TrainConfig(Section):
     dropout: float | None = Field(None, ge=0, lt=1)  # override the model's dropout (None: keep it)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     eval_every: int = Field(0, ge=0)  # steps; 0: only before and after training
+    # false: no eval before the first step (a fresh reward head scores at chance: its "before" says nothing)
+    eval_at_start: bool = True
     max_eval_batches: int | None = Field(None, ge=1)
     save_every: int = Field(0, ge=0)  # steps; 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
@@ -239,7 +241,7 @@ def _changed(section: Section, key: str) -> bool:
 RL_LOOP_KEYS = {"epochs": "ppo.steps", "max_steps": "ppo.steps", "eval_every": "ppo.eval_every",
                 "max_eval_batches": "ppo.eval_prompts", "save_every": "ppo.save_every",
                 "keep_checkpoints": "ppo.keep_checkpoints", "log_every": "nothing (every step is logged)",
-                "resume": "ppo.resume", "seed": "ppo.seed", "wandb_project": "ppo.wandb_project",
+                "eval_at_start": "nothing (RL evaluates its start once)", "resume": "ppo.resume", "seed": "ppo.seed", "wandb_project": "ppo.wandb_project",
                 "gradient_accumulation_steps": "ppo.mini_batch_size (accumulation follows from it)"}
 
 
@@ -372,8 +374,12 @@ class PPOConfig(Section):
     # CUDA is available, dynamic on a CPU (docs/algorithms.md, "Rollouts")
     rollout_decoding: Decoding = "auto"
     # When the rollout copy is exactly the trained actor (full fine-tune, the actor's precision, no dropout),
-    # the log-probs the sampler computed are the old log-probs: one actor forward fewer per step.
+    # the log-probs the sampler computed are the old log-probs: one actor forward fewer per step. Checked on a
+    # process's first step and every 10th: a gap over 1e-3 per token (bf16) recomputes them from then on.
     reuse_rollout_logprobs: bool = True
+    # Truncated importance sampling (Yao et al. 2025): weight each token's policy-gradient loss by
+    # min(π_old/π_sampler, tis_cap) where sampler and trainer differ (LoRA, rollout_dtype, bf16); None: off
+    tis_cap: float | None = Field(None, gt=0)
     steps: int = Field(30, ge=1)  # PPO steps (rollout + update)
 
     # Advantages: gae (PPO with the critic) or a critic-free estimator (docs/algorithms.md)
@@ -396,8 +402,10 @@ class PPOConfig(Section):
     # (s − mean)/std with the reward's mean/std on the initial policy's own samples of PPO prompts, measured
     # at the start on normalize_samples of them (whole rollout batches) and kept in every checkpoint
     normalize_scores: bool = False
-    # 64: the std's relative standard error is about 1/√(2n) ≈ 9%, which moves the effective KL coefficient
-    # by as much, well inside how precisely one chooses it (lm-human-preferences used 256 on GPUs)
+    # Responses, i.e. prompts × n_samples_per_prompt: with n > 1 they are not independent (n answers to one
+    # prompt share it), so the count of independent samples lies nearer normalize_samples / n. 64 independent:
+    # the std's relative standard error is about 1/√(2n) ≈ 9%, which moves the effective KL coefficient by as
+    # much, well inside how precisely one chooses it (lm-human-preferences used 256 on GPUs); scale it with n
     normalize_samples: int = Field(64, ge=2)
     score_clip: float | None = Field(5.0, gt=0)
     missing_eos_penalty: float | None = None  # added to the score of responses cut at max_new_tokens

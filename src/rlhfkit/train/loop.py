@@ -77,7 +77,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     stage_clock.dtype = engine.cfg.dtype
     flops_per_token = train_flops_per_token(engine.module)
     probe = UpdateProbe(stage.name, engine.module, engine.cfg.dtype)
-    if start == 0:
+    if start == 0 and t.eval_at_start:
         tracker.log(0, timed(evaluate, planner.timed_eval, "eval")(stage, engine, t))
     step = start
     while step < total:

@@ -2,8 +2,10 @@
 
 The score is read at the last response token (models.reward.RewardModel.score → losses.gather_last).
 Eval reports accuracy, mean margin and chosen/rejected score means before, during and after training.
-At the end the score mean/std over (a sample of) the training pairs is stored beside the model, for
-reference: PPO normalises with its own policy's samples (ppo.normalize_scores).
+Every saved model stores the mean/std of the scores of the last STATS_ROWS training pairs beside it, for
+reference (PPO normalises with its own policy's samples, ppo.normalize_scores). They are the scores the
+training forwards computed anyway, so a checkpoint costs no scoring pass; a run resumed at its last step,
+which has none, scores the first STATS_ROWS training pairs instead.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .budget import StageBudget
 from .loop import run_stage
 from .losses import bradley_terry_loss, pair_metrics
 
-STATS_ROWS = 128  # training pairs scored for the stored mean/std (256 scores)
+STATS_ROWS = 128  # training pairs whose scores give the stored mean/std (256 scores)
 
 
 def rm_stage_dir(cfg: Config) -> Path:
@@ -60,14 +62,18 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
     tokenizer = load_tokenizer(model_config_for(cfg, t.model))
     model, groups = build_reward_model(cfg)
 
+    recent = ScoreWindow(2 * STATS_ROWS)
+
     def loss(engine, batch):
         chosen, rejected = pair_scores(engine, batch)
+        if engine.module.training:
+            recent.add(torch.cat([chosen, rejected]))
         n = chosen.shape[0]
         metrics = pair_metrics(chosen.detach(), rejected.detach())
         return bradley_terry_loss(chosen, rejected, t.margin, t.center_coef) * n, {k: v * n for k, v in metrics.items()}
 
     def export(engine, out):
-        mean, std = score_stats(engine, train, pad_id, t.micro_batch_size)
+        mean, std = recent.stats() or score_stats(engine, train, pad_id, t.micro_batch_size)
         sd = gathered_weights(engine, t)
         if D.is_main():
             RewardModel.save(out, sd, base_config(engine.module.backbone), mean, std)
@@ -75,9 +81,26 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
 
     stage = pair_stage("rm", train, evals, pad_id, loss, export,
                        ("accuracy", "margin", "chosen_score", "rejected_score"))
-    # the export scores STATS_ROWS pairs: measured ~3 training steps' worth of forward passes (fp32, 2 cores)
-    stage.checkpoint_cost_steps = 3.5
     return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"), budget)
+
+
+class ScoreWindow:
+    """The last `size` training scores of this process; stats() reduces them over every process (all call it)."""
+
+    def __init__(self, size: int):
+        self.size, self.scores = size, torch.zeros(0, dtype=torch.float64)
+
+    def add(self, scores: torch.Tensor) -> None:
+        self.scores = torch.cat([self.scores, scores.detach().double().cpu()])[-self.size:]
+
+    def stats(self) -> tuple[float, float] | None:
+        """(mean, std) over every process's window, or None while they hold under half a window."""
+        x = self.scores
+        s, s2, n = D.all_reduce_sum([float(x.sum()), float((x ** 2).sum()), float(x.numel())])
+        if n < self.size // 2:
+            return None
+        mean = s / n
+        return mean, max(s2 / n - mean ** 2, 0.0) ** 0.5
 
 
 @torch.no_grad()
