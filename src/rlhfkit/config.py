@@ -241,7 +241,8 @@ def _changed(section: Section, key: str) -> bool:
 RL_LOOP_KEYS = {"epochs": "ppo.steps", "max_steps": "ppo.steps", "eval_every": "ppo.eval_every",
                 "max_eval_batches": "ppo.eval_prompts", "save_every": "ppo.save_every",
                 "keep_checkpoints": "ppo.keep_checkpoints", "log_every": "nothing (every step is logged)",
-                "eval_at_start": "nothing (RL evaluates its start once)", "resume": "ppo.resume", "seed": "ppo.seed", "wandb_project": "ppo.wandb_project",
+                "eval_at_start": "nothing (RL evaluates its start once)", "resume": "ppo.resume",
+                "seed": "ppo.seed", "wandb_project": "ppo.wandb_project",
                 "gradient_accumulation_steps": "ppo.mini_batch_size (accumulation follows from it)"}
 
 
