@@ -319,3 +319,19 @@ def test_rm_score_stats_come_from_the_last_training_scores_without_a_scoring_pas
     kept = torch.arange(3.0, 11.0, dtype=torch.float64)  # the last 8 of 0..10
     mean, std = window.stats()
     assert mean == pytest.approx(float(kept.mean())) and std == pytest.approx(float(kept.std(unbiased=False)))
+
+
+def test_rm_freeze_layers_fixes_the_embeddings_and_the_lowest_layers(tmp_path, pairs_file):
+    from rlhfkit.config import load_config
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.train.reward import build_reward_model
+
+    cfg = load_config(write_config(tmp_path, pairs_file, rm={"freeze_layers": 1}))
+    model, groups = build_reward_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("backbone.embed_tokens", "backbone.layers.0.")) for n in trainable)
+    assert any(n.startswith("backbone.layers.1.") for n in trainable) and "v_head.weight" in trainable
+    assert sum(len(g["params"]) for g in groups) == len(trainable)  # the optimizer holds no frozen weight
+    cfg.rm.freeze_layers = 3
+    with pytest.raises(ConfigError, match="rm.freeze_layers 3: the model has 2 layers"):
+        build_reward_model(cfg)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..errors import ConfigError
 from ..engine import distributed as D
 from ..engine.backend import param_groups
 from ..engine.sharding import equal_count_batches
@@ -41,10 +42,23 @@ def build_reward_model(cfg: Config) -> tuple[RewardModel, list[dict]]:
     model = RewardModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
     if t.dropout is not None:
         set_dropout(model.backbone, t.dropout)
+    if t.freeze_layers:
+        freeze_lower_layers(model.backbone, t.freeze_layers)
     if t.lora.enabled:
         model.backbone = apply_lora(model.backbone, t.lora)  # the head stays fully trainable
     lrs = {"lora_": t.lora.learning_rate, "v_head.": t.head_learning_rate}
     return model, param_groups(model, t.learning_rate, t.weight_decay, lrs)
+
+
+def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> None:
+    """Fix the input embeddings and the lowest n transformer layers (no gradient, no optimizer state)."""
+    layers = next((m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList)
+                   and len(m) == backbone.config.num_hidden_layers), None)
+    if layers is None or n > len(layers):
+        have = "no layer list" if layers is None else f"{len(layers)} layers"
+        raise ConfigError(f"rm.freeze_layers {n}: the model has {have}")
+    for module in (backbone.get_input_embeddings(), *layers[:n]):
+        module.requires_grad_(False)
 
 
 def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
