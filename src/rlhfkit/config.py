@@ -190,6 +190,8 @@ class RewardConfig(TrainConfig):
     center_coef: float = Field(0.0, ge=0)  # weight of mean((r_c + r_r)^2), keeps scores centred
     learning_rate: float = Field(1e-5, gt=0)
     head_learning_rate: float | None = Field(None, gt=0)  # the freshly initialised value head; default: learning_rate
+    # the embeddings and the lowest N transformer layers stay as loaded: the backward pass stops above them
+    freeze_layers: int = Field(0, ge=0)
 
 
 class DPOConfig(TrainConfig):
