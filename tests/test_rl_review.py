@@ -8,17 +8,19 @@ import pytest
 import torch
 
 from rlhfkit.config import ModelConfig, PPOConfig
-from rlhfkit.engine.generation import Generation
+from rlhfkit.engine.generation import Generation, SamplingConfig, generate
+from rlhfkit.engine.precision import cast_params
 from rlhfkit.models import load_model_and_tokenizer
 from rlhfkit.rollout.sampling import to_rollout
 from rlhfkit.train.common import TokenLogprobLM
 from rlhfkit.train.ppo import formulas as PF
-from rlhfkit.train.ppo.experience import make_experience
+from rlhfkit.train.ppo.experience import LOGP_REUSE_MAX_ABS_DIFF, make_experience
 from test_grpo import grpo_config
 from test_ppo import metrics, prompts_file  # noqa: F401 (fixture)
 from test_training import cli, run_ok
 
 EOS = PAD = 2  # the tiny tokenizer's <|im_end|>
+NAN = float("nan")
 
 
 def _group_of_four() -> Generation:
@@ -93,6 +95,71 @@ def test_surrogate_log_ratio_is_clamped_before_exp():
     assert stats["ratio"][0, 0].item() == pytest.approx(math.exp(20))
     loss.sum().backward()
     assert torch.isfinite(logp.grad).all()
+
+
+# --- 4. the sampler's log-probs: reused only when they match, truncated importance sampling ---------------
+
+def _sampled(model, n: int = 8):
+    """n responses of up to 16 tokens from the dynamic KV-cached loop, with the sampler's log-probs."""
+    prompts = [np.array([5 + i, 17, 29, 3 + i][: 2 + i % 3]) for i in range(n)]
+    gen = generate(model, prompts, PAD, [EOS], SamplingConfig(16, 1.0, 1.0, 0, do_sample=True), list(range(n)), True)
+    return to_rollout(gen, PAD)
+
+
+@pytest.mark.parametrize("dtype, reused", [(torch.float32, True), (torch.bfloat16, False)])
+def test_sampler_logprobs_are_reused_only_within_the_bound(dtype, reused):
+    """The same weights sample (KV cache, one token at a time) and score (full right-padded forward): in fp32
+    they agree to ~1e-6 and are reused; in bf16 they differ by more than the bound and the actor's count."""
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random"))
+    model = cast_params(model.eval(), dtype)
+    r = _sampled(model)
+    actor = TokenLogprobLM(model)
+    p = PPOConfig(advantage="grpo", n_samples_per_prompt=2, kl_mode="off", sampling={"temperature": 1.0})
+    exp = make_experience(r, torch.zeros(8), actor, None, None, p, 0.0, micro_batch=4, device="cpu",
+                          reuse=True, check=True)
+    top, mean = exp.logp_gap
+    assert (top <= LOGP_REUSE_MAX_ABS_DIFF) == reused and 0 <= mean <= top, exp.logp_gap
+    from rlhfkit.rollout.scoring import actor_logprobs
+
+    with torch.no_grad():
+        recomputed = actor_logprobs(actor, r, 1.0)
+    want = r.logprobs if reused else recomputed
+    assert torch.equal(exp.old_logprobs, want)
+    assert top == pytest.approx((r.logprobs - recomputed).abs().max().item())
+
+
+def test_truncated_is_weights_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -0.5, 7.0]])
+    sampler = torch.tensor([[-1.0, -1.0, -2.5, NAN]])
+    mask = torch.tensor([[True, True, True, False]])
+    # min(e^(old − sampler), 2): e^0 = 1, e^-1 = 0.36787944, e^2 = 7.39 → capped at 2; padding → 0
+    w = PF.truncated_is_weights(old, sampler, mask, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.36787944, 2.0, 0.0]]))
+
+
+def test_bf16_run_measures_the_gap_logs_it_and_stops_reusing(tmp_path, prompts_file):
+    """Actor and rollout copy both bf16 (an 'exact' copy): the first step measures the gap, logs it, finds it
+    over the bound and recomputes from then on (no second measurement at step 2)."""
+    cfg = grpo_config(tmp_path, prompts_file, steps=2, eval_prompts=8, kl_mode="off", rollout_dtype="bfloat16",
+                      actor={"learning_rate": 1e-3, "micro_batch_size": 8, "dtype": "bfloat16"})
+    out = run_ok(["ppo", str(cfg), "--no-progress"])
+    gap = metrics(tmp_path / "run", "rollout/logp_reuse_max_abs_diff")
+    assert len(gap) == 1 and gap[0] > LOGP_REUSE_MAX_ABS_DIFF, gap
+    assert "recomputing the old log-probs from now on" in out
+
+
+def test_tis_weights_the_loss_where_the_sampler_differs_on_purpose(tmp_path, prompts_file):
+    """fp32 actor, bf16 rollout copy: the sampler's log-probs are kept, the gap logged every step and the
+    policy loss weighted by min(π_old/π_sampler, tis_cap)."""
+    cfg = grpo_config(tmp_path, prompts_file, steps=2, eval_prompts=8, kl_mode="off", rollout_dtype="bfloat16",
+                      tis_cap=1.001, actor={"learning_rate": 1e-3, "micro_batch_size": 8})
+    run_ok(["ppo", str(cfg), "--no-progress"])
+    run = tmp_path / "run"
+    gap, weight = metrics(run, "rollout/logp_reuse_max_abs_diff"), metrics(run, "policy/tis_weight_mean")
+    capped = metrics(run, "policy/tis_capped_frac")
+    assert len(gap) == 2 and all(g > 0 for g in gap), gap
+    assert len(weight) == 2 and all(0.9 < w <= 1.001 and w != 1.0 for w in weight), weight
+    assert all(0 < c < 1 for c in capped), capped  # some tokens' ratio exceeds 1.001: capped there
 
 
 # --- 6. a reward that fails during eval -------------------------------------------------------------

@@ -34,8 +34,10 @@ class RolloutPolicy:
 
     `exact` says whether the copy computes exactly the trained actor: a full fine-tune (no LoRA to merge,
     no 4-bit weights to dequantize), at the actor's own precision, without dropout. Then the log-probs
-    the sampler saw are the actor's old log-probs and PPO skips one actor forward per step; otherwise the
-    training actor recomputes them, and the rollout dtype only changes which tokens are sampled."""
+    the sampler saw may stand in for the actor's old log-probs and PPO skips one actor forward per step, as
+    long as the numeric paths agree (KV-cached decoding against the full forward: checked in experience.py,
+    in bf16 they do not); otherwise the training actor recomputes them, and the rollout dtype only changes
+    which tokens are sampled (ppo.tis_cap corrects for that)."""
 
     def __init__(self, engine: TrainEngine, t: TrainConfig, dtype: torch.dtype, decoding: str = "auto"):
         from transformers import AutoModelForCausalLM

@@ -25,6 +25,14 @@ from ...rollout.sampling import Rollout, select_rows
 from ...rollout.scoring import actor_logprobs, critic_values
 from . import formulas as PF
 
+# The sampler's log-probs stand in for the actor's old log-probs only while no token's differs by more than
+# this. KV-cached decoding and the trainer's full right-padded forward round differently: measured max
+# |Δlogp| per token (benchmark numbers in docs/algorithms.md, "Reusing the sampler's log-probs") ≈ 1e-6 in
+# fp32, 2e-3 (tiny model) and 0.28 (SmolLM2-135M) in bf16. 1e-3 is 1000× fp32's gap and under 1% of a 0.2
+# ratio clip's log-width (0.18), so fp32 reuses, bf16 recomputes (as verl and OpenRLHF always do).
+LOGP_REUSE_MAX_ABS_DIFF = 1e-3
+LOGP_REUSE_CHECK_EVERY = 10  # steps between two checks of the gap (and the first step a process trains)
+
 
 @dataclass
 class Experience:
@@ -38,6 +46,7 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor | None  # the critic's targets (gae only)
     keep: torch.Tensor  # [B] bool: rows that train (dynamic sampling drops groups without signal)
+    logp_gap: tuple[float, float] | None = None  # max and mean |sampler − actor| log-prob per token, if measured
 
 
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, p: PPOConfig) -> torch.Tensor:
@@ -54,23 +63,25 @@ def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def make_experience(r: Rollout, scores: torch.Tensor, actor, reference, critic, p: PPOConfig, kl_coef: float,
-                    micro_batch: int, device) -> Experience:
+                    micro_batch: int, device, reuse: bool = True, check: bool = False) -> Experience:
     """Run the models over the rollouts in micro-batches and derive the targets of ppo.advantage.
-    Rollouts that carry the sampler's log-probs (an exact copy of the actor sampled them) skip the actor
-    forward; without KL the reference is not run, without a critic no values are computed."""
+    Rollouts that carry the sampler's log-probs may skip the actor forward (`reuse`: an exact copy of the
+    actor sampled them); with `check`, or without `reuse`, the actor runs anyway and the gap between the two
+    is measured (logp_gap), and reused only below LOGP_REUSE_MAX_ABS_DIFF. Without KL the reference is not
+    run, without a critic no values are computed."""
     width, n = r.width, p.n_samples_per_prompt
     use_ref = p.kl_mode != "off"
     parts: dict[str, list[torch.Tensor]] = {"lp": [], "ref": [], "v": []}
     for start in range(0, len(r.lengths), micro_batch):
         sub = select_rows(r, torch.arange(start, min(start + micro_batch, len(r.lengths)))).to(device)
         grow = (0, width - sub.width)
-        old = sub.logprobs if sub.logprobs is not None else actor_logprobs(actor, sub, p.sampling.temperature)
-        parts["lp"].append(F.pad(old, grow).cpu())
+        if sub.logprobs is None or not reuse or check:
+            parts["lp"].append(F.pad(actor_logprobs(actor, sub, p.sampling.temperature), grow).cpu())
         if use_ref:
             parts["ref"].append(F.pad(actor_logprobs(reference, sub, p.sampling.temperature), grow).cpu())
         if critic is not None:
             parts["v"].append(F.pad(critic_values(critic, sub), grow).cpu())
-    logprobs = torch.cat(parts["lp"])
+    logprobs, gap = old_logprobs(r, torch.cat(parts["lp"]) if parts["lp"] else None, reuse)
     ref_logprobs = torch.cat(parts["ref"]) if use_ref else None
     values = torch.cat(parts["v"]) if critic is not None else None
 
@@ -102,7 +113,27 @@ def make_experience(r: Rollout, scores: torch.Tensor, actor, reference, critic, 
             shaped_for_return = shaped
         rewards = rewards_with_kl(shaped_for_return)[0]
         advantages = whiten_over_ranks(PF.reinforce_returns(rewards, lengths, p.gamma), mask & keep[:, None])
-    return Experience(r, scores, shaped, logprobs, ref_logprobs, values, kl, advantages, returns, keep)
+    return Experience(r, scores, shaped, logprobs, ref_logprobs, values, kl, advantages, returns, keep, gap)
+
+
+def old_logprobs(r: Rollout, recomputed: torch.Tensor | None, reuse: bool):
+    """(the old log-probs [B, R], the (max, mean) sampler–actor gap over every process or None): the
+    sampler's when reused and either unchecked or within LOGP_REUSE_MAX_ABS_DIFF, else the actor's."""
+    if recomputed is None:
+        return F.pad(r.logprobs, (0, r.width - r.logprobs.shape[1])), None
+    if r.logprobs is None:
+        return recomputed, None
+    sampled = F.pad(r.logprobs, (0, r.width - r.logprobs.shape[1]))
+    gap = logprob_gap(sampled, recomputed, r.response_mask())
+    return (sampled if reuse and gap[0] <= LOGP_REUSE_MAX_ABS_DIFF else recomputed), gap
+
+
+def logprob_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Max and mean |a − b| over the valid tokens of every process (the same decision on every rank)."""
+    diff = torch.where(mask, (a - b).abs(), 0.0)
+    top = max(D.all_gather_object(float(diff.max()) if diff.numel() else 0.0))
+    total, count = D.all_reduce_sum([float(diff.sum()), float(mask.sum())])
+    return top, total / max(count, 1.0)
 
 
 def masked_moments_over_ranks(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

@@ -242,6 +242,17 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     return loss, stats
 
 
+def truncated_is_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): per token min(π_old / π_sampler, cap), without grad, 0 on padding. The rollouts
+    came from the sampler (LoRA merged, another dtype, KV-cached), the update assumes π_old: weighting each
+    token's policy-gradient loss by this ratio corrects the mismatch, the cap bounds its variance."""
+    mask = mask.bool()
+    log_ratio = torch.where(mask, old_logprobs - sampler_logprobs, 0.0).clamp(max=LOG_RATIO_MAX)
+    return torch.where(mask, log_ratio.exp().clamp(max=cap), 0.0).detach()
+
+
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, tokens: float, sequences: float,
                    horizon: int) -> torch.Tensor:
     """Reduce a per-token loss [B, R] to a scalar; len_i = Σ_t mask_it, sums over valid tokens only.

@@ -39,7 +39,8 @@ from .ema import ActorEMA
 from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for,
                                  select_rows)
 from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
-from .experience import Experience, explained_variance_over_ranks, make_experience, masked_moments_over_ranks
+from .experience import (LOGP_REUSE_CHECK_EVERY, LOGP_REUSE_MAX_ABS_DIFF, Experience, explained_variance_over_ranks,
+                         make_experience, masked_moments_over_ranks)
 from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers
 from .reward_sum import MODEL, RewardFailed, RewardSum
 
@@ -85,6 +86,7 @@ class PPOTrainer:
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
         self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype), p.rollout_decoding)
         self.reuse_logprobs = p.reuse_rollout_logprobs and self.policy.exact
+        self.logp_checked = False  # this process has not yet compared the sampler's log-probs with the actor's
         self.norm = self.score_normalization() if p.normalize_scores else None
         self.rewards.score_stats = self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
         self.critic = None
@@ -174,8 +176,11 @@ class PPOTrainer:
             self.critic.eval()
         kl_coef = self.kl_ctl.value  # this batch's rewards use it; the controller moves it after the step
         per_source = self.rewards.per_source(rollout, metadata, self.actor_t.micro_batch_size, self.device)
+        check = self.reuse_logprobs and (not self.logp_checked or step % LOGP_REUSE_CHECK_EVERY == 0)
         exp = make_experience(rollout, self.rewards.total(per_source), self.actor, self.reference, self.critic, p,
-                              kl_coef, self.actor_t.micro_batch_size, self.device)
+                              kl_coef, self.actor_t.micro_batch_size, self.device, self.reuse_logprobs, check)
+        self.logp_checked |= check
+        self._stop_reuse_if_inexact(exp)
         t2 = time.perf_counter()
         self.actor.train()
         if self.critic is not None:
@@ -189,6 +194,8 @@ class PPOTrainer:
         t3 = time.perf_counter()
 
         stats = self.experience_stats(exp, kl_coef, per_source)
+        if exp.logp_gap is not None:
+            stats["rollout/logp_reuse_max_abs_diff"], stats["rollout/logp_reuse_mean_abs_diff"] = exp.logp_gap
         if p.kl_mode != "off":
             self.kl_ctl.update(stats["objective/kl"], p.responses_per_step)
         generated = D.all_reduce_sum([float(rollout.response_lengths.sum())])[0]
@@ -201,6 +208,15 @@ class PPOTrainer:
                       "tokens/generation_per_s": generated / max(t1 - t0, 1e-9),
                       "tokens/per_s": generated / max(t3 - t0, 1e-9)})
         return stats
+
+    def _stop_reuse_if_inexact(self, exp: Experience) -> None:
+        """A gap above LOGP_REUSE_MAX_ABS_DIFF (make_experience used the actor's log-probs for this batch) turns
+        reuse off for the rest of this process: the numeric paths differ, not just this batch."""
+        if self.reuse_logprobs and exp.logp_gap is not None and exp.logp_gap[0] > LOGP_REUSE_MAX_ABS_DIFF:
+            self.reuse_logprobs = False
+            if D.is_main():
+                print(f"ppo: the sampler's log-probs differ from the actor's by up to {exp.logp_gap[0]:.3g} per token "
+                      f"(> {LOGP_REUSE_MAX_ABS_DIFF:g}): recomputing the old log-probs from now on", flush=True)
 
     def step_rollouts(self, step: int):
         """This process's share of step `step`'s prompts (by their place in the global batch), each sampled
@@ -219,8 +235,9 @@ class PPOTrainer:
         own sampling seed (its step and place in the global batch), so the samples are the same however
         the batch is split over processes or generation batches."""
         size = self.p.generation_batch_size or max(len(prompts), 1)
+        keep = self.reuse_logprobs or self.p.tis_cap is not None  # the sampler's log-probs: reused, or TIS
         return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
-                                               self.sampling, self.reuse_logprobs, self.policy.decoder), self.pad_id)
+                                               self.sampling, keep, self.policy.decoder), self.pad_id)
 
     def update(self, exp: Experience, step: int, kl_coef: float) -> dict:
         """ppo_epochs passes over the batch; per mini-batch one actor (and critic) optimizer step.
@@ -278,7 +295,13 @@ class PPOTrainer:
         old, adv = exp.old_logprobs[idx, :width].to(self.device), exp.advantages[idx, :width].to(self.device)
         clip_low = p.clip_low or p.cliprange
         per_token, st = PF.clipped_surrogate(logprobs, old, adv, mask, clip_low, p.clip_high or p.cliprange)
-        out = {"tokens": float(mask.sum()), "loss/policy": float(per_token.detach().sum())}
+        out = {"tokens": float(mask.sum())}
+        if p.tis_cap is not None:  # the policy-gradient term only, not the KL loss
+            weights = PF.truncated_is_weights(old, sub.logprobs, mask, p.tis_cap)
+            per_token = per_token * weights
+            out.update({"policy/tis_weight_mean": float(weights.sum()),
+                        "policy/tis_capped_frac": float((mask & (weights >= p.tis_cap)).sum())})
+        out["loss/policy"] = float(per_token.detach().sum())
         out.update({f"policy/{k}": float(v.sum()) for k, v in
                     (("clipfrac", st["clipped"]), ("approxkl", st["approxkl"]), ("ratio_mean", st["ratio"]))})
         if p.kl_mode == "loss":
