@@ -346,3 +346,79 @@ def test_each_disk_publishes_its_own_part_resume_takes_the_newest_step_every_dis
             and "was never published" in said)
     assert (f"checkpoint {tmp_path / 'node1' / 'checkpoints' / 'step-0000004'} on rank 1's disk" in said
             and "rng_rank1.pt does not match its SHA-256" in said)
+
+
+COPY_FAILS_SCRIPT = r"""
+import json, os, resource, signal, sys, time
+from pathlib import Path
+from rlhfkit.engine import distributed as D
+from rlhfkit.errors import RlhfkitError
+
+rank, world = D.init_distributed()
+tmp = Path(sys.argv[1])
+own = tmp / f"node{rank}"  # node 1's disk: a 1 MiB tmpfs, or a 1 MB file size limit where none can be mounted
+D.COPY_CHUNK_BYTES = 1 << 16
+if rank == 0:
+    (own / "final").mkdir(parents=True)
+    (own / "final" / "a.bin").write_bytes(b"a" * 300_000)
+    (own / "final" / "b.bin").write_bytes(b"b" * 3_000_000)  # more than node 1's disk takes
+elif sys.argv[2] == "fsize":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+t0 = time.time()
+try:
+    D.copy_dir_to_every_disk(own / "final")
+    said = None
+except RlhfkitError as e:
+    said = str(e)
+except Exception as e:
+    said = f"{type(e).__name__}: {e}"
+result = {"said": said, "took": time.time() - t0, "left": sorted(p.name for p in own.iterdir())}
+(tmp / f"result{rank}.json").write_text(json.dumps(result))
+D.barrier()
+os._exit(0)
+"""
+
+
+def test_a_receiver_that_fails_mid_copy_stops_every_rank_with_one_message_and_leaves_no_temp_dir(tmp_path):
+    """Node 1's disk fills while final/ is copied to it: rank 1 raised alone, rank 0 went on broadcasting (until
+    the timeout, or a mismatched collective), and .final.tmp-* stayed on node 1's disk."""
+    script = tmp_path / "copy_fails.py"
+    script.write_text(COPY_FAILS_SCRIPT)
+    disk = tmp_path / "node1"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode == 0
+    try:
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(_free_port()), str(script), str(tmp_path), "tmpfs" if mounted else "fsize"],
+                           env={**ENV, "RLHFKIT_DIST_TIMEOUT": "30"}, cwd=REPO, capture_output=True, text=True,
+                           timeout=150)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1)]
+        left_on_node1 = sorted(f.name for f in disk.iterdir())
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
+    why = "No space left on device" if mounted else "File too large"
+    for r in (0, 1):
+        said = results[r]["said"] or ""
+        assert said.startswith(f"copying {tmp_path / f'node{r}' / 'final'} to every node's disk failed: rank 1 ("), said
+        assert f"{why}: " in said and "b.bin" in said and "Nothing was published there" in said, said
+        assert results[r]["took"] < 20, results[r]
+    assert results[0]["said"].split(": rank 1")[1] == results[1]["said"].split(": rank 1")[1]  # the same message
+    assert left_on_node1 == results[1]["left"] == []  # no .final.tmp-*, no final/
+
+
+def test_a_dir_another_node_published_is_waited_for(tmp_path):
+    """On NFS a node's cached "no such file" for final/ lasts up to a minute: the check looks again."""
+    import threading
+
+    from rlhfkit.engine.distributed import wait_until_visible
+
+    late = tmp_path / "final"
+    threading.Timer(1.0, late.mkdir).start()
+    t0 = time.time()
+    assert wait_until_visible(late, wait_s=30)
+    assert 0.9 < time.time() - t0 < 5
+    assert not wait_until_visible(tmp_path / "never", wait_s=1.0)

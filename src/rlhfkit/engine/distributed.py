@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime
 import os
 import secrets
+import shutil
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -202,6 +204,7 @@ def leads_disk(path: Path) -> bool:
 
 
 COPY_CHUNK_BYTES = 64 << 20
+VISIBLE_WAIT_S = 90.0  # NFS caches "no such file" for up to acdirmax (60 s by default): look again until then
 
 
 def copy_dir_to_every_disk(path: Path) -> None:
@@ -209,34 +212,122 @@ def copy_dir_to_every_disk(path: Path) -> None:
     so that on nodes without a shared filesystem the next stage finds its input on each node. Each other disk's
     leader receives every file over the process group (in 64 MiB pieces) into a temp dir beside `path` and
     renames it into place, so a reader sees no half-written copy. Nothing moves when every rank shares rank 0's
-    disk."""
+    disk. After each file every rank agrees whether it arrived everywhere: a rank that fails (disk full) makes
+    every rank stop with the same error, its temp dir deleted, instead of leaving the others waiting. On return
+    `path` is visible to every rank (on NFS after up to VISIBLE_WAIT_S)."""
     from ..paths import make_temp_dir, publish_dir
 
     path = Path(path)
     receiver = leads_disk(path.parent) and rank() != 0
-    if not any(all_gather_object(receiver)):
-        return
-    files = broadcast_object(sorted((str(f.relative_to(path)), f.stat().st_size)
-                                    for f in path.rglob("*") if f.is_file()) if is_main() else None)
-    tmp = make_temp_dir(path) if receiver else None
-    for rel, size in files:
-        src = open(path / rel, "rb") if is_main() else None
-        if receiver:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        dst = open(tmp / rel, "wb") if receiver else None
+    if any(all_gather_object(receiver)):
+        files = broadcast_object(sorted((str(f.relative_to(path)), f.stat().st_size)
+                                        for f in path.rglob("*") if f.is_file()) if is_main() else None)
+        copy = _Receiving(path, make_temp_dir) if receiver else None
+        for rel, size in files:
+            error = _send_file(path / rel, size, copy.open(rel) if copy else None)
+            _agree(path, error, copy)
+        _agree(path, copy.publish(publish_dir) if copy else None, copy)
+    _agree(path, None if wait_until_visible(path) else f"{path} is not there after {VISIBLE_WAIT_S:g} s", None)
+
+
+class _Receiving:
+    """A receiving disk's copy in progress: the temp dir, and the first error writing into it."""
+
+    def __init__(self, path: Path, make_temp_dir):
+        self.path, self.tmp, self.error = path, None, None
         try:
-            for start in range(0, size, COPY_CHUNK_BYTES):
-                n = min(COPY_CHUNK_BYTES, size - start)
-                piece = torch.empty(n, dtype=torch.uint8)
-                if src is not None:
-                    piece = torch.frombuffer(bytearray(src.read(n)), dtype=torch.uint8)
-                piece = piece.to(device())  # NCCL moves CUDA tensors only
-                dist.broadcast(piece, 0)
-                if dst is not None:
+            self.tmp = make_temp_dir(path)
+        except OSError as e:
+            self.error = f"{e.strerror or e} ({path.parent})"
+
+    def open(self, rel: str):
+        if self.error:
+            return None
+        try:
+            (self.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            return open(self.tmp / rel, "wb")
+        except OSError as e:
+            self.error = f"{e.strerror or e}: {self.tmp / rel}"
+            return None
+
+    def publish(self, publish_dir) -> str | None:
+        if not self.error:
+            try:
+                publish_dir(self.tmp, self.path)
+            except OSError as e:
+                self.error = f"{e.strerror or e}: {self.tmp}"
+        return self.error
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _send_file(src_path: Path, size: int, dst) -> str | None:
+    """Broadcast one file from rank 0 in pieces (every rank takes part in every piece, so a rank that fails
+    keeps in step with the others); returns this rank's error, if any."""
+    error = None
+    src = None
+    if is_main():
+        try:
+            src = open(src_path, "rb")
+        except OSError as e:
+            error = f"{e.strerror or e}: {src_path}"
+    try:
+        for start in range(0, size, COPY_CHUNK_BYTES):
+            n = min(COPY_CHUNK_BYTES, size - start)
+            piece = torch.zeros(n, dtype=torch.uint8)
+            if src is not None and error is None:
+                try:
+                    data = src.read(n)
+                    if len(data) != n:
+                        raise OSError(f"{src_path} shrank while it was sent")
+                    piece = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                except OSError as e:
+                    error = f"{e.strerror or e}: {src_path}"
+            piece = piece.to(device())  # NCCL moves CUDA tensors only
+            dist.broadcast(piece, 0)
+            if dst is not None and error is None:
+                try:
                     dst.write(piece.cpu().numpy().tobytes())
-        finally:
-            for f in (src, dst):
-                if f is not None:
+                except OSError as e:
+                    error = f"{e.strerror or e}: {dst.name}"
+    finally:
+        for f in (src, dst):
+            if f is not None:
+                try:
                     f.close()
-    if receiver:
-        publish_dir(tmp, path)
+                except OSError as e:  # a full disk can show at close
+                    error = error or f"{e.strerror or e}: {f.name}"
+    return error
+
+
+def _agree(path: Path, error: str | None, copy: _Receiving | None) -> None:
+    """Collective: every rank learns every rank's error; if there is one, receivers delete their temp dir
+    and every rank raises the same message."""
+    if copy is not None and copy.error and not error:
+        error = copy.error
+    errors = [(r, host, e) for r, (host, e) in enumerate(all_gather_object((socket.gethostname(), error))) if e]
+    if not errors:
+        return
+    if copy is not None:
+        copy.discard()
+    shown = "; ".join(f"rank {r} ({host}): {e}" for r, host, e in errors)
+    raise RlhfkitError(f"copying {path} to every node's disk failed: {shown}. Nothing was published there; free "
+                       "space (or fix the error) and rerun the same command.")
+
+
+def wait_until_visible(path: Path, wait_s: float | None = None) -> bool:
+    """Whether `path` exists, looking again for up to wait_s seconds: another node's new dir can stay hidden on
+    NFS until its cached "no such file" answer for the parent expires. Listing the parent refreshes that cache."""
+    deadline = time.monotonic() + (VISIBLE_WAIT_S if wait_s is None else wait_s)
+    while True:
+        try:
+            os.listdir(path.parent)  # revalidates the parent dir's cached entries (NFS)
+        except OSError:
+            pass
+        if path.exists():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
