@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from rlhfkit.config import ModelConfig, PPOConfig
 from rlhfkit.engine.generation import Generation, SamplingConfig, generate
@@ -16,7 +17,7 @@ from rlhfkit.train.common import TokenLogprobLM
 from rlhfkit.train.ppo import formulas as PF
 from rlhfkit.train.ppo.experience import LOGP_REUSE_MAX_ABS_DIFF, make_experience
 from test_grpo import grpo_config
-from test_ppo import metrics, prompts_file  # noqa: F401 (fixture)
+from test_ppo import metrics, ppo_config, prompts_file, reward_dir  # noqa: F401 (fixtures)
 from test_training import cli, run_ok
 
 EOS = PAD = 2  # the tiny tokenizer's <|im_end|>
@@ -212,3 +213,32 @@ def test_no_non_score_reward_is_logged_when_the_kl_is_a_loss(tmp_path, prompts_f
     assert metrics(run, "objective/kl") and metrics(run, "loss/kl")  # the KL is there, as a loss
     assert metrics(run, "objective/non_score_reward") == []
     assert metrics(run, "objective/rlhf_reward") == metrics(run, "objective/scores_shaped")
+
+
+def test_critic_starts_in_the_scale_of_the_weighted_reward_with_text_sources(tmp_path, prompts_file, reward_dir):
+    """Reward = 0.5 · the RM's normalised score + 2 · share_of_a: the critic (the RM, rescaled) must start
+    predicting 0.5·(s − mean)/std + 2·mean(share_of_a), not (s − mean)/std."""
+    from rlhfkit.config import load_config
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.train.ppo.trainer import PPOTrainer
+    from test_grpo import SHARE_OF_A
+
+    sources = [{"type": "model", "weight": 0.5},
+               {"type": "python", "function": SHARE_OF_A, "name": "share_of_a", "weight": 2.0}]
+    cfg = ppo_config(tmp_path, prompts_file, reward_dir, steps=1, normalize_scores=True, normalize_samples=16,
+                     reward={"sources": sources, "dtype": "float32"})
+    raw = yaml.safe_load(cfg.read_text())
+    del raw["ppo"]["critic_model"]  # the critic starts as the reward model
+    cfg.write_text(yaml.safe_dump(raw))
+    trainer = PPOTrainer(load_config(cfg), show_progress=False)
+    mean, std = trainer.norm["mean"], trainer.norm["std"]
+    # the text part on the same samples the normalisation measured (the same seeds, the same policy)
+    text = [trainer.rewards.per_source(*trainer.step_rollouts(step), 8, "cpu")["share_of_a"] for step in range(2)]
+    text_mean = float(torch.cat(text).mean())
+    assert text_mean > 0
+    r = trainer.step_rollouts(0)[0]
+    rm = RewardModel.from_pretrained(str(reward_dir)).eval()
+    with torch.no_grad():
+        s = rm.values(r.input_ids, r.lengths)
+        v = trainer.critic.module.rm.values(r.input_ids, r.lengths)
+    torch.testing.assert_close(v, 0.5 * (s - mean) / std + 2.0 * text_mean, atol=1e-4, rtol=1e-4)

@@ -27,9 +27,9 @@ from . import formulas as PF
 
 # The sampler's log-probs stand in for the actor's old log-probs only while no token's differs by more than
 # this. KV-cached decoding and the trainer's full right-padded forward round differently: measured max
-# |Δlogp| per token (benchmark numbers in docs/algorithms.md, "Reusing the sampler's log-probs") ≈ 1e-6 in
-# fp32, 2e-3 (tiny model) and 0.28 (SmolLM2-135M) in bf16. 1e-3 is 1000× fp32's gap and under 1% of a 0.2
-# ratio clip's log-width (0.18), so fp32 reuses, bf16 recomputes (as verl and OpenRLHF always do).
+# |Δlogp| per token (docs/algorithms.md, "Reusing the sampler's log-probs"): 1e-6 (tiny model) and 2.2e-5
+# (SmolLM2-135M) in fp32, 2e-3 and 0.28 in bf16. 1e-3 is 45× fp32's largest gap and under 1% of a 0.2 ratio
+# clip's log-width (0.18): fp32 reuses, bf16 recomputes (as verl and OpenRLHF always do).
 LOGP_REUSE_MAX_ABS_DIFF = 1e-3
 LOGP_REUSE_CHECK_EVERY = 10  # steps between two checks of the gap (and the first step a process trains)
 

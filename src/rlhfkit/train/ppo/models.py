@@ -61,19 +61,37 @@ def build_actor(cfg: Config, t) -> tuple[TokenLogprobLM, list[dict]]:
     return trainable_causal_lm(model_config_for(cfg, actor_start(cfg)), t)
 
 
-def build_critic(cfg: Config, t, score_stats: tuple[float, float] | None = None) -> tuple[ValueModel, list[dict]]:
-    """The critic starts as the reward model (value head included), as in InstructGPT. With normalised scores
-    (score_stats: the mean and std PPO normalises by) its head is rescaled to predict the normalised score,
-    the scale its returns live in; a critic_model other than the reward model keeps its own head."""
+def critic_head(model_weight: float, norm: dict | None) -> tuple[float, float]:
+    """(a, b): the critic, the RM's score s rescaled to a·s + b, starts in the scale of PPO's returns, the
+    reward as RewardSum sums it: model_weight·(s − mean)/std (model_weight·s without normalisation) plus the
+    text sources' weighted mean on the initial policy's samples (measured with the normalisation; else 0)."""
+    if norm is None:
+        return model_weight, 0.0
+    a = model_weight / norm["std"]
+    return a, norm.get("text_mean", 0.0) - a * norm["mean"]
+
+
+def build_critic(cfg: Config, t, head: tuple[float, float] | None = None) -> tuple[ValueModel, list[dict]]:
+    """The critic starts as the reward model (value head included), as in InstructGPT, its head rescaled to
+    a·s + b (head, from critic_head: the scale its returns live in); a critic_model other than the reward
+    model keeps its own head."""
     rm = load_reward_model(cfg.ppo.critic_model or reward_start(cfg), cfg)
-    if score_stats is not None and cfg.ppo.critic_model in (None, cfg.ppo.reward_model):
-        rm.normalize_head(*score_stats)
+    if head is not None and head != (1.0, 0.0) and cfg.ppo.critic_model in (None, cfg.ppo.reward_model):
+        rescale_head(rm, *head)
     if t.dropout is not None:
         set_dropout(rm.backbone, t.dropout)
     if t.lora.enabled:
         rm.backbone = apply_lora(rm.backbone, t.lora)  # the value head stays fully trainable
     model = ValueModel(rm)
     return model, param_groups(model, t.learning_rate, t.weight_decay, {"lora_": t.lora.learning_rate})
+
+
+@torch.no_grad()
+def rescale_head(rm: RewardModel, a: float, b: float) -> None:
+    """Make every value a·v + b of what it was (the head gets a bias if it had none)."""
+    rm.normalize_head(0.0, 1.0)  # the same values, from a head with a bias
+    rm.v_head.weight.mul_(a)
+    rm.v_head.bias.mul_(a).add_(b)
 
 
 def build_reference(cfg: Config) -> FrozenModel:

@@ -41,7 +41,7 @@ from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollo
 from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
 from .experience import (LOGP_REUSE_CHECK_EVERY, LOGP_REUSE_MAX_ABS_DIFF, Experience, explained_variance_over_ranks,
                          make_experience, masked_moments_over_ranks)
-from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers
+from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers, critic_head
 from .reward_sum import MODEL, RewardFailed, RewardSum
 
 SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
@@ -90,8 +90,9 @@ class PPOTrainer:
         self.norm = self.score_normalization() if p.normalize_scores else None
         self.rewards.score_stats = self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
         self.critic = None
-        if p.uses_critic:  # the critic starts as the RM that gives the scores, in the scale PPO normalises them to
-            critic_model, groups = build_critic(cfg, self.critic_t, self.score_stats if reward_model is None else None)
+        if p.uses_critic:  # the critic starts as the RM that gives the scores, in the scale of the summed reward
+            head = critic_head(self.rewards.model_weight, self.norm) if reward_model is None else None
+            critic_model, groups = build_critic(cfg, self.critic_t, head)
             self.critic = TrainEngine(critic_model, self.critic_t, updates, groups)
         self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
 
@@ -430,7 +431,8 @@ class PPOTrainer:
                 require_finite_weights(self.ema.weights, str(tmp / "ema_model"))
                 write_causal_lm(self.ema.weights, base_config(self.actor.module.lm), self.tokenizer, tmp / "ema_model")
         if self.norm is not None and D.is_main():
-            (tmp / SCORE_STATS_FILE).write_text(json.dumps(self.norm, indent=1))
+            kept = {k: self.norm[k] for k in ("mean", "std", "samples")}  # all a resumed run normalises by
+            (tmp / SCORE_STATS_FILE).write_text(json.dumps(kept, indent=1))
         return finish_checkpoint(tmp, step, self.p.keep_checkpoints, {"step": step, "stage": "ppo"})
 
     def _evaluate_or_save(self, done: int, planner: StepPlanner, timed_eval: bool = True) -> dict:
@@ -488,20 +490,26 @@ class PPOTrainer:
     @torch.no_grad()
     def measure_score_stats(self) -> dict:
         """Score the initial policy's responses to the prompts of the first ⌈ppo.normalize_samples /
-        rollout_batch_size⌉ rollout batches (sampled as those steps sample them); mean and std over every
-        process. Every process scores as many micro-batches (the batches split evenly), as ZeRO-3 needs."""
-        scores = []
+        responses_per_step⌉ rollout batches (sampled as those steps sample them); mean and std over every
+        process. Every process scores as many micro-batches (the batches split evenly), as ZeRO-3 needs.
+        Samples are responses, prompts × n_samples_per_prompt, not independent when n > 1 (both logged).
+        text_mean, the text sources' weighted mean on the same samples, starts the critic (critic_head)."""
+        scores, text = [], []
         for step in range(math.ceil(self.p.normalize_samples / self.p.responses_per_step)):
-            rollout, _ = self.step_rollouts(step)
-            scores.append(self.rewards.model_scores(rollout, self.actor_t.micro_batch_size, self.device))
-        scores = torch.cat(scores)
+            rollout, metadata = self.step_rollouts(step)
+            per_source = self.rewards.per_source(rollout, metadata, self.actor_t.micro_batch_size, self.device)
+            scores.append(per_source.pop(MODEL))
+            text.append(self.rewards.total(per_source) if per_source else torch.zeros_like(scores[-1]))
+        scores, text = torch.cat(scores), torch.cat(text)
         mean, var = masked_moments_over_ranks(scores, torch.ones_like(scores, dtype=torch.bool))
-        samples = int(D.all_reduce_sum([float(len(scores))])[0])
+        count, text_sum = D.all_reduce_sum([float(len(scores)), float(text.sum())])
+        samples = int(count)
         if not var > 0:
             raise RlhfkitError(f"ppo.normalize_scores: the reward gave every one of {samples} samples of the initial "
                                f"policy the same score ({mean:.4g}), so there is no spread to normalise by; "
                                "check the reward model, or set ppo.normalize_scores: false")
-        return {"mean": mean, "std": var ** 0.5, "samples": samples}
+        return {"mean": mean, "std": var ** 0.5, "samples": samples, "prompts": samples // self.p.n_samples_per_prompt,
+                "text_mean": text_sum / samples}
 
 
 def run_ppo(cfg: Config, show_progress: bool = True, reward_model: torch.nn.Module | None = None,
