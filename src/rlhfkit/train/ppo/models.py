@@ -61,22 +61,25 @@ def build_actor(cfg: Config, t) -> tuple[TokenLogprobLM, list[dict]]:
     return trainable_causal_lm(model_config_for(cfg, actor_start(cfg)), t)
 
 
-def critic_head(model_weight: float, norm: dict | None) -> tuple[float, float]:
+def critic_head(score_stats: tuple[float, float] | None, model_weight: float = 1.0,
+                text_mean: float = 0.0) -> tuple[float, float]:
     """(a, b): the critic, the RM's score s rescaled to a·s + b, starts in the scale of PPO's returns, the
-    reward as RewardSum sums it: model_weight·(s − mean)/std (model_weight·s without normalisation) plus the
-    text sources' weighted mean on the initial policy's samples (measured with the normalisation; else 0)."""
-    if norm is None:
-        return model_weight, 0.0
-    a = model_weight / norm["std"]
-    return a, norm.get("text_mean", 0.0) - a * norm["mean"]
+    reward as RewardSum sums it: model_weight·(s − mean)/std (model_weight·s without normalisation) plus
+    text_mean, the text sources' weighted mean on the initial policy's samples (0 when not measured)."""
+    if score_stats is None:
+        return model_weight, text_mean
+    a = model_weight / score_stats[1]
+    return a, text_mean - a * score_stats[0]
 
 
-def build_critic(cfg: Config, t, head: tuple[float, float] | None = None) -> tuple[ValueModel, list[dict]]:
+def build_critic(cfg: Config, t, score_stats: tuple[float, float] | None = None, model_weight: float = 1.0,
+                 text_mean: float = 0.0) -> tuple[ValueModel, list[dict]]:
     """The critic starts as the reward model (value head included), as in InstructGPT, its head rescaled to
-    a·s + b (head, from critic_head: the scale its returns live in); a critic_model other than the reward
-    model keeps its own head."""
+    the scale its returns live in (critic_head: the model source's weight, the normalisation by score_stats,
+    the text sources' mean); a critic_model other than the reward model keeps its own head."""
     rm = load_reward_model(cfg.ppo.critic_model or reward_start(cfg), cfg)
-    if head is not None and head != (1.0, 0.0) and cfg.ppo.critic_model in (None, cfg.ppo.reward_model):
+    head = critic_head(score_stats, model_weight, text_mean)
+    if head != (1.0, 0.0) and cfg.ppo.critic_model in (None, cfg.ppo.reward_model):
         rescale_head(rm, *head)
     if t.dropout is not None:
         set_dropout(rm.backbone, t.dropout)

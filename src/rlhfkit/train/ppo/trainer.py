@@ -41,7 +41,7 @@ from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollo
 from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
 from .experience import (LOGP_REUSE_CHECK_EVERY, LOGP_REUSE_MAX_ABS_DIFF, Experience, explained_variance_over_ranks,
                          make_experience, masked_moments_over_ranks)
-from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers, critic_head
+from .models import actor_start, build_actor, build_critic, build_reference, build_reward, check_tokenizers
 from .reward_sum import MODEL, RewardFailed, RewardSum
 
 SCORE_STATS_FILE = "score_stats.json"  # in every checkpoint: a resumed run normalises exactly as before
@@ -91,8 +91,12 @@ class PPOTrainer:
         self.rewards.score_stats = self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
         self.critic = None
         if p.uses_critic:  # the critic starts as the RM that gives the scores, in the scale of the summed reward
-            head = critic_head(self.rewards.model_weight, self.norm) if reward_model is None else None
-            critic_model, groups = build_critic(cfg, self.critic_t, head)
+            if reward_model is None:
+                text_mean = (self.norm or {}).get("text_mean", 0.0)
+                critic_model, groups = build_critic(cfg, self.critic_t, self.score_stats, self.rewards.model_weight,
+                                                    text_mean)
+            else:  # a reward module given in code: the critic keeps the reward model's head
+                critic_model, groups = build_critic(cfg, self.critic_t)
             self.critic = TrainEngine(critic_model, self.critic_t, updates, groups)
         self.ema = ActorEMA(p.ema_decay, self.actor, p.actor) if p.ema_decay else None
 
