@@ -375,14 +375,17 @@ class DiskFullError(RlhfkitError):
 
 
 LOW_SPACE_BYTES = 64 << 20  # less free than this after a failed write: the disk is full
+# what torch.save's writer says when a write fails (it drops the errno)
+TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed", "iostream error")
 _writing: Path | None = None  # the temp dir of the checkpoint this process is writing
 
 
 def checkpoint_write_failure(e: BaseException) -> str | None:
     """The message for an error that means the disk filled while this process wrote a checkpoint, after
     deleting the half-written temp dir; None for anything else (or when no checkpoint is being written).
-    torch.save's error says only "[enforce fail at inline_container.cc] ... file write failed", so besides
-    ENOSPC/EDQUOT (or their text, as safetensors wraps them) a write error with the disk nearly full counts."""
+    torch.save's error says only "[enforce fail at inline_container.cc] ... file write failed" (or "basic_ios::clear:
+    iostream error"), so besides ENOSPC/EDQUOT (or their text, as safetensors wraps them) a write error with the
+    disk nearly full counts."""
     global _writing
     tmp = _writing
     if tmp is None or not isinstance(e, (OSError, RuntimeError)):
@@ -393,7 +396,8 @@ def checkpoint_write_failure(e: BaseException) -> str | None:
         free = shutil.disk_usage(next(p for p in (tmp, *tmp.parents) if p.exists())).free
     except (OSError, StopIteration):
         free = None
-    if not full and (free is None or free >= LOW_SPACE_BYTES):
+    write_error = isinstance(e, OSError) or any(sign in str(e) for sign in TORCH_WRITE_ERRORS)
+    if not full and (not write_error or free is None or free >= LOW_SPACE_BYTES):
         return None
     _writing = None
     shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left taking the space
