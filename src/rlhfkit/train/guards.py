@@ -96,11 +96,15 @@ class NonFiniteGuard:
                           "far too high and the updates destroyed the model (a loss stuck at ln(vocabulary size) "
                           "means uniform predictions); check ppo.actor.learning_rate and the rewards.", flush=True)
                 continue
+            from ..engine.backend import checkpoint_dirs
+
+            spoiled = [c.name for c in checkpoint_dirs(self.out_dir) if int(c.name.split("-")[1]) >= first - 1]
             raise TrainingCollapsedError(
                 f"{self.stage}: {what} The updates destroyed the model: its outputs saturated, most likely because "
                 f"{self.stage}.learning_rate is far too high (a loss stuck at ln(vocabulary size) means uniform "
                 f"predictions). Nothing was published as final/; rerun with a lower learning rate and "
-                f"{self.stage}.resume=never (the checkpoints since step {first - 1} hold the collapsed model).")
+                f"{self.stage}.resume=never" + (f" (checkpoints {', '.join(spoiled)} hold the collapsed model)."
+                                                 if spoiled else "."))
 
 
 class TrainingCollapsedError(NonFiniteError):
