@@ -93,10 +93,13 @@ HOLDER = r"""
 import os, sys, time
 from rlhfkit.train.guards import lock_output_dir
 lock_output_dir(sys.argv[1])
+r, w = os.pipe()
 child = os.fork()  # as a DataLoader worker or a compile worker is started
 if child == 0:
+    os.write(w, b"x")  # fork() has returned here: the child's at-fork hooks have run
     time.sleep(120)
     os._exit(0)
+os.read(r, 1)
 held = []
 for fd in os.listdir("/proc/self/fd"):
     try:
