@@ -1,6 +1,7 @@
 """Time-budgeted pipelines: steps planned from measured times, recorded, and replayed exactly."""
 
 import json
+import statistics
 import time
 
 import pytest
@@ -37,6 +38,38 @@ def test_planner_counts_the_evals_and_checkpoints_the_remaining_steps_bring(tmp_
     n = planner.after_step(2, 5.0)
     cost = lambda n: (n - 2) * 5 + 4 * (len(range(4, n, 2)) + 1) + 6 * (len(range(4, n, 4)) + 1)  # noqa: E731
     assert cost(n) <= 100 < cost(n + 1)
+
+
+def test_without_a_timed_eval_the_final_eval_is_planned_from_its_guess(tmp_path):
+    """A stage that skips the eval before its first step (rm.eval_at_start: false) still keeps time for the
+    final one: eval_guess_steps steps' worth until an eval is timed."""
+    planner = StepPlanner(StageBudget(seconds=100.0, started=time.perf_counter()), "rm", total=50, eval_every=0,
+                          save_every=0, plan_file=tmp_path / "plan.json", resumed=False, save_guess_steps=1.0,
+                          eval_guess_steps=3.0)
+    planner.after_step(1, 10.0)
+    assert planner.after_step(2, 10.0) == 7  # (n − 2)·10 + eval 3·10 + checkpoint 1·10 ≤ 100
+
+
+def test_the_plan_can_be_recomputed_from_its_record_alone(tmp_path):
+    """plan.json keeps every figure the planner used: replaying _cost on them gives the recorded plan."""
+    plan_file = tmp_path / "plan.json"
+    planner = StepPlanner(StageBudget(seconds=60.0, started=time.perf_counter()), "rm", total=40, eval_every=5,
+                          save_every=7, plan_file=plan_file, resumed=False, eval_guess_steps=2.0)
+    for done, took in enumerate([3.0, 1.0, 1.2, 0.9, 1.1], start=1):
+        planner.after_step(done, took)
+    r = json.loads(plan_file.read_text())
+    step_s = statistics.median(r["step_times_s"][r["warmup_steps"]:])
+    eval_s = r["eval_s"] if r["evals_timed"] else r["eval_guess_steps"] * step_s
+    save_s = r["checkpoint_s"] if r["checkpoints_timed"] else r["checkpoint_guess_steps"] * step_s
+    done = len(r["step_times_s"])
+
+    def cost(n):
+        between = range(done + 1, n)
+        evals = sum(1 for s in between if s % r["eval_every"] == 0)
+        saves = sum(1 for s in between if s % r["save_every"] == 0)
+        return (n - done) * step_s + (evals + 1) * eval_s + (saves + 1) * save_s
+
+    assert cost(r["planned"]) <= r["left_s"] < cost(r["planned"] + 1)
 
 
 def test_a_resumed_stage_keeps_its_recorded_plan(tmp_path):

@@ -36,7 +36,7 @@ class StageBudget:
 
 class StepPlanner:
     def __init__(self, budget: StageBudget | None, name: str, total: int, eval_every: int, save_every: int,
-                 plan_file: Path, resumed: bool, save_guess_steps: float = 2.0):
+                 plan_file: Path, resumed: bool, save_guess_steps: float = 2.0, eval_guess_steps: float = 0.0):
         self.budget, self.name, self.total = budget, name, total
         self.configured = total
         self.eval_every, self.save_every = eval_every, save_every
@@ -45,6 +45,9 @@ class StepPlanner:
         self.eval_s = self.save_s = 0.0
         self.saves_seen = 0
         self.save_guess_steps = save_guess_steps  # a checkpoint's cost in steps, until one was timed
+        self.eval_guess_steps = eval_guess_steps  # an eval's cost in steps, until one was timed (none at the start)
+        self.evals_seen = 0
+        self.left_s: float | None = None  # the time left when the plan was last made
         self.planned_once = False
         # Rank 0's plan.json decides for every rank: without a shared disk only rank 0's disk has it, and a rank
         # that kept its budget while the others dropped theirs would wait in after_step's all_reduce forever.
@@ -70,6 +73,7 @@ class StepPlanner:
 
     def timed_eval(self, seconds: float) -> None:
         self.eval_s = max(self.eval_s, seconds)
+        self.evals_seen += 1
 
     def timed_save(self, seconds: float) -> None:
         self.save_s = max(self.save_s, seconds)
@@ -82,9 +86,10 @@ class StepPlanner:
             return self.total
         step_s = statistics.median(self.step_times[WARMUP_STEPS:])
         save_s = self.save_s if self.saves_seen else self.save_guess_steps * step_s
-        left = self.budget.seconds - (time.perf_counter() - self.budget.started)
+        eval_s = self.eval_s if self.evals_seen else self.eval_guess_steps * step_s
+        left = self.left_s = self.budget.seconds - (time.perf_counter() - self.budget.started)
         planned = self.configured
-        while planned > done and self._cost(done, planned, step_s, save_s) > left:
+        while planned > done and self._cost(done, planned, step_s, save_s, eval_s) > left:
             planned -= 1
         planned = D.all_reduce_min(planned)  # every process stops after the same step
         if planned != self.total or not self.planned_once:
@@ -92,26 +97,31 @@ class StepPlanner:
             if not D.is_main():
                 return self.total
             tqdm.write(f"{self.name}: time budget {self.budget.seconds:.0f}s → {planned} of {self.configured} steps "
-                       f"(step {step_s:.2f}s, eval {self.eval_s:.1f}s, checkpoint {save_s:.1f}s)")  # above the bar
+                       f"(step {step_s:.2f}s, eval {eval_s:.1f}s, checkpoint {save_s:.1f}s)")  # above the bar
             self.write()
         return self.total
 
-    def _cost(self, done: int, n: int, step_s: float, save_s: float) -> float:
+    def _cost(self, done: int, n: int, step_s: float, save_s: float, eval_s: float) -> float:
         """Seconds from now to the end of the stage if it stops after step n."""
         between = range(done + 1, n)
         evals = sum(1 for s in between if self.eval_every and s % self.eval_every == 0)
         saves = sum(1 for s in between if self.save_every and s % self.save_every == 0)
-        return (n - done) * step_s + (evals + 1) * self.eval_s + (saves + 1) * save_s
+        return (n - done) * step_s + (evals + 1) * eval_s + (saves + 1) * save_s
 
     def write(self) -> None:
-        """plan.json: what was planned and what it was planned from (rewritten when the plan changes)."""
+        """plan.json: what was planned and every figure it was planned from (rewritten when the plan changes):
+        the step times, the timed eval and checkpoint (or the guesses used before one was timed) and the time
+        that was left, so that the plan can be recomputed from the record alone."""
         if self.budget is None or not D.is_main():
             return  # no budget, or resumed: the recorded plan stands
         times = self.step_times[WARMUP_STEPS:] or self.step_times
         write_text_atomic(self.plan_file, json.dumps({
             "unit": "steps", "budget_s": self.budget.seconds, "configured": self.configured, "planned": self.total,
             "median_step_s": statistics.median(times) if times else None, "eval_s": self.eval_s,
-            "checkpoint_s": self.save_s}, indent=1))
+            "checkpoint_s": self.save_s, "step_times_s": self.step_times, "warmup_steps": WARMUP_STEPS,
+            "evals_timed": self.evals_seen, "eval_guess_steps": self.eval_guess_steps,
+            "checkpoints_timed": self.saves_seen, "checkpoint_guess_steps": self.save_guess_steps,
+            "eval_every": self.eval_every, "save_every": self.save_every, "left_s": self.left_s}, indent=1))
 
 
 def check_budgetable(stage: str, lr_scheduler: str, warmup_ratio: float) -> None:

@@ -63,7 +63,8 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     if D.is_main():  # metrics past the resumed step (or all, on a fresh start) are redone
         truncate_metrics(out_dir / "metrics.jsonl", start if ckpt else -1)
     planner = StepPlanner(budget, stage.name, schedule.total_steps, t.eval_every, t.save_every,
-                          out_dir / "plan.json", resumed=bool(ckpt), save_guess_steps=stage.checkpoint_cost_steps)
+                          out_dir / "plan.json", resumed=bool(ckpt), save_guess_steps=stage.checkpoint_cost_steps,
+                          eval_guess_steps=eval_cost_steps(stage, t, global_batch))
     total = planner.total
     tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(),
                       show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
@@ -126,6 +127,13 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     tracker.close()
     finish_timing(out_dir, probe)
     return final
+
+
+def eval_cost_steps(stage: Stage, t: TrainConfig, global_batch: int) -> float:
+    """A guess of one eval's cost in training steps, until one is timed: a forward pass (a third of a step's
+    forward and backward) over the eval rows."""
+    rows = len(stage.eval) if t.max_eval_batches is None else min(len(stage.eval), t.max_eval_batches * t.micro_batch_size)
+    return rows / global_batch / 3
 
 
 def finish_timing(out_dir: Path, probe: UpdateProbe) -> None:
