@@ -67,8 +67,9 @@ def test_pipeline_runs_every_stage_then_skips_finished_ones(tiny_run):
     for stage, t in record["time"].items():
         assert t["wall_s"] == pytest.approx(record["seconds"][stage])
         assert sum(t["seconds"].values()) == pytest.approx(t["wall_s"]), stage
-    for stage in ("sft", "rm"):
+    for stage in ("sft", "rm", "ppo"):
         assert record["time"][stage]["seconds"]["train_steps"] > 0 and record["time"][stage]["utilisation"] > 0
+        assert record["time"][stage]["seconds"]["load"] > 0 and record["time"][stage]["seconds"]["eval"] > 0
     assert "training steps:" in tiny_run["out"] and "GFLOP/s in float32" in tiny_run["out"]
     again = run_ok(["pipeline", str(tiny_run["config"]), "--no-progress"])
     for stage in ("sft", "rm", "ppo", "eval", "export"):

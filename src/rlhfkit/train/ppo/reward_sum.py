@@ -59,13 +59,15 @@ class RewardSum:
         if self.model_scorer is not None:
             out[MODEL] = self.model_scores(r, micro_batch, device).float()
         if self.text_sources:
-            from ...rewards.sources import RewardError
+            from ...rewards.sources import RewardError, generated_texts
 
             prompts, responses = self.texts(r)
+            generated = generated_texts(self.tokenizer, r)  # special tokens kept, as a remote server reads them
             problem = None
             try:
                 for source in self.text_sources:
-                    out[source.name] = torch.tensor(source(prompts, responses, metadata), dtype=torch.float32)
+                    out[source.name] = torch.tensor(source(prompts, responses, metadata, generated),
+                                                    dtype=torch.float32)
             except RewardError as e:
                 problem = str(e)
             # every process learns of a failure anywhere: the others would wait in the next collective

@@ -33,7 +33,9 @@ from ..batching import StepSchedule, collate_sft, count_sft_targets
 from ..common import base_config, begin_stage, gathered_weights, model_config_for, save_causal_lm, stage_data, write_causal_lm
 from ..budget import StageBudget, StepPlanner
 from ..guards import NonFiniteGuard, require_finite_weights
-from ..loop import publish_final, timed, truncate_metrics
+from ..loop import finish_timing, publish_final, timed, truncate_metrics
+from ..update_probe import UpdateProbe
+from ...timing import clock, linear_params
 from . import formulas as PF
 from .ema import ActorEMA
 from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for,
@@ -80,6 +82,8 @@ class PPOTrainer:
         # comes last: with normalised scores its head is set from the statistics the others measure.
         actor_model, groups = build_actor(cfg, self.actor_t)
         self.actor = TrainEngine(actor_model, self.actor_t, updates, groups)
+        self.probe = UpdateProbe("ppo.actor", self.actor.module, self.actor.cfg.dtype)
+        self.last_step_flops = 0.0
         self.reference = build_reference(cfg)
         self.rewards = self._build_rewards(reward_model)
         self.kl_ctl = (PF.AdaptiveKLController(p.kl_coef, p.adaptive_kl.target, p.adaptive_kl.horizon)
@@ -134,11 +138,16 @@ class PPOTrainer:
         tracker = Tracker(self.out_dir, total, start, desc="ppo", enabled=D.is_main(),
                           show_progress=self.show_progress, wandb_project=p.wandb_project,
                           run_name=self.out_dir.name, config=self.cfg.model_dump(mode="json"))
+        stage_clock = clock()
+        stage_clock.add("load", time.perf_counter() - stage_clock.started)  # models, resume state, normalisation
+        stage_clock.dtype = self.actor.cfg.dtype
+        probe = self.probe
         if start:
             tracker.write(f"ppo: resumed at step {start}/{total}")
         else:
             norm = {f"score_norm/{k}": v for k, v in (self.norm or {}).items()}
-            tracker.log(0, {**norm, **self._evaluate_or_save(0, planner)})
+            with stage_clock.part("eval"):
+                tracker.log(0, {**norm, **self._evaluate_or_save(0, planner)})
         guard = NonFiniteGuard("ppo", self.out_dir, p.actor.max_nonfinite_steps, "ppo.actor.max_nonfinite_steps")
         done = start
         while done < total:
@@ -147,29 +156,47 @@ class PPOTrainer:
             except RewardFailed as e:
                 raise RewardFailed(f"ppo: step {done + 1}: {e}; {self._save_for_resume(done)}") from None
             done += 1
+            stage_clock.add("train_steps", metrics["time/step"])
+            stage_clock.train_flops += self.last_step_flops
+            metrics.update(probe.after(done, tracker.write))
             total = planner.after_step(done, metrics["time/step"])
             tracker.set_total(total)
             tracker.log(done, metrics, advance=True)
             guard.check(done, {k: metrics.get(k) for k in ("loss/policy", "loss/value", "policy/grad_norm",
                                                            "val/grad_norm")})
             if p.eval_every and done % p.eval_every == 0 and done < total:
-                tracker.log(done, self._evaluate_or_save(done, planner))
+                with stage_clock.part("eval"):
+                    tracker.log(done, self._evaluate_or_save(done, planner))
             if p.save_every and done % p.save_every == 0 and done < total:
-                timed(self.save_checkpoint, planner.timed_save)(done)
-        final = self._evaluate_or_save(total, planner, timed_eval=False)
+                timed(self.save_checkpoint, planner.timed_save, "checkpoint")(done)
+        with stage_clock.part("eval"):
+            final = self._evaluate_or_save(total, planner, timed_eval=False)
         tracker.log(total, final)
-        ckpt = self.save_checkpoint(total)
-        planner.write()
-        if D.is_main():
-            publish_final(ckpt / "model", self.out_dir / "final", final)
+        with stage_clock.part("checkpoint"):
+            ckpt = self.save_checkpoint(total)
+            planner.write()
+            if D.is_main():
+                publish_final(ckpt / "model", self.out_dir / "final", final)
+                if self.ema is not None:
+                    publish_final(ckpt / "ema_model", self.out_dir / "final-ema", {})
+            D.copy_dir_to_every_disk(self.out_dir / "final")  # eval and export may run on any node
             if self.ema is not None:
-                publish_final(ckpt / "ema_model", self.out_dir / "final-ema", {})
-        D.copy_dir_to_every_disk(self.out_dir / "final")  # eval and export may run on any node
-        if self.ema is not None:
-            D.copy_dir_to_every_disk(self.out_dir / "final-ema")
+                D.copy_dir_to_every_disk(self.out_dir / "final-ema")
         D.barrier()
         tracker.close()
+        finish_timing(self.out_dir, probe)
         return final
+
+    def step_flops(self, rollout, recomputed_logprobs: bool) -> float:
+        """Model FLOPs of one step on this process (timing.py's rule, N from the actor's linear layers; the
+        frozen and value models are taken to be the actor's size): decoding at 2·N per generated token, the
+        experience forwards (reference, reward, the actor's old log-probs where recomputed, the critic) at
+        2·N per token, and ppo_epochs passes of actor (and critic) training."""
+        n, trainable = linear_params(self.actor.module)
+        tokens = float(rollout.lengths.sum())
+        forwards = 2 + int(recomputed_logprobs) + int(self.critic is not None)
+        trained = (4 * n + 2 * trainable) * (1 + int(self.critic is not None))
+        return 2 * n * float(rollout.response_lengths.sum()) + tokens * (2 * n * forwards + self.p.ppo_epochs * trained)
 
     def step(self, step: int) -> dict:
         p = self.p
@@ -186,10 +213,12 @@ class PPOTrainer:
                               kl_coef, self.actor_t.micro_batch_size, self.device, self.reuse_logprobs, check)
         self.logp_checked |= check
         self._stop_reuse_if_inexact(exp)
+        self.last_step_flops = self.step_flops(rollout, not self.reuse_logprobs or check)
         t2 = time.perf_counter()
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
+        self.probe.before()
         train_stats = self.update(exp, step, kl_coef)
         t_refresh = time.perf_counter()
         self.policy.refresh(self.actor)
