@@ -68,6 +68,8 @@ def _eval_table(results: dict) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
     extra = ", ".join(f"{k.replace('_', ' ')}: {results[k]:.4g}" for k in ("sft_perplexity", "final_perplexity", "rm_accuracy")
                       if results.get(k) is not None)
+    if results.get("rm_accuracy_ci"):
+        extra += f" {fmt_interval(results['rm_accuracy_ci'], '.3f')} on {results['rm_accuracy_pairs']} pairs"
     note = judge_note(results)
     note = f'<p id="eval-judges">{html.escape(note)}</p>' if note else ""
     return f'<table id="eval-table">{head}{"".join(rows)}</table><p>{html.escape(extra)}</p>{note}'

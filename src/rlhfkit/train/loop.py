@@ -98,7 +98,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         totals = dict(zip(keys, D.all_reduce_sum([float(sums[k]) for k in keys])))
         took = time.perf_counter() - t0
         stage_clock.add("train_steps", took)
-        stage_clock.train_flops += flops_per_token * stage.tokens(all_rows)
+        stage_clock.train_flops += flops_per_token * stage.tokens(all_rows) / world  # this process's share
         done = step = step + 1
         total = planner.after_step(done, took)
         tracker.set_total(total)
