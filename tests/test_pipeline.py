@@ -67,6 +67,7 @@ def test_pipeline_runs_every_stage_then_skips_finished_ones(tiny_run):
     for stage, t in record["time"].items():
         assert t["wall_s"] == pytest.approx(record["seconds"][stage])
         assert sum(t["seconds"].values()) == pytest.approx(t["wall_s"]), stage
+    assert record["time"]["eval"]["seconds"]["eval"] > 0.9 * record["time"]["eval"]["wall_s"]
     for stage in ("sft", "rm", "ppo"):
         assert record["time"][stage]["seconds"]["train_steps"] > 0 and record["time"][stage]["utilisation"] > 0
         assert record["time"][stage]["seconds"]["load"] > 0 and record["time"][stage]["seconds"]["eval"] > 0

@@ -22,7 +22,7 @@ from .config import Config
 from .engine import distributed as D
 from .errors import ConfigError
 from .paths import write_text_atomic
-from .timing import start_stage
+from .timing import clock, start_stage
 from .train.guards import lock_run
 
 ALL_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "export")
@@ -105,7 +105,8 @@ def run_stage(cfg: Config, stage: str, show_progress: bool, budget=None) -> None
         run_dpo(cfg, show_progress, budget=budget)
     elif stage == "eval":
         if D.is_main():
-            evaluate_and_report(cfg, show_progress, budget)
+            with clock().part("eval"):  # the eval stage is all eval (its model loads included)
+                evaluate_and_report(cfg, show_progress, budget)
         D.barrier()
     elif stage == "export":
         if D.is_main():
