@@ -72,10 +72,10 @@ def test_every_model_defaults_to_auto_and_frozen_models_follow_the_actor(cpu_kin
     r = P.resolve_precision(cfg)
     assert {r.sft.dtype, r.rm.dtype, r.ppo.reference.dtype, r.ppo.rollout_dtype, r.eval.dtype} == {"bfloat16"}
     cpu_kind(False)
-    cfg.ppo.actor.dtype = "bfloat16"  # asked for explicitly: kept (slowly), and the frozen models follow it
+    cfg.ppo.actor.dtype = "bfloat16"  # asked for explicitly: kept (slowly); the frozen models and rollouts follow
     r = P.resolve_precision(cfg)
-    assert r.sft.dtype == r.ppo.rollout_dtype == "float32"
-    assert r.ppo.actor.dtype == r.ppo.reference.dtype == r.ppo.reward.dtype == "bfloat16"
+    assert r.sft.dtype == r.eval.dtype == "float32"
+    assert r.ppo.actor.dtype == r.ppo.reference.dtype == r.ppo.reward.dtype == r.ppo.rollout_dtype == "bfloat16"
     assert P.resolve_precision(r) == r  # idempotent: a resolved config replays as it is
 
 
@@ -88,7 +88,10 @@ def test_auto_trains_full_weights_in_fp32_on_a_cpu_where_bf16_updates_would_vani
     cfg.ppo.actor.lora.r = 8  # LoRA factors start at zero: their updates survive at any rate
     r = P.resolve_precision(cfg)
     assert (r.sft.dtype, r.rm.dtype, r.ppo.actor.dtype) == ("float32", "bfloat16", "bfloat16")
-    assert r.ppo.reference.dtype == "bfloat16" and r.eval.dtype == "bfloat16"
+    assert r.ppo.reference.dtype == r.ppo.rollout_dtype == r.eval.dtype == "bfloat16"
+    cfg.ppo.actor.lora.r = 0  # full weights at 1e-5: the actor trains in fp32, and samples in fp32 (on-policy)
+    r = P.resolve_precision(cfg)
+    assert r.ppo.actor.dtype == r.ppo.rollout_dtype == r.ppo.reference.dtype == "float32"
     assert "learning rate 2e-05" in P.why_stage("sft")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU run is long: its fp32 masters add up
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)

@@ -48,3 +48,31 @@ def test_the_update_figure_tells_a_stalled_bf16_run_from_a_learning_one(tmp_path
         assert min(changed[1:]) > 0.9 and not t["updates_vanish"] and "barely learns" not in out
     else:
         assert max(changed[1:]) < 0.1 and t["updates_vanish"] and "barely learns" in out
+
+
+def test_a_second_run_of_a_stage_in_one_process_gets_its_own_clock():
+    from rlhfkit.timing import clock, ensure_stage, start_stage
+
+    pipeline_clock = start_stage("rm")  # the pipeline starts the stage's clock; the stage takes it
+    assert ensure_stage("rm") is pipeline_clock
+    clock().add("train_steps", 5.0)
+    again = ensure_stage("rm")  # the same stage run again in this process (an API user): a fresh clock
+    assert again is not pipeline_clock and again.parts["train_steps"] == 0.0
+
+
+def test_the_probe_skips_steps_without_an_update_and_judges_by_the_mean():
+    import torch
+
+    from rlhfkit.train.update_probe import UpdateProbe
+
+    model = torch.nn.Linear(64, 64)
+    probe, said = UpdateProbe("x", model, "bfloat16"), []
+    for step in range(1, 9):
+        probe.before()
+        with torch.no_grad():
+            if step % 2:  # odd steps change 1 of the 4096 weights; even steps none (not counted)
+                model.weight[step, 0] += 1.0
+        out = probe.after(step, said.append)
+        assert ("precision/weights_changed" in out) == bool(step % 2)
+    assert probe.summary()["weights_changed_mean"] == pytest.approx(1 / 4096) and said
+    assert "per step" in said[0]

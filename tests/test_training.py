@@ -335,3 +335,13 @@ def test_rm_freeze_layers_fixes_the_embeddings_and_the_lowest_layers(tmp_path, p
     cfg.rm.freeze_layers = 3
     with pytest.raises(ConfigError, match="rm.freeze_layers 3: the model has 2 layers"):
         build_reward_model(cfg)
+
+
+def test_rm_freeze_layers_and_lora_do_not_combine(tmp_path, pairs_file):
+    from rlhfkit.config import load_config
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.train.reward import build_reward_model
+
+    cfg = load_config(write_config(tmp_path, pairs_file, rm={"freeze_layers": 1, "lora": {"r": 4}}))
+    with pytest.raises(ConfigError, match="rm.freeze_layers and rm.lora do not combine"):
+        build_reward_model(cfg)

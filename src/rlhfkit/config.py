@@ -369,7 +369,7 @@ class PPOConfig(Section):
     n_samples_per_prompt: int = Field(1, ge=1)  # responses per prompt: a group (grpo, rloo, ... need ≥ 2)
     generation_batch_size: int | None = Field(None, ge=1)  # prompts per generate() call; default: all of a process's
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    rollout_dtype: Precision = "auto"
+    rollout_dtype: Precision = "auto"  # auto: the actor's precision (a sampler in another is off-policy)
     # How the rollout copy runs its decoding loop; every choice samples the same tokens (row-seeded):
     # dynamic: a KV cache growing by one column per step; static: a fixed-shape StaticCache of prompt width +
     # max_new_tokens rounded up to 64, kept and reused per (batch, length); compiled: static with the decode

@@ -251,7 +251,7 @@ def time_table(breakdown: dict[str, dict]) -> str:
     from .timing import PARTS
 
     cols = (*PARTS, "other")
-    lines = ["pipeline time (s): stage  " + "  ".join(f"{c:>11}" for c in cols) + "        wall"]
+    lines = ["pipeline time (s)".ljust(22) + "  ".join(f"{c:>11}" for c in cols) + f"  {'wall':>10}"]
     for stage, b in breakdown.items():
         lines.append(f"  {stage:<20}" + "  ".join(f"{b['seconds'].get(c, 0.0):11.1f}" for c in cols) + f"  {b['wall_s']:10.1f}")
     wall = sum(b["wall_s"] for b in breakdown.values())

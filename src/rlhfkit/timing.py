@@ -5,10 +5,11 @@ part claims is `other`, so the parts always add up to the stage's wall time. A t
 the model FLOPs of its steps, so its achieved FLOP/s can be set against the machine's measured matmul peak
 at the stage's precision (engine/precision.py: matmul_peak_flops).
 
-Model FLOPs per token (the usual 6·N rule, made exact for frozen weights): 2·N forward, 2·N for the
-gradients of the activations, and 2·N_trainable for the gradients of the weights, with N the parameters of
-the linear layers under the LM head. The LM head (run only where a loss reads it), embeddings and the
-attention scores are left out, so the utilisation is a lower bound.
+Model FLOPs per token (the usual 6·N rule, with frozen weights' gradients left out): 2·N forward, 2·N for
+the gradients of the activations, and 2·N_trainable for the gradients of the weights, with N the parameters
+of the linear layers under the LM head. The LM head (run only where a loss reads it), embeddings and the
+attention scores are left out, so the utilisation is a lower bound (except with rm.freeze_layers, whose
+frozen layers need no activation gradients: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StageClock:
         self.peak_flops: float | None = None
         self.dtype: str | None = None
         self.extra: dict = {}  # other figures of the stage (the update probe's) kept beside the times
+        self.claimed = False  # a stage's code has started on this clock (a second run gets a new one)
 
     def add(self, part: str, seconds: float) -> None:
         self.parts[part] += seconds
@@ -81,7 +83,9 @@ def start_stage(stage: str) -> StageClock:
 def ensure_stage(stage: str) -> StageClock:
     """The clock of `stage`: the pipeline's, when it started the stage (its wall time then includes what the
     pipeline did first), else a new one."""
-    return _clock if _clock.stage == stage else start_stage(stage)
+    mine = _clock if _clock.stage == stage and not _clock.claimed else start_stage(stage)
+    mine.claimed = True
+    return mine
 
 
 def clock() -> StageClock:
@@ -99,8 +103,9 @@ def linear_params(model: torch.nn.Module) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             for p in module.parameters(recurse=False):
-                total += p.numel()
-                trainable += p.numel() if p.requires_grad else 0
+                n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 parameter is partitioned: its full size
+                total += n
+                trainable += n if p.requires_grad else 0
     return total, trainable
 
 

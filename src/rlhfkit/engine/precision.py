@@ -236,8 +236,9 @@ def why_stage(where: str) -> str | None:
 
 def resolve_precision(cfg):
     """A copy of the run config with every `auto` precision made concrete (idempotent). Trainable models by
-    auto_for_training; reference and reward default to the actor's precision; rollouts and everything
-    else to the machine's."""
+    auto_for_training; reference, reward and rollouts default to the actor's precision (a sampler in another
+    precision than the trainer is off-policy: its log-probs differ by up to 0.28 per token on SmolLM2 in bf16
+    against fp32, docs/algorithms.md); everything else to the machine's."""
     cfg = cfg.model_copy(deep=True)
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, "model.dtype")
     for name in ("sft", "rm", "dpo"):
@@ -251,5 +252,5 @@ def resolve_precision(cfg):
     for name in ("reference", "reward"):
         frozen = getattr(p, name)
         frozen.dtype = p.actor.dtype if frozen.dtype == "auto" else resolve_dtype(frozen.dtype, f"ppo.{name}.dtype")
-    p.rollout_dtype = resolve_dtype(p.rollout_dtype, "ppo.rollout_dtype")
+    p.rollout_dtype = p.actor.dtype if p.rollout_dtype == "auto" else resolve_dtype(p.rollout_dtype, "ppo.rollout_dtype")
     return cfg

@@ -123,16 +123,18 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         if D.is_main():
             publish_final(ckpt / "model", out_dir / "final", final)
         D.copy_dir_to_every_disk(out_dir / "final")  # the next stage reads it on every node
+    finish_timing(out_dir, probe)  # before the barrier: the peak is measured while the other ranks wait
     D.barrier()
     tracker.close()
-    finish_timing(out_dir, probe)
     return final
 
 
 def eval_cost_steps(stage: Stage, t: TrainConfig, global_batch: int) -> float:
     """A guess of one eval's cost in training steps, until one is timed: a forward pass (a third of a step's
     forward and backward) over the eval rows."""
-    rows = len(stage.eval) if t.max_eval_batches is None else min(len(stage.eval), t.max_eval_batches * t.micro_batch_size)
+    world = global_batch // (t.micro_batch_size * t.gradient_accumulation_steps)
+    cap = None if t.max_eval_batches is None else t.max_eval_batches * t.micro_batch_size * world  # per process
+    rows = len(stage.eval) if cap is None else min(len(stage.eval), cap)
     return rows / global_batch / 3
 
 

@@ -2,10 +2,11 @@
 
 The score is read at the last response token (models.reward.RewardModel.score → losses.gather_last).
 Eval reports accuracy, mean margin and chosen/rejected score means before, during and after training.
-Every saved model stores the mean/std of the scores of the last STATS_ROWS training pairs beside it, for
-reference (PPO normalises with its own policy's samples, ppo.normalize_scores). They are the scores the
-training forwards computed anyway, so a checkpoint costs no scoring pass; a run resumed at its last step,
-which has none, scores the first STATS_ROWS training pairs instead.
+Every saved model stores the mean/std of the scores of each process's last STATS_ROWS training pairs beside
+it, for reference only (nothing computes with them: PPO normalises with its own policy's samples,
+ppo.normalize_scores). They are the scores the training forwards computed anyway, so a checkpoint costs no
+scoring pass; a run resumed at its last step, which has none, scores the first STATS_ROWS training pairs
+instead (so the stored figures of a resumed run can differ slightly from an uninterrupted one's).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def build_reward_model(cfg: Config) -> tuple[RewardModel, list[dict]]:
     if t.dropout is not None:
         set_dropout(model.backbone, t.dropout)
     if t.freeze_layers:
+        if t.lora.enabled:  # LoRA freezes the base weights itself and adds adapters to every layer
+            raise ConfigError("rm.freeze_layers and rm.lora do not combine: LoRA already keeps the base weights "
+                              "fixed and trains adapters in every layer; choose one")
         freeze_lower_layers(model.backbone, t.freeze_layers)
     if t.lora.enabled:
         model.backbone = apply_lora(model.backbone, t.lora)  # the head stays fully trainable

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 SAMPLE = 4096  # elements per weight tensor (its first ones): cheap, and the same every step
+# Under ZeRO-3 a process holds only a partition of each weight: the probe sees none and stays silent.
 WARMUP = 3  # steps before judging (the first updates of Adam are larger than its later ones)
 VANISHING = 0.25  # below this share of changed weights per step, the run "mostly does not learn"
 
@@ -39,14 +40,17 @@ class UpdateProbe:
         changed = sum(int((w.detach().reshape(-1)[:SAMPLE] != s).sum()) for w, s in zip(self.weights, self.snapshot))
         share = changed / sum(s.numel() for s in self.snapshot)
         self.snapshot = []
+        if changed == 0:  # no optimizer update this step (skipped, or every RL group dropped): nothing to judge
+            return {}
         self.shares.append(share)
         recent = self.shares[WARMUP:]
-        if recent and not self.warned and self.dtype != "float32" and sum(recent) / len(recent) < VANISHING:
+        mean = sum(recent) / len(recent) if recent else 1.0
+        if not self.warned and self.dtype != "float32" and mean < VANISHING:
             self.warned = True
-            say(f"{self.name}: step {step}: only {100 * share:.1f}% of the {self.dtype} compute copy's weights "
-                f"changed in this step: most updates are below {self.dtype}'s resolution at this learning rate "
-                f"and the model barely learns. Train in float32 ({self.name}.dtype: float32), with LoRA, or "
-                f"with a higher learning rate.")
+            say(f"{self.name}: steps {WARMUP + 1}-{step}: only {100 * mean:.1f}% of the {self.dtype} compute copy's "
+                f"weights changed per step: most updates are below {self.dtype}'s resolution at this learning "
+                f"rate and the model barely learns. Train in float32 ({self.name}.dtype: float32), with LoRA, "
+                f"or with a higher learning rate.")
         return {"precision/weights_changed": share}
 
     def summary(self) -> dict:
