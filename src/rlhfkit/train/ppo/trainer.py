@@ -190,11 +190,13 @@ class PPOTrainer:
     def step_flops(self, rollout, recomputed_logprobs: bool) -> float:
         """Model FLOPs of one step on this process (timing.py's rule, N from the actor's linear layers; the
         frozen and value models are taken to be the actor's size): decoding at 2·N per generated token, the
-        experience forwards (reference, reward, the actor's old log-probs where recomputed, the critic) at
+        experience forwards (the reference and the reward model where they run, the actor's old log-probs where
+        recomputed, the critic) at
         2·N per token, and ppo_epochs passes of actor (and critic) training."""
         n, trainable = linear_params(self.actor.module)
         tokens = float(rollout.lengths.sum())
-        forwards = 2 + int(recomputed_logprobs) + int(self.critic is not None)
+        forwards = (int(self.p.kl_mode != "off") + int(self.rewards.model_scorer is not None)  # reference, RM
+                    + int(recomputed_logprobs) + int(self.critic is not None))
         trained = (4 * n + 2 * trainable) * (1 + int(self.critic is not None))
         return 2 * n * float(rollout.response_lengths.sum()) + tokens * (2 * n * forwards + self.p.ppo_epochs * trained)
 
@@ -453,7 +455,9 @@ class PPOTrainer:
     # --- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
         tmp = begin_checkpoint(self.out_dir, step)
-        self.actor.save_state(tmp / "actor", {"step": step, "kl_controller": self.kl_ctl.state_dict()})
+        # reuse_logprobs: once a gap turned reuse off, a resumed run keeps it off, as the uninterrupted run would
+        self.actor.save_state(tmp / "actor", {"step": step, "kl_controller": self.kl_ctl.state_dict(),
+                                              "reuse_logprobs": self.reuse_logprobs})
         save_causal_lm(self.actor, self.tokenizer, tmp / "model", self.p.actor)
         if self.critic is not None:
             self.critic.save_state(tmp / "critic", {"step": step})
@@ -500,6 +504,7 @@ class PPOTrainer:
         if self.critic is not None:
             self.critic.load_state(ckpt / "critic")
         self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.reuse_logprobs = self.reuse_logprobs and state.get("reuse_logprobs", True)
         if self.ema is not None:
             self.ema.load(ckpt / "ema.safetensors")
         self.policy.refresh(self.actor)
