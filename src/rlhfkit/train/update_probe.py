@@ -23,8 +23,9 @@ VANISHING = 0.25  # below this share of changed weights per step, the run "mostl
 class UpdateProbe:
     def __init__(self, name: str, module: torch.nn.Module, dtype: str):
         self.name, self.dtype = name, dtype
-        self.weights = [m.weight for m in module.modules()
-                        if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m.weight.numel() > 0]
+        # a ZeRO-3 parameter (ds_numel) is gathered only around forwards: its local tensor changes shape
+        self.weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)
+                        and m.weight.requires_grad and not hasattr(m.weight, "ds_numel")]
         self.snapshot: list[torch.Tensor] = []
         self.shares: list[float] = []
         self.warned = False
