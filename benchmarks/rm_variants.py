@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -30,12 +29,6 @@ VARIANTS = {
     "freeze20-fp32": ["rm.dtype=float32", "rm.freeze_layers=20"],
     "freeze20-bf16-lr2e-4": ["rm.dtype=bfloat16", "rm.freeze_layers=20", "rm.learning_rate=2e-4"],
 }
-
-
-def wilson(share: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
 
 
 def run_variant(name: str, args) -> dict:
@@ -68,6 +61,7 @@ def main() -> None:
     from rlhfkit.config import load_config
     from rlhfkit.data.prepare import load_phase, prepare
     from rlhfkit.engine.precision import machine_summary
+    from rlhfkit.eval.compare import wilson_interval
 
     cfg = load_config(REPO / args.config, [f"run.output_dir={Path(args.out) / 'data-only'}", *args.overrides])
     prepare(cfg, show_progress=False)
@@ -79,7 +73,7 @@ def main() -> None:
     for r in results:
         acc = r["accuracy"]
         final = acc[max(acc)]
-        lo, hi = wilson(final, pairs)
+        lo, hi = wilson_interval(final, pairs)
         curve = " ".join(f"{s}:{a:.3f}" for s, a in sorted(acc.items()))
         util = f"{100 * r['utilisation']:.0f}%" if r["utilisation"] else "n/a"
         print(f"{r['variant']:<22} {r['dtype']:>9} {r['median_step_s']:>7.2f} {r['train_min']:>9.2f} {util:>5}  "

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -102,14 +103,19 @@ def test_truncated_gzip_is_an_error_naming_the_file(tmp_path, tiny_tokenizer):
         prepare(cfg, tokenizer=tiny_tokenizer, show_progress=False)
 
 
-def test_cli_prints_the_error_without_traceback(tmp_path, capsys):
+def cli_data_prepare(tmp_path: Path, data_file: Path, output_dir: Path) -> int:
+    """`rlhfkit data prepare` in process on a tiny-random config of one dataset; its exit code."""
     from rlhfkit.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{name_or_path: tiny-random}}\n"
-                   f"data: {{cache_dir: {tmp_path}/cache, datasets: [{{name: e, path: {BAD / 'empty.jsonl'}}}]}}\n"
-                   f"run: {{output_dir: {tmp_path}/run}}\n")
-    assert main(["data", "prepare", str(cfg), "--no-progress"]) == 2
+                   f"data: {{cache_dir: {tmp_path}/cache, datasets: [{{name: d, path: {data_file}}}]}}\n"
+                   f"run: {{output_dir: {output_dir}}}\n")
+    return main(["data", "prepare", str(cfg), "--no-progress"])
+
+
+def test_cli_prints_the_error_without_traceback(tmp_path, capsys):
+    assert cli_data_prepare(tmp_path, BAD / "empty.jsonl", tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert "empty.jsonl" in err and "Traceback" not in err
 
@@ -289,14 +295,8 @@ def test_a_preference_file_with_other_columns_names_the_file_and_the_fields(tmp_
 @pytest.mark.parametrize("where", ["run", "run/inside"])
 def test_data_prepare_with_an_output_dir_that_is_a_file_is_an_error_naming_it(tmp_path, prefs_file, capsys, where):
     """`rlhfkit data prepare` ended in a NotADirectoryError traceback (the training stages said it)."""
-    from rlhfkit.cli import main
-
     (tmp_path / "run").write_text("not a dir")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{name_or_path: tiny-random}}\n"
-                   f"data: {{cache_dir: {tmp_path}/cache, datasets: [{{name: p, path: {prefs_file}}}]}}\n"
-                   f"run: {{output_dir: {tmp_path / where}}}\n")
-    assert main(["data", "prepare", str(cfg), "--no-progress"]) == 2
+    assert cli_data_prepare(tmp_path, prefs_file, tmp_path / where) == 2
     err = capsys.readouterr().err
     assert f"run.output_dir {tmp_path / where}: {tmp_path / 'run'} is a file, not a directory" in err, err
     assert "Traceback" not in err

@@ -64,7 +64,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         truncate_metrics(out_dir / "metrics.jsonl", start if ckpt else -1)
     planner = StepPlanner(budget, stage.name, schedule.total_steps, t.eval_every, t.save_every,
                           out_dir / "plan.json", resumed=bool(ckpt), save_guess_steps=stage.checkpoint_cost_steps,
-                          eval_guess_steps=eval_cost_steps(stage, t, global_batch))
+                          eval_guess_steps=eval_cost_steps(stage, t, world))
     total = planner.total
     tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(),
                       show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
@@ -129,10 +129,10 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     return final
 
 
-def eval_cost_steps(stage: Stage, t: TrainConfig, global_batch: int) -> float:
+def eval_cost_steps(stage: Stage, t: TrainConfig, world: int) -> float:
     """A guess of one eval's cost in training steps, until one is timed: a forward pass (a third of a step's
     forward and backward) over the eval rows."""
-    world = global_batch // (t.micro_batch_size * t.gradient_accumulation_steps)
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
     cap = None if t.max_eval_batches is None else t.max_eval_batches * t.micro_batch_size * world  # per process
     rows = len(stage.eval) if cap is None else min(len(stage.eval), cap)
     return rows / global_batch / 3

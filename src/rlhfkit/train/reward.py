@@ -115,10 +115,7 @@ class ScoreWindow:
         """(mean, std) over every process's window, or None while they hold under half a window."""
         x = self.scores
         s, s2, n = D.all_reduce_sum([float(x.sum()), float((x ** 2).sum()), float(x.numel())])
-        if n < self.size // 2:
-            return None
-        mean = s / n
-        return mean, max(s2 / n - mean ** 2, 0.0) ** 0.5
+        return None if n < self.size // 2 else mean_std(s, s2, n)
 
 
 @torch.no_grad()
@@ -136,5 +133,10 @@ def score_stats(engine, train, pad_id: int, micro: int) -> tuple[float, float]:
             s, s2, n = s + both.sum().item(), s2 + (both ** 2).sum().item(), n + both.numel()
     s, s2, n = D.all_reduce_sum([s, s2, n])
     engine.train()
+    return mean_std(s, s2, n)
+
+
+def mean_std(s: float, s2: float, n: float) -> tuple[float, float]:
+    """Mean and (population) std from a sum, a sum of squares and a count."""
     mean = s / max(n, 1)
     return mean, max(s2 / max(n, 1) - mean ** 2, 0.0) ** 0.5
