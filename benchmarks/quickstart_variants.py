@@ -23,13 +23,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RLOO = ["ppo.advantage=rloo", "ppo.critic={}", "ppo.n_samples_per_prompt=4", "ppo.rollout_batch_size=2"]
 VARIANTS = {
     "ppo": [],  # the quickstart's PPO (gae + critic) as configured
     "ppo-kl0.02": ["ppo.kl_coef=0.02"],
-    "ppo-lr1e-3": ["ppo.actor.learning_rate=1e-3", "ppo.critic.learning_rate=1e-3"],
-    "rloo": ["ppo.advantage=rloo", "ppo.critic={}", "ppo.n_samples_per_prompt=4", "ppo.rollout_batch_size=2"],
+    "ppo-lr1e-4": ["ppo.actor.learning_rate=1e-4", "ppo.critic.learning_rate=1e-4"],
+    "ppo-no-eos-penalty": ["ppo.missing_eos_penalty=null"],
+    "rloo": RLOO,  # 2 prompts x 4 replies: the same 8 replies per step, a leave-one-out baseline, no critic
+    "rloo-no-eos-penalty": [*RLOO, "ppo.missing_eos_penalty=null"],
+    "rloo-lr1e-4": [*RLOO, "ppo.actor.learning_rate=1e-4"],
     "reinforce_pp": ["ppo.advantage=reinforce_pp", "ppo.critic={}"],
-    "rloo-x8": ["ppo.advantage=rloo", "ppo.critic={}", "ppo.n_samples_per_prompt=4", "ppo.rollout_batch_size=4"],
 }
 
 
@@ -68,12 +71,13 @@ def main() -> None:
             if not (run / stage).exists():
                 os.symlink((base / stage).resolve(), run / stage)
         where = [f"run.output_dir={run}", f"ppo.steps={args.steps}", *fixed, *common, *VARIANTS[name]]
-        rlhfkit("ppo", args.config, *where)
-        rlhfkit("eval", args.config, *where)
+        if not (run / "eval" / "eval.json").is_file():  # a variant already measured is kept (rerun after a stop)
+            rlhfkit("ppo", args.config, *where)
+            rlhfkit("eval", args.config, *where)
         results[name] = {"eval": json.loads((run / "eval" / "eval.json").read_text()),
                          "timing": json.loads((run / "ppo" / "timing.json").read_text())}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
     report(results, args)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
 def report(results: dict, args) -> None:
