@@ -2,14 +2,19 @@
 
     rlhfkit data prepare configs/quickstart.yaml data.max_seq_len=256
 
-Every section forbids unknown keys, so a typo is an error naming the key and the file, never a
-silently ignored setting.
+Every section forbids unknown keys, so a typo is an error naming the key and the file (with the nearest
+valid key), never a silently ignored setting. Every key has a description in the schema: `rlhfkit config
+show CONFIG` prints them beside the resolved values, and docs/config.md is generated from them
+(rlhfkit/config_tools.py).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,9 +23,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
+# YAML 1.1 (PyYAML) reads these unquoted words as booleans: `ppo.kl_mode=off` arrives as False.
+_YAML_BOOLEAN_WORDS = {True: ("on", "yes", "true", "y"), False: ("off", "no", "false", "n")}
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans(cls, data):
+        """A boolean given to a key whose choices include its word (off/on/yes/no) is that word."""
+        if not isinstance(data, dict):
+            return data
+        fixed = dict(data)
+        for key, value in data.items():
+            if isinstance(value, bool) and key in cls.model_fields:
+                choices = literal_choices(cls.model_fields[key].annotation)
+                word = next((w for w in _YAML_BOOLEAN_WORDS[value] if w in choices), None)
+                if word is not None and value not in choices:
+                    fixed[key] = word
+        return fixed
+
+
+def literal_choices(annotation) -> tuple:
+    """The values of the Literal in an annotation (through `| None`), or () when it has none."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    return tuple(c for arg in typing.get_args(annotation) for c in literal_choices(arg))
 
 
 # auto: bf16 where the hardware runs it natively, fp16 on GPUs without bf16, fp32 elsewhere
@@ -28,31 +58,39 @@ class Section(BaseModel):
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 # The decoding loop of rollouts and eval answers (engine/generation.py): auto, dynamic, static or compiled
 Decoding = Literal["auto", "dynamic", "static", "compiled"]
+DTYPE_HELP = ("auto: bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), "
+              "fp16 on older GPUs, fp32 elsewhere")
+# Every stage seed not set in its section is run.seed (Config._inherit_seeds); standalone sections use this
+DEFAULT_SEED = 42
+SEEDED_SECTIONS = ("data", "sft", "rm", "dpo", "ppo", "eval")
 
 
 class TinyModelConfig(Section):
     """A small random Llama for tests: vocab ~1000, 2 layers, loads in milliseconds."""
 
-    vocab_size: int = Field(1000, ge=300)
-    hidden_size: int = Field(64, ge=8)
-    intermediate_size: int = Field(128, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    max_position_embeddings: int = Field(1024, ge=16)
-    chat_template: bool = True
-    seed: int = 0
+    vocab_size: int = Field(1000, ge=300, description="tokenizer vocabulary size")
+    hidden_size: int = Field(64, ge=8, description="model width")
+    intermediate_size: int = Field(128, ge=8, description="MLP width")
+    num_layers: int = Field(2, ge=1, description="transformer layers")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    num_kv_heads: int = Field(2, ge=1, description="key/value heads (grouped-query attention)")
+    max_position_embeddings: int = Field(1024, ge=16, description="longest sequence, in tokens")
+    chat_template: bool = Field(True, description="give the tokenizer a chat template")
+    seed: int = Field(0, description="seed of the random weights: part of the model's identity, so not run.seed")
 
 
 class ModelConfig(Section):
-    # A local HF directory, a hub id, or a built-in name: "smollm2-135m-instruct" (the embedded GGUF)
-    # or "tiny-random" (built from `tiny`).
-    name_or_path: str = "smollm2-135m-instruct"
-    tokenizer: str | None = None  # defaults to name_or_path
-    revision: str | None = None
-    dtype: Precision = "auto"
-    trust_remote_code: bool = False
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    """The base model every stage starts from (unless a stage names its own)."""
+
+    name_or_path: str = Field("smollm2-135m-instruct", description=(
+        "a local HF directory, a hub id, or a built-in name: smollm2-135m-instruct (the embedded GGUF, "
+        "converted once) or tiny-random (built from model.tiny)"))
+    tokenizer: str | None = Field(None, description="tokenizer directory or hub id; default: name_or_path")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of name_or_path")
+    dtype: Precision = Field("auto", description=("precision of a load that names none (library calls); each stage sets its "
+                                                  f"own. {DTYPE_HELP}"))
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code (hub models that need it)")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the tiny-random model's shape")
 
 
 DatasetFormat = Literal["preference", "sft", "prompt"]
@@ -77,22 +115,30 @@ class DatasetConfig(Section):
 
 
 class DataConfig(Section):
-    datasets: list[DatasetConfig] = Field(min_length=1)
-    # Share of each dataset given to phase 1 (SFT), 2 (reward model), 3 (PPO), as in DeepSpeed-Chat.
-    phase_ratios: tuple[float, float, float] = (2.0, 4.0, 4.0)
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    max_eval_records: int | None = Field(None, ge=1)  # per dataset, after carving
-    seed: int = 1234
-    max_seq_len: int = Field(512, ge=8)
-    max_prompt_len: int = Field(256, ge=4)
-    overlong: Literal["truncate", "drop"] = "truncate"
-    template: Literal["auto", "plain"] = "auto"  # auto: the tokenizer's chat template where it has one
-    eos_token: str | None = None  # defaults to the tokenizer's EOS; must be a single token
-    # A system turn put before every prompt that has none (e.g. how to format the final answer); with a
-    # chat template it replaces the template's default system prompt
-    system_prompt: str | None = None
-    on_bad_record: Literal["skip", "error"] = "skip"
-    cache_dir: str | None = None  # default: <user cache>/rlhfkit/data
+    """The data of every phase: datasets blended, split by prompt into phases, tokenized and cached."""
+
+    datasets: list[DatasetConfig] = Field(min_length=1, description="the blend: one entry per dataset (required)")
+    phase_ratios: tuple[float, float, float] = Field((2.0, 4.0, 4.0), description=(
+        "share of each dataset given to phase 1 (SFT), 2 (reward model, DPO), 3 (RL prompts), as in "
+        "DeepSpeed-Chat; records sharing a prompt stay in one phase"))
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description=(
+        "share of a dataset without eval_path held out for evaluation (by prompt)"))
+    max_eval_records: int | None = Field(None, ge=1, description="cap on each dataset's eval records, after carving")
+    seed: int = Field(DEFAULT_SEED, description="seed of the phase and eval splits; default: run.seed")
+    max_seq_len: int = Field(512, ge=8, description="longest tokenized example (prompt + response), in tokens")
+    max_prompt_len: int = Field(256, ge=4, description="longest prompt, in tokens (RL prompts and eval prompts too)")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description=(
+        "an example over the limits: truncate (the prompt from the left, then the response from the right; "
+        "counted) or drop it"))
+    template: Literal["auto", "plain"] = Field("auto", description=(
+        "auto: the tokenizer's chat template where it has one; plain: hh-style \"Human: … Assistant: …\" text"))
+    eos_token: str | None = Field(None, description="token appended to responses; default: the tokenizer's EOS (one token)")
+    system_prompt: str | None = Field(None, description=(
+        "a system turn put before every prompt that has none (e.g. how to format the final answer); with a chat "
+        "template it replaces the template's default system prompt"))
+    on_bad_record: Literal["skip", "error"] = Field("skip", description=(
+        "a malformed record: skip it (counted and reported) or stop at it, naming it"))
+    cache_dir: str | None = Field(None, description="tokenized-data cache; default: <user cache>/rlhfkit/data")
 
     @field_validator("phase_ratios")
     @classmethod
@@ -120,55 +166,65 @@ class DataConfig(Section):
 class LoraConfig(Section):
     """LoRA / QLoRA through peft. r = 0 turns it off."""
 
-    r: int = Field(0, ge=0)
-    alpha: float = 16.0
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    learning_rate: float | None = Field(None, gt=0)  # LoRA weights' own LR; default: the stage's LR
-    only_optimize_lora: bool = True  # False: the rest of the model trains too (at the stage's LR)
-    quantize_4bit: bool = False  # QLoRA: NF4 base weights through bitsandbytes
-    save: Literal["merged", "adapter"] = "merged"
+    r: int = Field(0, ge=0, description="adapter rank; 0: no LoRA (full fine-tuning)")
+    alpha: float = Field(16.0, description="scaling numerator: the update is (alpha / r)·BA")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="module names that get adapters")
+    learning_rate: float | None = Field(None, gt=0, description="the adapters' own learning rate; default: the stage's")
+    only_optimize_lora: bool = Field(True, description="false: the rest of the model trains too (at the stage's rate)")
+    quantize_4bit: bool = Field(False, description="QLoRA: NF4 base weights through bitsandbytes (CUDA)")
+    save: Literal["merged", "adapter"] = Field("merged", description=(
+        "final/ holds merged full weights (what later stages and export need) or the adapter only"))
 
     @property
     def enabled(self) -> bool:
         return self.r > 0
 
 
+SCHEDULERS = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+
+
 class TrainConfig(Section):
     """How a stage steps its optimizer: the same keys for SFT, RM, DPO (and the PPO actor/critic)."""
 
-    micro_batch_size: int = Field(4, ge=1)  # rows per forward pass on each process
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
-    learning_rate: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # used when warmup_steps is 0
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
-    dtype: Precision = "auto"
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    dropout: float | None = Field(None, ge=0, lt=1)  # override the model's dropout (None: keep it)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    eval_every: int = Field(0, ge=0)  # steps; 0: only before and after training
-    # false: no eval before the first step (a fresh reward head scores at chance: its "before" says nothing)
-    eval_at_start: bool = True
-    max_eval_batches: int | None = Field(None, ge=1)
-    save_every: int = Field(0, ge=0)  # steps; 0: only at the end
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
-    resume: Literal["auto", "never", "force"] = "auto"  # auto: continue from the latest intact checkpoint
-    # made with the same settings; force: also under changed settings; never: start fresh
-    # Optimizer steps with a non-finite loss or gradient norm that may be skipped (no update) before the run
-    # stops; 0: the first one stops it.
-    max_nonfinite_steps: int = Field(0, ge=0)
-    seed: int = 42
-    wandb_project: str | None = None
+    micro_batch_size: int = Field(4, ge=1, description=(
+        "rows per forward pass on each process (a row: an example; for RM and DPO a chosen/rejected pair)"))
+    gradient_accumulation_steps: int = Field(1, ge=1, description=(
+        "micro-batches per optimizer step; global batch = micro_batch_size × this × processes"))
+    epochs: int = Field(1, ge=1, description="passes over the phase's training rows")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    learning_rate: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms)")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description=(
+        "AdamW (β1, β2); note β2 0.95 as in DeepSpeed-Chat and OpenRLHF, where TRL and torch default to 0.999"))
+    lr_scheduler: SCHEDULERS = Field("cosine", description="learning-rate schedule after warm-up (to 0 for cosine/linear)")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warm-up as a share of all steps, used when warmup_steps is 0")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient's global norm to this; null: no clipping")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    dtype: Precision = Field("auto", description=(
+        f"training precision; {DTYPE_HELP}; on a CPU, full weights below a learning rate of 2e-4 train in fp32 "
+        "(docs/performance.md)"))
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description=(
+        "DeepSpeed ZeRO: 0 plain data parallel, 1 optimizer, 2 + gradients, 3 + parameters partitioned"))
+    offload_optimizer: bool = Field(False, description="ZeRO ≥ 1: optimizer state in CPU memory")
+    offload_param: bool = Field(False, description="ZeRO-3: parameters in CPU memory")
+    dropout: float | None = Field(None, ge=0, lt=1, description="set the model's dropout; null: keep the model's own")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0: only before and after training")
+    eval_at_start: bool = Field(True, description=(
+        "evaluate before the first step (false for a fresh reward head: it scores at chance)"))
+    max_eval_batches: int | None = Field(None, ge=1, description="micro-batches per process an eval reads; null: the whole eval split")
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: only the final model")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    log_every: int = Field(1, ge=1, description="optimizer steps between metric lines")
+    resume: Literal["auto", "never", "force"] = Field("auto", description=(
+        "auto: continue from the latest intact checkpoint made with the same settings; force: also under changed "
+        "settings; never: start fresh"))
+    max_nonfinite_steps: int = Field(0, ge=0, description=(
+        "steps with a non-finite loss or gradient norm skipped (no update) before the run stops; 0: the first stops it"))
+    seed: int = Field(DEFAULT_SEED, description="seed of the data order, dropout and new weights; default: run.seed")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -180,34 +236,43 @@ class TrainConfig(Section):
 
 
 class SFTConfig(TrainConfig):
-    loss_on: Literal["response", "all"] = "response"  # response: prompt tokens are masked out of the loss
-    learning_rate: float = Field(2e-5, gt=0)
+    """Supervised fine-tuning on phase-1 data."""
+
+    loss_on: Literal["response", "all"] = Field("response", description=(
+        "response: prompt tokens are masked out of the loss; all: every token counts"))
+    learning_rate: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
 
 
 class RewardConfig(TrainConfig):
-    model: str | None = None  # backbone to start from; default: model.name_or_path
-    margin: float = 0.0  # Bradley–Terry margin
-    center_coef: float = Field(0.0, ge=0)  # weight of mean((r_c + r_r)^2), keeps scores centred
-    learning_rate: float = Field(1e-5, gt=0)
-    head_learning_rate: float | None = Field(None, gt=0)  # the freshly initialised value head; default: learning_rate
-    # the embeddings and the lowest N transformer layers stay as loaded: the backward pass stops above them
-    freeze_layers: int = Field(0, ge=0)
+    """The reward model: Bradley–Terry on phase-2 pairs, the score read at each sequence's last token."""
+
+    model: str | None = Field(None, description="backbone to start from; default: model.name_or_path")
+    margin: float = Field(0.0, description="Bradley–Terry margin: −log σ(r_chosen − r_rejected − margin)")
+    center_coef: float = Field(0.0, ge=0, description="weight of mean((r_chosen + r_rejected)²), keeps scores centred")
+    learning_rate: float = Field(1e-5, gt=0, description="peak learning rate of the backbone (AdamW)")
+    head_learning_rate: float | None = Field(None, gt=0, description=(
+        "learning rate of the freshly initialised score head; default: learning_rate"))
+    freeze_layers: int = Field(0, ge=0, description=(
+        "keep the embeddings and the lowest N transformer layers as loaded (the backward pass stops above them)"))
 
 
 class DPOConfig(TrainConfig):
-    model: str | None = None  # policy to start from; default: the SFT stage's output, else model.name_or_path
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # > 0: conservative DPO
-    learning_rate: float = Field(1e-6, gt=0)
-    dropout: float | None = Field(None, ge=0, lt=1)  # None: 0 in DPO (policy and reference), as TRL does
+    """DPO on phase-2 pairs, instead of reward model + PPO (pipeline.alignment: dpo)."""
+
+    model: str | None = Field(None, description=(
+        "policy to start from; default: the SFT stage's output, else model.name_or_path"))
+    beta: float = Field(0.1, gt=0, description="DPO's β: strength of the implicit KL to the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="> 0: conservative DPO (labels flipped with this probability)")
+    learning_rate: float = Field(1e-6, gt=0, description="peak learning rate (AdamW)")
+    dropout: float | None = Field(None, ge=0, lt=1, description="null: 0 in DPO (policy and reference), as TRL does")
 
 
 class FrozenModelConfig(Section):
     """A model PPO only runs forward (reference, reward): precision and placement, no optimizer."""
 
-    dtype: Precision = "auto"  # auto: the actor's resolved precision, so step-0 KL is exactly 0
-    zero_stage: Literal[0, 3] = 0  # 3: parameters partitioned over processes (gathered layer by layer)
-    offload_param: bool = False  # ZeRO-3 only: keep the partitions in CPU memory
+    dtype: Precision = Field("auto", description="auto: the actor's resolved precision, so step-0 KL is exactly 0")
+    zero_stage: Literal[0, 3] = Field(0, description="3: parameters partitioned over processes (gathered layer by layer)")
+    offload_param: bool = Field(False, description="ZeRO-3 only: keep the partitions in CPU memory")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -217,16 +282,20 @@ class FrozenModelConfig(Section):
 
 
 class SamplingSettings(Section):
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # 0: off
-    stop_ids: list[int] = Field(default_factory=list)  # stop tokens besides the tokenizer's EOS
+    """How responses are sampled."""
+
+    max_new_tokens: int = Field(64, ge=1, description="longest response, in tokens")
+    temperature: float = Field(0.7, gt=0, description="softmax temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; PPO must keep 1.0 (its ratio and KL use the full distribution)")
+    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens; 0: off (PPO must keep 0)")
+    stop_ids: list[int] = Field(default_factory=list, description="token ids that end a response besides the tokenizer's EOS")
 
 
 class AdaptiveKLConfig(Section):
-    target: float = Field(6.0, gt=0)  # KL per sequence (nats) to steer towards
-    horizon: float = Field(10000, gt=0)  # in rollouts (sequences)
+    """Adaptive β (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, ±0.2)·responses/horizon)."""
+
+    target: float = Field(6.0, gt=0, description="KL per response (nats, summed over its tokens) to steer towards")
+    horizon: float = Field(10000, gt=0, description="in responses: how slowly β follows")
 
 
 def _changed(section: Section, key: str) -> bool:
@@ -244,19 +313,21 @@ RL_LOOP_KEYS = {"epochs": "ppo.steps", "max_steps": "ppo.steps", "eval_every": "
                 "max_eval_batches": "ppo.eval_prompts", "save_every": "ppo.save_every",
                 "keep_checkpoints": "ppo.keep_checkpoints", "log_every": "nothing (every step is logged)",
                 "eval_at_start": "nothing (RL evaluates its start once)", "resume": "ppo.resume",
-                "seed": "ppo.seed", "wandb_project": "ppo.wandb_project",
+                "seed": "ppo.seed",
                 "gradient_accumulation_steps": "ppo.mini_batch_size (accumulation follows from it)"}
 
 
 class ActorConfig(TrainConfig):
-    """The PPO actor's backend settings. micro_batch_size also sizes the experience forward passes;
+    """The RL actor's backend settings. micro_batch_size also sizes the experience forward passes;
     gradient accumulation follows from ppo.mini_batch_size. The loop's own keys (RL_LOOP_KEYS) are errors
     here: the RL loop would not read them."""
 
-    micro_batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(1e-6, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "constant"
-    dropout: float | None = Field(0.0, ge=0, lt=1)  # PPO ratios need the same network in rollout and update
+    micro_batch_size: int = Field(8, ge=1, description=(
+        "responses per forward pass on each process (updates and experience passes)"))
+    learning_rate: float = Field(1e-6, gt=0, description="peak learning rate (AdamW)")
+    lr_scheduler: SCHEDULERS = Field("constant", description="learning-rate schedule over ppo.steps after warm-up")
+    dropout: float | None = Field(0.0, ge=0, lt=1, description=(
+        "the model's dropout; 0: PPO's ratios need the same network in rollout and update"))
 
     @model_validator(mode="after")
     def _loop_keys(self):
@@ -267,65 +338,69 @@ class ActorConfig(TrainConfig):
 
 
 class CriticConfig(ActorConfig):
-    learning_rate: float = Field(5e-6, gt=0)
+    """The critic's backend settings (advantage gae only)."""
+
+    learning_rate: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
 
 
 class _RewardSourceBase(Section):
-    weight: float = 1.0  # the step's reward is the weighted sum of every source
-    name: str | None = None  # logged as reward/<name>; default: the type (numbered when repeated)
+    weight: float = Field(1.0, description="the reward is the weighted sum of every source's")
+    name: str | None = Field(None, description="logged as reward/<name>; default: the type (numbered when repeated)")
 
 
 class ModelRewardSource(_RewardSourceBase):
     """The trained reward model (ppo.reward_model, else the RM stage's output) on the token sequences."""
 
-    type: Literal["model"] = "model"
+    type: Literal["model"] = Field("model", description="the reward model's score")
 
 
 class PythonRewardSource(_RewardSourceBase):
     """function(prompts, responses, metadata) -> floats, one per response; "package.module:function" or
     "path/to/file.py:function" (relative paths from the working directory)."""
 
-    type: Literal["python"]
-    function: str = Field(pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")
+    type: Literal["python"] = Field(description="your own Python function")
+    function: str = Field(pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", description=(
+        '"package.module:function" or "path/to/file.py:function"'))
 
 
 class Gsm8kRewardSource(_RewardSourceBase):
     """1 when the response's final number equals the record's reference answer (metadata[answer_key])."""
 
-    type: Literal["gsm8k"]
-    answer_key: str = "final_answer"
+    type: Literal["gsm8k"] = Field(description="GSM8K's final-number check")
+    answer_key: str = Field("final_answer", description="the records' metadata field holding the reference answer")
 
 
 class ExactRewardSource(_RewardSourceBase):
     """1 when the response, stripped, equals metadata[answer_key] (stripped)."""
 
-    type: Literal["exact"]
-    answer_key: str = "answer"
+    type: Literal["exact"] = Field(description="exact match with the reference")
+    answer_key: str = Field("answer", description="the records' metadata field holding the reference answer")
 
 
 class RegexRewardSource(_RewardSourceBase):
     """1 when the regex is found in the response (re.search)."""
 
-    type: Literal["regex"]
-    pattern: str
+    type: Literal["regex"] = Field(description="a regular expression found in the response")
+    pattern: str = Field(description="Python regular expression (re.search)")
 
 
 class FormatRewardSource(_RewardSourceBase):
     """1 when the response ends in the answer format; default: GSM8K's "#### <number>" line."""
 
-    type: Literal["format"]
-    pattern: str = r"####\s*-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)\s*$"
+    type: Literal["format"] = Field(description="the response ends in the answer format")
+    pattern: str = Field(r"####\s*-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)\s*$",
+                         description="Python regular expression the response's end must match")
 
 
 class RemoteRewardSource(_RewardSourceBase):
     """An HTTP reward server speaking OpenRLHF's remote reward-model protocol (docs/rewards.md)."""
 
-    type: Literal["remote"]
-    url: str = Field(pattern=r"^https?://")
-    timeout: float = Field(60.0, gt=0)  # seconds per request
-    retries: int = Field(2, ge=0)  # further tries after a failed request, with backoff
-    batch_size: int = Field(64, ge=1)  # responses per request
-    label_key: str | None = None  # the records' metadata field sent as the protocol's "labels"
+    type: Literal["remote"] = Field(description="an HTTP reward server")
+    url: str = Field(pattern=r"^https?://", description="the server's URL")
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    retries: int = Field(2, ge=0, description="further tries after a failed request, with backoff")
+    batch_size: int = Field(64, ge=1, description="responses per request")
+    label_key: str | None = Field(None, description="the records' metadata field sent as the protocol's \"labels\"")
 
 
 RewardSource = Annotated[ModelRewardSource | PythonRewardSource | Gsm8kRewardSource | ExactRewardSource
@@ -336,7 +411,8 @@ class PPORewardConfig(FrozenModelConfig):
     """Where the RL reward comes from: a weighted sum of sources, each logged as reward/<name>. The
     placement keys (dtype, zero_stage, offload_param) are the reward model's, used when a `model` source is."""
 
-    sources: list[RewardSource] = Field(default_factory=lambda: [ModelRewardSource()], min_length=1)
+    sources: list[RewardSource] = Field(default_factory=lambda: [ModelRewardSource()], min_length=1, description=(
+        "reward sources, each {type: model | python | gsm8k | exact | regex | format | remote, weight, name, ...}"))
 
     @field_validator("sources")
     @classmethod
@@ -350,87 +426,96 @@ Advantage = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # baselines from a prompt's own group
 
 
-class PPOConfig(Section):
-    """PPO with four models (InstructGPT; GUIDE §2). Actor and critic step through the same backend as
-    every other stage, each with its own TrainConfig (ZeRO stage, offload, dtype, LoRA, learning rate);
-    reference and reward are frozen and only choose precision and placement."""
+# Settings only advantage gae reads (the critic, GAE's λ, whitening), and those only a KL term reads
+CRITIC_ONLY_KEYS = ("critic", "critic_model", "cliprange_value", "lam", "whiten_advantages")
+KL_ONLY_KEYS = ("kl_estimator", "adaptive_kl", "kl_coef")
 
-    actor_model: str | None = None  # default: the SFT stage's final model
-    reward_model: str | None = None  # default: the RM stage's final model
-    critic_model: str | None = None  # default: the reward model (value head included)
-    actor: ActorConfig = Field(default_factory=ActorConfig)
-    critic: CriticConfig = Field(default_factory=CriticConfig)
-    reference: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
-    reward: PPORewardConfig = Field(default_factory=PPORewardConfig)
-    retokenize: bool = False  # actor and RM tokenizers differ: score the decoded text re-tokenized for the RM
+
+class PPOConfig(Section):
+    """RL on phase-3 prompts: PPO with four models (InstructGPT; GUIDE §2) or a critic-free estimator
+    (GRPO, Dr. GRPO, RLOO, REINFORCE++). Actor and critic step through the same backend as every other
+    stage, each with its own TrainConfig (ZeRO stage, offload, dtype, LoRA, learning rate); reference and
+    reward are frozen and only choose precision and placement."""
+
+    actor_model: str | None = Field(None, description="the policy to start from; default: the SFT stage's final model")
+    reward_model: str | None = Field(None, description="the reward model of a `model` source; default: the RM stage's final model")
+    critic_model: str | None = Field(None, description="gae only: the critic's start; default: the reward model (its head included)")
+    actor: ActorConfig = Field(default_factory=ActorConfig, description="the actor's optimizer and placement")
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="gae only: the critic's optimizer and placement")
+    reference: FrozenModelConfig = Field(default_factory=FrozenModelConfig, description="the frozen reference (KL)")
+    reward: PPORewardConfig = Field(default_factory=PPORewardConfig, description="where the reward comes from")
+    retokenize: bool = Field(False, description=(
+        "actor and reward model tokenizers differ: score the decoded text re-tokenized for the reward model"))
 
     # Rollouts
-    rollout_batch_size: int = Field(8, ge=1)  # prompts per PPO step, over all processes
-    n_samples_per_prompt: int = Field(1, ge=1)  # responses per prompt: a group (grpo, rloo, ... need ≥ 2)
-    generation_batch_size: int | None = Field(None, ge=1)  # prompts per generate() call; default: all of a process's
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    rollout_dtype: Precision = "auto"  # auto: the actor's precision (a sampler in another is off-policy)
-    # How the rollout copy runs its decoding loop; every choice samples the same tokens (row-seeded):
-    # dynamic: a KV cache growing by one column per step; static: a fixed-shape StaticCache of prompt width +
-    # max_new_tokens rounded up to 64, kept and reused per (batch, length); compiled: static with the decode
-    # step under torch.compile (CUDA graphs on a GPU; needs a C++ compiler on a CPU). auto: compiled where
-    # CUDA is available, dynamic on a CPU (docs/algorithms.md, "Rollouts")
-    rollout_decoding: Decoding = "auto"
-    # When the rollout copy is exactly the trained actor (full fine-tune, the actor's precision, no dropout),
-    # the log-probs the sampler computed are the old log-probs: one actor forward fewer per step. Checked on a
-    # process's first step and every 10th: a gap over 1e-3 per token (bf16) recomputes them from then on.
-    reuse_rollout_logprobs: bool = True
-    # Truncated importance sampling (Yao et al. 2025): weight each token's policy-gradient loss by
-    # min(π_old/π_sampler, tis_cap) where sampler and trainer differ (LoRA, rollout_dtype, bf16); None: off
-    tis_cap: float | None = Field(None, gt=0)
-    steps: int = Field(30, ge=1)  # PPO steps (rollout + update)
+    rollout_batch_size: int = Field(8, ge=1, description=(
+        "prompts per RL step, over all processes (verl: data.train_batch_size; TRL counts responses)"))
+    n_samples_per_prompt: int = Field(1, ge=1, description=(
+        "responses per prompt, a group (TRL: num_generations; verl: rollout.n); grpo, dr_grpo, rloo, "
+        "reinforce_pp_baseline need ≥ 2"))
+    generation_batch_size: int | None = Field(None, ge=1, description=(
+        "responses per generate() call on each process; default: all of the process's"))
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="rollout sampling")
+    rollout_dtype: Precision = Field("auto", description="auto: the actor's precision (a sampler in another is off-policy)")
+    rollout_decoding: Decoding = Field("auto", description=(
+        "the rollout decoding loop, all sampling the same tokens: dynamic (growing KV cache), static (fixed-shape "
+        "cache), compiled (static under torch.compile); auto: compiled with CUDA, dynamic on a CPU"))
+    reuse_rollout_logprobs: bool = Field(True, description=(
+        "when the rollout copy is exactly the trained actor, its sampling log-probs are the old log-probs (one "
+        "actor forward fewer); checked every 10th step, recomputed from then on past a gap of 1e-3 per token"))
+    tis_cap: float | None = Field(None, gt=0, description=(
+        "truncated importance sampling (Yao et al. 2025): weight each token's loss by min(π_old/π_sampler, "
+        "tis_cap) where sampler and trainer differ; null: off"))
+    steps: int = Field(30, ge=1, description="RL steps (each: rollouts, then ppo_epochs of updates)")
 
-    # Advantages: gae (PPO with the critic) or a critic-free estimator (docs/algorithms.md)
-    advantage: Advantage = "gae"
-    # token_mean: Σ over every token / tokens; seq_mean_token_mean: mean over responses of each one's token
-    # mean (GRPO); seq_mean_token_sum_norm: Σ / (responses · max_new_tokens) (Dr. GRPO, length-unbiased)
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    # Drop groups whose rewards are all equal (no signal under a group baseline; DAPO), counted in
-    # rollout/groups_dropped
-    dynamic_sampling: bool = False
+    # Advantages
+    advantage: Advantage = Field("gae", description=(
+        "gae (PPO with a critic) or a critic-free estimator: grpo, dr_grpo, rloo, reinforce_pp, "
+        "reinforce_pp_baseline (docs/algorithms.md)"))
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description=(
+            "token_mean: Σ over every token / tokens; seq_mean_token_mean: mean over responses of each one's "
+            "token mean (GRPO); seq_mean_token_sum_norm: Σ / (responses · max_new_tokens) (Dr. GRPO)"))
+    dynamic_sampling: bool = Field(False, description=(
+        "drop groups whose rewards are all equal (no signal under a group baseline; DAPO)"))
 
     # PPO
-    ppo_epochs: int = Field(1, ge=1)
-    mini_batch_size: int | None = Field(None, ge=1)  # responses per optimizer step, over all processes; default: all
-    kl_coef: float = Field(0.1, ge=0)
-    # reward: −β·KL in each token's reward (InstructGPT); loss: β·KL added to the policy loss (GRPO); off: none
-    kl_mode: Literal["reward", "loss", "off"] = "reward"
-    kl_estimator: Literal["k1", "k3", "abs", "mse"] | None = None  # default: k1 in the reward, k3 as a loss
-    adaptive_kl: AdaptiveKLConfig | None = None
-    # (s − mean)/std with the reward's mean/std on the initial policy's own samples of PPO prompts, measured
-    # at the start on normalize_samples of them (whole rollout batches) and kept in every checkpoint
-    normalize_scores: bool = False
-    # Responses, i.e. prompts × n_samples_per_prompt: with n > 1 they are not independent (n answers to one
-    # prompt share it), so the count of independent samples lies nearer normalize_samples / n. 64 independent:
-    # the std's relative standard error is about 1/√(2n) ≈ 9%, which moves the effective KL coefficient by as
-    # much, well inside how precisely one chooses it (lm-human-preferences used 256 on GPUs); scale it with n
-    normalize_samples: int = Field(64, ge=2)
-    score_clip: float | None = Field(5.0, gt=0)
-    missing_eos_penalty: float | None = None  # added to the score of responses cut at max_new_tokens
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    clip_low: float | None = Field(None, gt=0, lt=1)  # ratio floor 1 − clip_low; default: cliprange
-    clip_high: float | None = Field(None, gt=0)  # ratio ceiling 1 + clip_high; default: cliprange (DAPO: 0.28)
-    cliprange_value: float = Field(0.2, gt=0)
-    whiten_advantages: bool = True
-    ptx_coef: float = Field(0.0, ge=0)  # > 0: add this times the SFT loss on phase-1 rows to the actor loss
-    ema_decay: float | None = Field(None, gt=0, lt=1)  # keep an EMA of the actor, saved as final-ema/
+    ppo_epochs: int = Field(1, ge=1, description="passes over each step's responses")
+    mini_batch_size: int | None = Field(None, ge=1, description=(
+        "responses (not prompts: verl's ppo_mini_batch_size counts prompts) per optimizer step, over all "
+        "processes; default: all of the step's (one update per epoch)"))
+    kl_coef: float = Field(0.1, ge=0, description="β of the KL to the reference (TRL's GRPO: beta; OpenRLHF: init_kl_coef)")
+    kl_mode: Literal["reward", "loss", "off"] = Field("reward", description=(
+        "reward: −β·KL in each token's reward (InstructGPT); loss: β·KL added to the policy loss (GRPO); off: none"))
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] | None = Field(None, description=(
+        "default: k1 in the reward, k3 as a loss"))
+    adaptive_kl: AdaptiveKLConfig | None = Field(None, description="adaptive β (starting at kl_coef); null: fixed β")
+    normalize_scores: bool = Field(False, description=(
+        "(score − mean)/std with the reward model's mean/std on the initial policy's own samples, measured at "
+        "the start and kept in every checkpoint"))
+    normalize_samples: int = Field(64, ge=2, description=(
+        "responses (prompts × n_samples_per_prompt) measured for normalize_scores; scale it with n"))
+    score_clip: float | None = Field(5.0, gt=0, description="clip the reward model's score to ±this; null: no clipping")
+    missing_eos_penalty: float | None = Field(None, description="added to the score of responses cut at max_new_tokens")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE's discount γ over response tokens")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE's λ (gae only)")
+    cliprange: float = Field(0.2, gt=0, description="PPO's ratio clip ε (TRL's GRPO: epsilon)")
+    clip_low: float | None = Field(None, gt=0, lt=1, description="ratio floor 1 − clip_low; default: cliprange")
+    clip_high: float | None = Field(None, gt=0, description="ratio ceiling 1 + clip_high; default: cliprange (DAPO: 0.28)")
+    cliprange_value: float = Field(0.2, gt=0, description="the critic's value clip (gae only)")
+    whiten_advantages: bool = Field(True, description="whiten GAE's advantages over valid tokens (gae only)")
+    ptx_coef: float = Field(0.0, ge=0, description="> 0: add this times the SFT loss on phase-1 rows to the actor's loss")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the actor, saved as final-ema/")
 
     # Eval, checkpoints
-    eval_every: int = Field(10, ge=0)  # steps; 0: only before and after training
-    eval_prompts: int = Field(64, ge=1)  # held-out phase-3 prompts scored at each eval
-    samples_logged: int = Field(4, ge=0)  # eval prompt/response pairs written to samples.jsonl
-    save_every: int = Field(0, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    resume: Literal["auto", "never", "force"] = "auto"  # as in TrainConfig
-    seed: int = 42
-    wandb_project: str | None = None
+    eval_every: int = Field(10, ge=0, description="RL steps between evals; 0: only before and after training")
+    eval_prompts: int = Field(64, ge=1, description="held-out phase-3 prompts answered and scored at each eval")
+    samples_logged: int = Field(4, ge=0, description="eval prompt/response pairs written to samples.jsonl")
+    save_every: int = Field(0, ge=0, description="RL steps between checkpoints; 0: only the final model")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    resume: Literal["auto", "never", "force"] = Field("auto", description="as sft.resume")
+    seed: int = Field(DEFAULT_SEED, description=(
+        "seed of prompt order, sampling, mini-batch order and new weights (actor and critic); default: run.seed"))
 
     @property
     def uses_critic(self) -> bool:
@@ -441,8 +526,21 @@ class PPOConfig(Section):
         return self.rollout_batch_size * self.n_samples_per_prompt
 
     @property
+    def responses_per_update(self) -> int:
+        """Responses per optimizer step (mini-batch), over all processes."""
+        return self.mini_batch_size or self.responses_per_step
+
+    @property
     def kl_estimator_used(self) -> str:
         return self.kl_estimator or ("k3" if self.kl_mode == "loss" else "k1")
+
+    def unused_keys(self) -> list[str]:
+        """Keys set to something else than their default that this estimator and KL mode do not read (a
+        critic-free estimator switched on from the command line leaves the recipe's critic settings)."""
+        unused = [] if self.uses_critic else [k for k in CRITIC_ONLY_KEYS if _changed(self, k)]
+        if self.kl_mode == "off":
+            unused += [k for k in KL_ONLY_KEYS if _changed(self, k)]
+        return unused
 
     @model_validator(mode="after")
     def _checks(self):
@@ -461,36 +559,38 @@ class PPOConfig(Section):
         if self.normalize_scores and not any(s.type == "model" for s in self.reward.sources):
             raise ValueError("normalize_scores normalises the reward model's score, but reward.sources has no "
                              "`model` source")
-        for key in ("kl_estimator", "adaptive_kl", "kl_coef"):
-            if _changed(self, key) and self.kl_mode == "off":
-                raise ValueError(f"{key} is set but kl_mode is off: nothing would use it")
-        if not self.uses_critic:
-            for key in ("critic", "critic_model", "cliprange_value", "lam", "whiten_advantages"):
-                if _changed(self, key):
-                    raise ValueError(f"{key} is set, but only advantage gae reads it (a critic, GAE's λ and its "
-                                     f"whitening); advantage {self.advantage} has its own baseline and scale")
         return self
+
+
+def ppo_world_problems(p: PPOConfig, world: int) -> list[str]:
+    """What RL cannot split over `world` processes: each process takes an equal share of a step's prompts
+    and of each mini-batch's responses. The trainer raises the first; `rlhfkit config check` lists them."""
+    mini = f"({p.mini_batch_size})" if p.mini_batch_size else f"(unset: all {p.responses_per_step} responses of a step)"
+    return [f"ppo.{key} {n} must be a multiple of the number of processes ({world})"
+            for key, n, size in (("rollout_batch_size", f"({p.rollout_batch_size})", p.rollout_batch_size),
+                                 ("mini_batch_size", mini, p.responses_per_update))
+            if size % world]
 
 
 class EvalConfig(Section):
     """`rlhfkit eval`: the aligned model against the SFT model on held-out prompts, judged by the RM."""
 
-    policy: str | None = None  # default: the aligned stage's final model (ppo/final, or dpo/final with alignment: dpo)
-    baseline: str | None = None  # default: the SFT stage's final model
-    reward_model: str | None = None  # default: ppo.reward_model, else the RM stage's final model
-    second_judge: str | None = None  # another reward model directory scoring the same responses
-    # "phase3": the held-out phase-3 prompts of this run; anything else: a prompt file (jsonl/json/parquet)
-    prompt_sets: list[str] = Field(default_factory=lambda: ["phase3"])
-    max_prompts: int = Field(64, ge=1)  # per set
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    batch_size: int = Field(8, ge=1)
-    dtype: Precision = "auto"
-    decoding: Decoding = "auto"  # as ppo.rollout_decoding, for both models' answers
-    seed: int = 1234
-    # Rewards computed from the text and the prompt records' metadata (gsm8k, exact, regex, format, python,
-    # remote; not `model`, the judge is reward_model), each reported per model and set with an interval:
-    # e.g. GSM8K accuracy and format rate
-    rewards: list[RewardSource] = Field(default_factory=list)
+    policy: str | None = Field(None, description=(
+        "the model evaluated; default: the aligned stage's final model (ppo/final, or dpo/final)"))
+    baseline: str | None = Field(None, description="the model it is compared with; default: the SFT stage's final model")
+    reward_model: str | None = Field(None, description="the judge; default: ppo.reward_model, else the RM stage's final model")
+    second_judge: str | None = Field(None, description="another reward model directory scoring the same responses")
+    prompt_sets: list[str] = Field(default_factory=lambda: ["phase3"], description=(
+        "phase3: this run's held-out phase-3 prompts; anything else: a prompt file (jsonl/json/parquet)"))
+    max_prompts: int = Field(64, ge=1, description="prompts per set")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="how both models answer")
+    batch_size: int = Field(8, ge=1, description="prompts per generate() call and per scoring pass")
+    dtype: Precision = Field("auto", description=f"precision of both models and the judges; {DTYPE_HELP}")
+    decoding: Decoding = Field("auto", description="as ppo.rollout_decoding, for both models' answers")
+    seed: int = Field(DEFAULT_SEED, description="seed of the answers' sampling and of the bootstrap intervals; default: run.seed")
+    rewards: list[RewardSource] = Field(default_factory=list, description=(
+        "rewards from the text and the prompts' metadata (as ppo.reward.sources, not `model`: the judge is "
+        "reward_model), each reported per model and set with an interval, e.g. GSM8K accuracy"))
 
     @field_validator("rewards")
     @classmethod
@@ -505,12 +605,15 @@ class ExportConfig(Section):
 
 
 class PipelineConfig(Section):
-    alignment: Literal["ppo", "dpo"] = "ppo"  # dpo: DPO from the SFT model instead of RM + PPO
-    # Finish the pipeline within this wall time: each training stage gets a share of what is left and
-    # plans its number of steps (at most the configured one) from the step times it measures.
-    time_budget_minutes: float | None = Field(None, gt=0)
+    """`rlhfkit pipeline`: which stages run, and the time they may take."""
+
+    alignment: Literal["ppo", "dpo"] = Field("ppo", description="ppo: reward model + RL; dpo: DPO from the SFT model")
+    time_budget_minutes: float | None = Field(None, gt=0, description=(
+        "finish within this wall time: each training stage gets a share of what is left and plans its steps "
+        "(at most the configured ones) from its measured step times; null: no budget"))
     budget_shares: dict[Literal["sft", "rm", "ppo", "dpo", "eval"], float] = Field(
-        default_factory=lambda: {"sft": 2.0, "rm": 7.0, "ppo": 5.0, "dpo": 7.0, "eval": 2.0})
+        default_factory=lambda: {"sft": 2.0, "rm": 7.0, "ppo": 5.0, "dpo": 7.0, "eval": 2.0},
+        description="relative shares of the time budget per stage")
 
     @field_validator("budget_shares")
     @classmethod
@@ -521,25 +624,62 @@ class PipelineConfig(Section):
 
 
 class RunConfig(Section):
-    output_dir: str = "runs/default"
-    seed: int = 42
+    """Where the run's outputs go, and its seed."""
+
+    output_dir: str = Field("runs/default", description="every stage writes to <output_dir>/<stage>")
+    seed: int = Field(DEFAULT_SEED, description=(
+        "the seed of every stage that sets none: data.seed, sft/rm/dpo/ppo.seed, eval.seed"))
+
+
+class WandbConfig(Section):
+    """Weights & Biases logging for every stage (needs `pip install wandb`); metrics.jsonl and TensorBoard
+    events are written either way."""
+
+    project: str | None = Field(None, description="W&B project; null: no W&B logging")
+    entity: str | None = Field(None, description="W&B team or user; default: your W&B default")
+    group: str | None = Field(None, description="groups the stages' runs; default: the name of run.output_dir")
+    name: str | None = Field(None, description=(
+        "each stage's run is <name>/<stage> (e.g. quickstart/ppo); default: the name of run.output_dir"))
 
 
 class Config(Section):
-    run: RunConfig = Field(default_factory=RunConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    rm: RewardConfig = Field(default_factory=RewardConfig)
-    dpo: DPOConfig = Field(default_factory=DPOConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="output directory and seed")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
+    data: DataConfig = Field(description="datasets, phases, lengths (required)")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="supervised fine-tuning (phase 1)")
+    rm: RewardConfig = Field(default_factory=RewardConfig, description="the reward model (phase 2)")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO (phase 2; pipeline.alignment: dpo)")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL: PPO and the critic-free estimators (phase 3)")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="the aligned model against the SFT model")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="HF directory and GGUF file")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="stages and time budget")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases logging")
+
+    @model_validator(mode="after")
+    def _inherit_seeds(self):
+        """run.seed is the seed of every section that sets none (a resolved config sets them all)."""
+        for name in SEEDED_SECTIONS:
+            section = getattr(self, name)
+            if "seed" not in section.model_fields_set:
+                section.seed = self.run.seed
+        return self
 
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir)
+
+    def unused_settings(self) -> list[str]:
+        """Settings this config gives but nothing of the run reads (a warning, not an error: they are
+        what a recipe sets for another estimator or KL mode, left in place when switching)."""
+        p, keys = self.ppo, self.ppo.unused_keys()
+        if not keys:
+            return []
+        why = []
+        if any(k in CRITIC_ONLY_KEYS for k in keys):
+            why.append(f"advantage {p.advantage} has no critic (only gae reads the critic, λ and whitening)")
+        if any(k in KL_ONLY_KEYS for k in keys):
+            why.append("kl_mode is off")
+        return [f"{', '.join(f'ppo.{k}' for k in keys)} not used: {'; '.join(why)}"]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -564,9 +704,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, path, overrides)) from None
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        for message in cfg.unused_settings():
+            print(f"rlhfkit: warning: {path}: {message}", file=sys.stderr, flush=True)
+    return cfg
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -650,12 +794,79 @@ def format_validation_error(err: ValidationError, path: Path, overrides=()) -> s
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/ for the keys each section takes)"
+            key = suggest_key(e["loc"])
+            msg = (f"unknown key; did you mean `{key}`?" if key else
+                   "unknown key (check the spelling; `rlhfkit config show CONFIG` lists every key)")
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg += f" (got {e['input']!r})"
         where = " [from command line]" if loc in override_keys else ""
-        lines.append(f"  {loc}: {msg}{where}")
+        lines.append(f"  {loc}: {msg}{where}" if loc else f"  {msg}")
     return "\n".join(lines)
+
+
+# Names peers (TRL, OpenRLHF, verl, HF Trainer) use for rlhfkit's keys: a key of the same section (or, with
+# a dot, a path in it), or a root-level path such as wandb.project.
+KEY_ALIASES = {
+    "lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size", "micro_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size", "gradient_accumulation": "gradient_accumulation_steps",
+    "num_generations": "n_samples_per_prompt", "rollout_n": "n_samples_per_prompt",
+    "n_samples": "n_samples_per_prompt", "ppo_mini_batch_size": "mini_batch_size",
+    "num_ppo_epochs": "ppo_epochs", "train_batch_size": "rollout_batch_size", "beta": "kl_coef",
+    "init_kl_coef": "kl_coef", "kl_penalty": "kl_estimator", "epsilon": "cliprange", "loss_type": "loss_aggregation",
+    "max_length": "max_seq_len", "max_prompt_length": "max_prompt_len", "max_new_tokens": "sampling.max_new_tokens",
+    "max_completion_length": "sampling.max_new_tokens", "temperature": "sampling.temperature",
+    "actor_learning_rate": "actor.learning_rate", "critic_learning_rate": "critic.learning_rate",
+    "bf16": "dtype", "wandb_project": "wandb.project", "report_to": "wandb.project", "run_name": "wandb.name",
+    "output_dir": "run.output_dir",
+}
+
+
+def suggest_key(loc: tuple) -> str | None:
+    """The valid key nearest an unknown one at `loc` (a validation error's location): a known alias, else the
+    closest spelling among the section's keys (difflib), as a full dotted path; None when nothing is near."""
+    found = _section_at(loc[:-1])
+    if found is None:
+        return None
+    section, prefix = found
+    unknown, names = str(loc[-1]), list(section.model_fields)
+    target = KEY_ALIASES.get(unknown) or KEY_ALIASES.get(unknown.lower())
+    if target and target.split(".")[0] in names:
+        return ".".join([*prefix, target])
+    if target and target.split(".")[0] in Config.model_fields and _section_at(tuple(target.split(".")[:-1])):
+        return target
+    close = difflib.get_close_matches(unknown, names, n=1, cutoff=0.6)
+    return ".".join([*prefix, close[0]]) if close else None
+
+
+def _section_at(loc: tuple) -> tuple[type[Section], list[str]] | None:
+    """The Section class at a validation location, and its dotted path (list indices kept, the tags of
+    discriminated unions such as a reward source's `python` dropped)."""
+    options: list[type[Section]] = [Config]
+    path: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            path.append(str(part))
+            continue
+        tagged = [c for c in options if part in literal_choices(c.model_fields.get("type") and c.model_fields["type"].annotation)]
+        if len(options) > 1 and tagged:
+            options = tagged
+            continue
+        owner = next((c for c in options if part in c.model_fields), None)
+        if owner is None:
+            return None
+        options = section_types(owner.model_fields[part].annotation)
+        path.append(part)
+        if not options:
+            return None
+    return (options[0], path) if len(options) == 1 else None
+
+
+def section_types(annotation) -> list[type[Section]]:
+    """The Section classes an annotation holds: itself, the items of a list, the members of a union."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in section_types(arg)]
 
 
 def save_resolved_config(cfg: Config, out_dir: Path, name: str = "resolved_config.yaml") -> Path:

@@ -50,14 +50,21 @@ def begin_stage(cfg: Config, out_dir: Path, stage: str) -> Config:
     section = getattr(cfg, stage)
     guard_resume(out_dir, stage, stage_fingerprint(cfg, stage, stage_inputs(cfg, stage)), section.resume,
                  bool(checkpoint_dirs(out_dir)))
-    seed_everything((cfg.ppo.actor if stage == "ppo" else section).seed)
+    seed_everything(section.seed)
     if D.is_main():
         print(f"{stage}: precision {precision_summary(cfg, stage)} (auto: {why_auto()})", flush=True)
-        for where in (("ppo.actor", "ppo.critic") if stage == "ppo" else (stage,)):
+        for where in trainable_models(cfg, stage):
             if why_stage(where):
                 print(f"{stage}: {why_stage(where)}", flush=True)
         save_resolved_config(cfg, out_dir)
     return cfg
+
+
+def trainable_models(cfg: Config, stage: str) -> tuple[str, ...]:
+    """The config keys of the models a stage trains (RL's critic only where its estimator has one)."""
+    if stage != "ppo":
+        return (stage,)
+    return ("ppo.actor", "ppo.critic") if cfg.ppo.uses_critic else ("ppo.actor",)
 
 
 def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
