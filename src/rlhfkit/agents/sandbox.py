@@ -129,31 +129,34 @@ def run_python(code: str, limits: Limits = Limits()) -> PythonRun:
 
 
 def _collect(proc: subprocess.Popen, limits: Limits) -> tuple[bytes, bytes, str | None]:
-    """Read stdout and stderr until both close and the process ends, it prints past the output limit, or the
-    wall-clock limit passes (the caller kills it then)."""
+    """Read stdout and stderr until the process has ended and nothing is left to read, it prints past the
+    output limit, or the wall-clock limit passes (the caller kills it then)."""
     deadline = time.monotonic() + limits.wall_seconds
-    buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    out, err = bytearray(), bytearray()
+    buffers = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
     with selectors.DefaultSelector() as selector:
         for stream in (proc.stdout, proc.stderr):
             selector.register(stream, selectors.EVENT_READ)
         while selector.get_map():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return bytes(buffers[proc.stdout.fileno()]), bytes(buffers[proc.stderr.fileno()]), "wall_time"
-            for key, _ in selector.select(remaining):
+                return bytes(out), bytes(err), "wall_time"
+            events = selector.select(min(remaining, 0.05))
+            for key, _ in events:
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     selector.unregister(key.fileobj)
                     continue
                 buffers[key.fd] += chunk
                 if len(buffers[key.fd]) > limits.output_bytes:
-                    return bytes(buffers[proc.stdout.fileno()]), bytes(buffers[proc.stderr.fileno()]), "output"
-    stdout, stderr = bytes(buffers[proc.stdout.fileno()]), bytes(buffers[proc.stderr.fileno()])
-    try:  # both pipes closed; the process may live on (it closed them itself)
+                    return bytes(out), bytes(err), "output"
+            if not events and proc.poll() is not None:
+                break  # it ended; a process it started may hold the pipes open (the caller kills it)
+    try:  # the pipes closed; the process may live on (it closed them itself)
         proc.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        return stdout, stderr, "wall_time"
-    return stdout, stderr, None
+        return bytes(out), bytes(err), "wall_time"
+    return bytes(out), bytes(err), None
 
 
 def _kill_group(pid: int) -> None:
