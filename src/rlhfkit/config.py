@@ -97,14 +97,27 @@ DatasetFormat = Literal["preference", "sft", "prompt"]
 
 
 class DatasetConfig(Section):
-    """One dataset of the blend: a registry name (hub) or a local file in the uniform format."""
+    """One dataset of the blend: a local file or `datasets` directory, a hub dataset id, or a registry name.
+    Its records may use rlhfkit's or TRL's field names (docs/data.md), or others renamed by `fields`."""
 
-    name: str
-    path: str | None = None  # local json / jsonl / jsonl.gz / parquet; its records are the train split
-    eval_path: str | None = None  # local eval split; without one, `data.eval_fraction` is carved out
-    format: DatasetFormat | None = None  # local files: detected from the first record when omitted
-    phases: list[Literal[1, 2, 3]] | None = None  # restrict the phases this dataset feeds
-    max_records: int | None = Field(None, ge=1)  # keep only the first N valid records (quick runs)
+    name: str = Field(description=(
+        "the dataset's name in the blend; without `path`, a hub dataset id (loaded through `datasets`) or a "
+        "registry name (data/registry.py)"))
+    path: str | None = Field(None, description=(
+        "local .jsonl / .jsonl.gz / .json / .parquet / .arrow / .feather / .csv file, or a `datasets` "
+        "save_to_disk directory; its records (a DatasetDict's train split) are the train split"))
+    eval_path: str | None = Field(None, description=(
+        "local eval split (a file or directory as for path); default: a DatasetDict's test or validation "
+        "split, else data.eval_fraction carved out of train"))
+    format: DatasetFormat | None = Field(None, description=(
+        "preference | sft | prompt; default: detected from the first record (a registry dataset's own)"))
+    fields: dict[Literal["prompt", "chosen", "rejected", "response", "completion", "messages"],
+                 Annotated[str, Field(min_length=1)]] = Field(default_factory=dict, description=(
+        "rename the records' fields onto rlhfkit's before the format is detected, e.g. {prompt: question, "
+        "chosen: better, rejected: worse}; a record without a mapped field is a bad record"))
+    phases: list[Literal[1, 2, 3]] | None = Field(None, description=(
+        "restrict the phases this dataset feeds; default: preference 1-3, sft 1, prompt 3"))
+    max_records: int | None = Field(None, ge=1, description="keep only the first N valid records (quick runs)")
 
     @field_validator("phases")
     @classmethod

@@ -29,17 +29,17 @@ from ..config import Config, DataConfig, DatasetConfig, save_resolved_config
 from ..errors import DataError
 from ..paths import (cache_root, file_listing, file_sha256, link_or_copy, listing_problem, make_temp_dir, publish_dir,
                      require_dir, write_text_atomic)
-from . import registry
+from . import hf_datasets, registry
 from .readers import check_data_file, iter_file_records
-from .records import REQUIRED, BadRecord, Example, detect_format, to_example
+from .records import ALSO_ACCEPTED, REQUIRED, BadRecord, Example, detect_format, map_fields, to_example
 from .render import BUILDERS, MAX_REPORTED, Renderer
 from .split import carve_eval, prompt_key, split_phases
 from .table import TokenTable
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # bump when what a chunk holds changes, so old cache entries are never read (2: split by prompt,
-# 3: phase-3 prompts carry their records' metadata)
+CACHE_FORMAT = 4  # bump when what a chunk holds changes, so old cache entries are never read (2: split by prompt,
+# 3: phase-3 prompts carry their records' metadata, 4: TRL's formats read, no longer skipped)
 ENTRY_FILES = ("table.npz", "stats.json")
 CHECKSUMS = "checksums.json"  # written last into a cache entry: the size and SHA-256 of each entry file
 PHASE_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
@@ -67,62 +67,120 @@ class LoadReport:
 
 
 class Source:
-    """One dataset of the blend: where its records come from and a fingerprint of their content."""
+    """One dataset of the blend: where its records come from and a fingerprint of their content.
+
+    A registry name without `path` (rows converted by registry.py), another hub id (`datasets.load_dataset`), a
+    local `datasets` directory or a local file. `fields` renames the records' fields before anything reads them."""
 
     def __init__(self, ds: DatasetConfig):
         self.ds = ds
-        self.hub = ds.path is None
-        if self.hub:
-            if ds.name not in registry.REGISTRY:
-                known = ", ".join(sorted(registry.REGISTRY))
-                raise DataError(f"dataset {ds.name!r} has no `path:` and is not a known hub dataset ({known})")
-            spec = registry.REGISTRY[ds.name]
-            self.format = ds.format or spec.format
-            self.has_eval = spec.eval_split is not None
-        else:
-            for label, path in (("path", ds.path), ("eval_path", ds.eval_path)):
-                if path is not None:
-                    check_data_file(path, f"dataset {ds.name!r}: {label}")
-            self.format = ds.format or self._detect_local_format()
-            self.has_eval = ds.eval_path is not None
+        self.spec = registry.REGISTRY.get(ds.name) if ds.path is None else None
+        self._loaded = {}  # a hub id or directory → its Dataset / DatasetDict, loaded once
+        if self.spec is not None:
+            for key in ("fields", "eval_path"):
+                if getattr(ds, key):
+                    raise DataError(f"dataset {ds.name!r}: a registry dataset brings its own splits and fields "
+                                    f"(data/registry.py); `{key}:` is for files, `datasets` directories and other hub ids")
+            self.format = ds.format or self.spec.format
+            return
+        for label, path in (("path", ds.path), ("eval_path", ds.eval_path)):
+            if path is not None:
+                check_data_file(path, f"dataset {ds.name!r}: {label}")
+        where, first = self._first_record()
+        try:
+            self.format = ds.format or detect_format(first)
+        except BadRecord as e:
+            raise DataError(f"dataset {ds.name!r}, {where}: {e.detail}") from None
 
-    def _detect_local_format(self) -> str:
-        for where, raw in iter_file_records(self.ds.path):
+    def _first_record(self) -> tuple[str, dict]:
+        """The first record that is an object, with `fields` applied: a mapped field it lacks is an error now,
+        before anything is read, as a typo in the mapping would fail every record."""
+        for where, raw in self._records("train"):
             if isinstance(raw, dict):
                 try:
-                    return detect_format(raw)
+                    return where, map_fields(raw, self.ds.fields, where)
                 except BadRecord as e:
                     raise DataError(f"dataset {self.ds.name!r}, {where}: {e.detail}") from None
-        raise DataError(f"dataset {self.ds.name!r}: {self.ds.path} holds no JSON object to detect the format from")
+        raise DataError(f"dataset {self.ds.name!r}: {self.location('train')} holds no record that is an object "
+                        f"(JSON object, table row)")
+
+    @property
+    def has_eval(self) -> bool:
+        if self.spec is not None:
+            return self.spec.eval_split is not None
+        return self.ds.eval_path is not None or self._from_datasets("eval") and self._split("eval") is not None
 
     def identity(self) -> dict:
-        if self.hub:
-            spec = registry.REGISTRY[self.ds.name]
-            splits = [spec.train_split] + ([spec.eval_split] if spec.eval_split else [])
+        if self.spec is not None:
+            splits = [self.spec.train_split] + ([self.spec.eval_split] if self.spec.eval_split else [])
             content = {s: registry.hub_fingerprint(self.ds.name, s) for s in splits}
         else:
-            content = {"train": file_sha256(self.ds.path)}
-            if self.ds.eval_path:
-                content["eval"] = file_sha256(self.ds.eval_path)
-        return {"name": self.ds.name, "format": self.format, "content": content,
+            content = {role: self._fingerprint(role) for role in SPLITS if role == "train" or self.has_eval}
+        return {"name": self.ds.name, "format": self.format, "content": content, "fields": self.ds.fields,
                 "phases": self.phases, "max_records": self.ds.max_records}
+
+    def _fingerprint(self, role: str) -> str:
+        path = self._path(role)
+        if path is None:
+            return self._split(role)[1]._fingerprint
+        if Path(path).is_dir():  # a DatasetDict: one hash for the directory, whichever split the role reads
+            return hf_datasets.dir_fingerprint(Path(path))
+        return file_sha256(path)
 
     @property
     def phases(self) -> list[int]:
         return sorted(self.ds.phases or FORMAT_PHASES[self.format])
 
+    def _path(self, role: str) -> str | None:
+        """The local file or directory a role's records come from (eval_path, else path), None for the hub."""
+        return self.ds.eval_path if role == "eval" and self.ds.eval_path else self.ds.path
+
+    def _from_datasets(self, role: str) -> bool:
+        path = self._path(role)
+        return path is None or Path(path).is_dir()
+
+    def _split(self, role: str):
+        """(split name, Dataset) of the hub dataset or `datasets` directory a role reads; None where a role not
+        named by a setting (the eval split of `path`) has no split."""
+        path, label = self._path(role), f"dataset {self.ds.name!r}"
+        key = path or self.ds.name
+        if key not in self._loaded:
+            self._loaded[key] = (hf_datasets.load_saved(Path(path), label) if path else hf_datasets.load_hub(
+                key, f"{label} (no `path:` and not a known hub dataset of the registry, so a hub id)"))
+        named = role == "train" or self.ds.eval_path is not None
+        return hf_datasets.pick_split(self._loaded[key], role, f"{label} ({key})", required=named)
+
     def location(self, split: str) -> str:
         """The file (or hub dataset and split) a split's records come from, for messages."""
-        if self.hub:
-            spec = registry.REGISTRY[self.ds.name]
-            return f"hub dataset {self.ds.name} [{spec.train_split if split == 'train' else spec.eval_split}]"
-        return str(self.ds.path if split == "train" else self.ds.eval_path)
+        if self.spec is not None:
+            return f"hub dataset {self.ds.name} [{self.spec.train_split if split == 'train' else self.spec.eval_split}]"
+        path = self._path(split)
+        if path is None:
+            return f"hub dataset {self.ds.name} [{self._split(split)[0]}]"
+        return f"{path} [{self._split(split)[0]}]" if Path(path).is_dir() else path
+
+    def _records(self, role: str):
+        """(location, raw record or BadRecord) of a role, as stored: before `fields` is applied."""
+        path = self._path(role)
+        if not self._from_datasets(role):
+            return iter_file_records(path)
+        name, rows = self._split(role)
+        return hf_datasets.iter_rows(rows, f"{path}[{name}]:row " if path else f"hub:{self.ds.name}[{name}]#")
 
     def iter_raw(self, split: str):
-        if self.hub:
-            spec = registry.REGISTRY[self.ds.name]
-            return registry.iter_hub_records(self.ds.name, spec.train_split if split == "train" else spec.eval_split)
-        return iter_file_records(self.ds.path if split == "train" else self.ds.eval_path)
+        if self.spec is not None:
+            name = self.spec.train_split if split == "train" else self.spec.eval_split
+            return registry.iter_hub_records(self.ds.name, name)
+        return self._mapped(self._records(split))
+
+    def _mapped(self, records):
+        for where, raw in records:
+            if not isinstance(raw, BadRecord):
+                try:
+                    raw = map_fields(raw, self.ds.fields, where)
+                except BadRecord as bad:
+                    raw = bad
+            yield where, raw
 
 
 FIELDS_SHOWN = 5  # records whose field names a "no valid records" error shows
@@ -150,8 +208,10 @@ def load_examples(src: Source, split: str, on_bad: str, limit: int | None) -> tu
     report.valid = len(examples)
     if not examples:
         raise DataError(f"dataset {src.ds.name!r} ({split}): no valid records in {src.location(split)}: a "
-                        f"{src.format} record needs the fields {list(REQUIRED[src.format])}; its first records "
-                        f"have {sorted(found) if found else 'no JSON object'}; skipped: {dict(report.skipped)}")
+                        f"{src.format} record needs the fields {list(REQUIRED[src.format])}"
+                        f"{ALSO_ACCEPTED[src.format]}; its first records have "
+                        f"{sorted(found) if found else 'no JSON object'}; skipped: {dict(report.skipped)}; other "
+                        f"field names can be mapped with `fields:` (docs/data.md)")
     return examples, report
 
 
@@ -327,7 +387,7 @@ def _load_table(path: Path) -> TokenTable:
 
 # ---- explaining what was skipped ----
 
-REASON_LABELS = {"invalid_json": "invalid JSON", "invalid_utf8": "invalid UTF-8",
+REASON_LABELS = {"invalid_json": "invalid JSON", "invalid_utf8": "invalid UTF-8", "invalid_csv": "invalid CSV row",
                  "duplicate_prompt": "repeated phase-3 prompt"}  # PPO uses each prompt once
 
 

@@ -1,9 +1,12 @@
 """Typed records: every source is normalised into an `Example` (chat turns + responses) or a `BadRecord`.
 
 Three formats:
-  preference  {prompt, chosen, rejected}  feeds phases 1 (prompt + chosen), 2 (pairs) and 3 (prompt)
-  sft         {prompt, response}          feeds phase 1
-  prompt      {prompt}                    feeds phase 3
+  preference  {prompt, chosen, rejected}            feeds phases 1 (prompt + chosen), 2 (pairs) and 3 (prompt)
+  sft         {prompt, response} or {messages}      feeds phase 1
+  prompt      {prompt} or {messages}                feeds phase 3
+TRL's dataset formats are read too (docs/data.md): `completion` for `response`; `messages` (a conversation
+whose last assistant turn is the response); responses as one assistant message; chosen and rejected as whole
+conversations whose shared leading turns are the prompt (TRL's implicit prompt).
 A record's other fields (those its format does not read, e.g. GSM8K's `id` and `final_answer`) are its
 `metadata`, kept as they are when they are JSON values (a parquet date or bytes field is left out): phase 3
 stores it with each prompt and the reward sources receive it.
@@ -43,6 +46,10 @@ class BadRecord(Exception):
 
 REQUIRED = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response"), "prompt": ("prompt",)}
 CONSUMED = {fmt: frozenset(fields) for fmt, fields in REQUIRED.items()}  # what a format reads; the rest is metadata
+# what a format also reads (TRL's layouts, `_trl_names`), for the message when no record is valid
+ALSO_ACCEPTED = {"preference": " (no 'prompt' when chosen and rejected are whole conversations or hh transcripts)",
+                 "sft": " (or 'completion' for 'response', or one 'messages' conversation)",
+                 "prompt": " (or 'messages')"}
 
 
 def is_json_value(value) -> bool:
@@ -62,13 +69,28 @@ def record_metadata(raw: dict, fmt: str) -> dict:
 
 
 def detect_format(raw: dict) -> str:
-    if {"prompt", "chosen", "rejected"} <= raw.keys() or {"chosen", "rejected"} <= raw.keys():
+    if {"chosen", "rejected"} <= raw.keys():
         return "preference"
-    if {"prompt", "response"} <= raw.keys():
+    if ("prompt" in raw and raw.keys() & {"response", "completion"}) or "messages" in raw:
         return "sft"
     if "prompt" in raw:
         return "prompt"
-    raise BadRecord("unknown_format", f"cannot tell the format from fields {sorted(raw)}; set `format:`")
+    raise BadRecord("unknown_format", f"cannot tell the format from fields {sorted(raw)}: a record needs chosen and "
+                    f"rejected (preference), prompt and response or completion, or messages (sft), or a prompt "
+                    f"(prompt); rename fields with `fields:` or set `format:`")
+
+
+def map_fields(raw, fields: dict[str, str], where: str):
+    """Rename a record's fields onto rlhfkit's (`fields: {prompt: question}` reads `question` as the prompt).
+    A mapped field wins over one already named like its target. Raises BadRecord when a mapped field is missing."""
+    if not fields or not isinstance(raw, dict):
+        return raw
+    for target, source in fields.items():
+        if source not in raw:
+            raise BadRecord("missing_field", f"no field {source!r}, which `fields:` maps to {target!r} (the record "
+                            f"has {sorted(map(str, raw))})", where)
+    renamed = {k: v for k, v in raw.items() if k not in fields.values()}
+    return renamed | {target: raw[source] for target, source in fields.items()}
 
 
 def is_hh_transcript(text: str) -> bool:
@@ -105,16 +127,19 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:end], chosen[end:], rejected[end:]
 
 
+def _turn(m, label: str, where: str) -> dict:
+    """One {role, content} message, checked (other keys, such as a parquet struct's empty ones, are left out)."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        raise BadRecord("wrong_type", f"{label} must be {{role, content}} with string values", where)
+    if m["role"] not in CHAT_ROLES:
+        raise BadRecord("unknown_role", f"{label} has the role {m['role']!r}; a message's role must be "
+                        f"one of {', '.join(CHAT_ROLES)}", where)
+    return {"role": m["role"], "content": m["content"]}
+
+
 def prompt_turns(prompt, where: str) -> list[dict]:
     if isinstance(prompt, list):
-        turns = []
-        for i, m in enumerate(prompt):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise BadRecord("wrong_type", f"prompt[{i}] must be {{role, content}} with string values", where)
-            if m["role"] not in CHAT_ROLES:
-                raise BadRecord("unknown_role", f"prompt[{i}] has the role {m['role']!r}; a message's role must be "
-                                f"one of {', '.join(CHAT_ROLES)}", where)
-            turns.append({"role": m["role"], "content": m["content"]})
+        turns = [_turn(m, f"prompt[{i}]", where) for i, m in enumerate(prompt)]
     elif isinstance(prompt, str):
         turns = parse_hh_transcript(prompt) if is_hh_transcript(prompt) else [{"role": "user", "content": prompt.strip()}]
     else:
@@ -126,23 +151,85 @@ def prompt_turns(prompt, where: str) -> list[dict]:
     return turns
 
 
-def _response(raw: dict, field: str, where: str) -> str:
-    value = raw[field]
+def _response(raw: dict, field: str, where: str, name: str | None = None) -> str:
+    """raw[field] as a response; `name` is the field's name in the record, for messages (default: field)."""
+    value, name = raw[field], name or field
+    if isinstance(value, list):  # TRL's conversational format: the reply as one assistant message
+        turns = [_turn(m, f"{name}[{i}]", where) for i, m in enumerate(value)]
+        if [t["role"] for t in turns] != ["assistant"]:
+            raise BadRecord("bad_response", f"field {name!r} must hold one assistant message (earlier turns belong "
+                            f"in the prompt), got the roles {[t['role'] for t in turns]}", where)
+        value = turns[0]["content"]
     if not isinstance(value, str):
-        raise BadRecord("wrong_type", f"field {field!r} must be a string, got {type(value).__name__}", where)
+        raise BadRecord("wrong_type", f"field {name!r} must be a string or one assistant message, got "
+                        f"{type(value).__name__}", where)
     if not value.strip():
-        raise BadRecord("empty_response", f"field {field!r} is empty or whitespace only", where)
+        raise BadRecord("empty_response", f"field {name!r} is empty or whitespace only", where)
     return value.strip()
+
+
+def split_conversations(chosen: list, rejected: list, where: str) -> tuple[list, list, list]:
+    """TRL's implicit prompt: the turns two conversations share from the start are the prompt, and what
+    follows is each one's reply (one assistant turn each, checked by `_response`)."""
+    n, most = 0, min(len(chosen), len(rejected)) - 1  # at least the last turn of each is its reply
+    while n < most and _same_turn(chosen[n], rejected[n]):
+        n += 1
+    if n == 0:
+        raise BadRecord("bad_transcript", "chosen and rejected share no leading turn, so there is no prompt "
+                        "(give one as 'prompt')", where)
+    if len(chosen) - n > 1 or len(rejected) - n > 1:
+        raise BadRecord("bad_response", f"chosen and rejected share {n} leading turns; after them each must be one "
+                        f"assistant reply, but chosen has {len(chosen) - n} turns left and rejected "
+                        f"{len(rejected) - n}", where)
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _same_turn(a, b) -> bool:
+    return isinstance(a, dict) and isinstance(b, dict) and (a.get("role"), a.get("content")) == (
+        b.get("role"), b.get("content"))
+
+
+def _trl_names(raw: dict, fmt: str, where: str) -> tuple[dict, str]:
+    """TRL's field layouts onto rlhfkit's, where the record lacks rlhfkit's own fields:
+    `completion` is the response; `messages` is the prompt, less its last turn when that is the assistant's
+    reply (then the response); chosen and rejected conversations of more than their reply carry the prompt
+    as their shared leading turns (a `prompt` beside them, as UltraFeedback's, is not read, as in TRL).
+    Returns the record and the name its response field had, for messages."""
+    raw, response_name = dict(raw), "response"
+    if fmt == "preference":
+        chosen, rejected = raw.get("chosen"), raw.get("rejected")
+        if isinstance(chosen, list) and isinstance(rejected, list) and (
+                "prompt" not in raw or len(chosen) > 1 or len(rejected) > 1):
+            raw["prompt"], raw["chosen"], raw["rejected"] = split_conversations(chosen, rejected, where)
+        return raw, response_name
+    if "prompt" not in raw and "messages" in raw:
+        messages = raw.pop("messages")
+        if not isinstance(messages, list):
+            raise BadRecord("wrong_type", f"field 'messages' must be a list of messages, got {type(messages).__name__}",
+                            where)
+        messages = [_turn(m, f"messages[{i}]", where) for i, m in enumerate(messages)]
+        ends_with_reply = bool(messages) and messages[-1]["role"] == "assistant"
+        raw["prompt"] = messages[:-1] if ends_with_reply else messages
+        if fmt == "sft" and "response" not in raw and "completion" not in raw:
+            if not ends_with_reply:
+                raise BadRecord("bad_transcript", "'messages' must end with an assistant turn: the reply to learn",
+                                where)
+            raw["response"], response_name = messages[-1]["content"], f"messages[{len(messages) - 1}]"
+    if fmt == "sft" and "response" not in raw and "completion" in raw:
+        raw["response"], response_name = raw.pop("completion"), "completion"
+    return raw, response_name
 
 
 def to_example(raw, fmt: str, where: str, index: int) -> Example:
     """Validate one raw record of a known format and normalise it. Raises BadRecord."""
     if not isinstance(raw, dict):
         raise BadRecord("not_an_object", f"expected a JSON object, got {type(raw).__name__}", where)
+    raw, response_name = _trl_names(raw, fmt, where)
     if fmt == "preference" and "prompt" not in raw and {"chosen", "rejected"} <= raw.keys():
         for key in ("chosen", "rejected"):
             if not isinstance(raw[key], str):
-                raise BadRecord("wrong_type", f"field {key!r} must be a string", where)
+                raise BadRecord("wrong_type", f"field {key!r} must be a string (an hh transcript) or a list of "
+                                f"messages, as the other one", where)
         try:
             prompt, chosen, rejected = split_hh_pair(raw["chosen"], raw["rejected"])
         except BadRecord as e:
@@ -161,5 +248,5 @@ def to_example(raw, fmt: str, where: str, index: int) -> Example:
         return Example(rid, where, turns, _response(raw, "chosen", where), _response(raw, "rejected", where),
                        metadata=metadata)
     if fmt == "sft":
-        return Example(rid, where, turns, _response(raw, "response", where), metadata=metadata)
+        return Example(rid, where, turns, _response(raw, "response", where, response_name), metadata=metadata)
     return Example(rid, where, turns, metadata=metadata)

@@ -2,17 +2,16 @@
 
 Each entry says which splits hold train/eval data and converts one raw row into the uniform
 {prompt, chosen, rejected} / {prompt, response} record, or raises BadRecord (for example a tie).
-They load through `datasets` when the hub is reachable; offline, a clear error says what to do.
+They load through `datasets` (offline, from its cache); where neither has them, a clear error says what to do.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import DataError
+from .hf_datasets import load_hub
 from .records import BadRecord
 
 
@@ -114,22 +113,11 @@ REGISTRY: dict[str, HubDataset] = {
 
 
 def load_hub_split(name: str, split: str):
-    """Load one split through `datasets`; fail in seconds with guidance when the hub is unreachable."""
-    from ..models.loading import _hub_reachable
-
+    """Load one split through `datasets` (from its cache where the hub is unreachable; data/hf_datasets.py)."""
     spec = REGISTRY[name]
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        raise DataError(
-            f"dataset {name!r} comes from the Hugging Face hub, which is unreachable from here. Download it where "
-            f"the hub is reachable (datasets.load_dataset({spec.hub_id or name!r}).to_json(...) per split), "
-            f"copy the files here and give them as `path:` / `eval_path:` of a local dataset entry."
-        )
-    import datasets
-
-    try:
-        return datasets.load_dataset(spec.hub_id or name, spec.config_name, split=split)
-    except Exception as e:  # datasets raises many types; the message is what the user needs
-        raise DataError(f"dataset {name!r}, split {split!r}: cannot load from the hub: {e}") from None
+    return load_hub(spec.hub_id or name, f"dataset {name!r}", spec.config_name, split=split,
+                    local_hint="or give its records, converted to rlhfkit's fields as below, as the files of "
+                               "`path:` / `eval_path:`")
 
 
 def iter_hub_records(name: str, split: str):
