@@ -141,7 +141,7 @@ def load_bench_config(args: argparse.Namespace, output_dir: Path, n_steps: int):
             "max_steps": n_steps, "micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
             "dtype": args.dtype, "resume": "never", "gradient_checkpointing": "false",
             # no eval, no intermediate checkpoints: only the final export/checkpoint, outside the step timer
-            "eval_every": 0, "max_eval_batches": 1, "save_every": 0, "log_every": 1, "wandb_project": "null",
+            "eval_every": 0, "max_eval_batches": 1, "save_every": 0, "log_every": 1,
         }.items()]
     overrides.append("sft.loss_on=response")  # what TRL's completion-only loss computes
     cfg = load_config(args.config, overrides)

@@ -113,7 +113,6 @@ def test_grpo_on_two_processes_matches_one(tmp_path, prompts_file):
 
 @pytest.mark.parametrize("override, message", [
     ("ppo.n_samples_per_prompt=1", "n_samples_per_prompt to 2 or more"),
-    ("ppo.critic.learning_rate=1e-5", "only advantage gae reads it"),
     ("ppo.actor.epochs=2", "use ppo.steps"),
     ("ppo.actor.save_every=2", "use ppo.save_every"),
     ("ppo.kl_estimator=k1", "no useful gradient"),

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from .errors import RlhfkitError
+from .errors import ConfigError, RlhfkitError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +115,28 @@ def cmd_serve_reward(args) -> None:
           max_request_bytes=args.max_request_bytes, dtype=args.dtype, max_length=args.max_length)
 
 
+def cmd_config_show(args) -> None:
+    from .config import load_config
+    from .config_tools import show_config
+
+    print(show_config(load_config(args.config, args.overrides), changed=args.changed), end="")
+
+
+def cmd_config_check(args) -> None:
+    from .config import load_config
+    from .config_tools import batch_summary, check_config
+
+    cfg = load_config(args.config, args.overrides)
+    problems = check_config(cfg, args.world_size)
+    at = f"{args.world_size} process{'es' * (args.world_size > 1)}"
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{args.config} at {at}: {len(problems)} problem{'s' * (len(problems) > 1)}\n{listed}")
+    for line in batch_summary(cfg, args.world_size):
+        print(f"  {line}")
+    print(f"ok: {args.config} at {at}")
+
+
 def cmd_model_fetch(args) -> None:
     from .config import ModelConfig
     from .models.loading import resolve_model_dir
@@ -180,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="keep the last N tokens of each query")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_serve_reward)
+
+    config = stages.add_parser("config", help="see and check a config without running anything").add_subparsers(
+        dest="verb", required=True)
+    p = config.add_parser("show", help="the resolved config as YAML, every default filled in, descriptions as comments")
+    p.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.advantage=grpo")
+    p.add_argument("--changed", action="store_true", help="only the keys that differ from their defaults")
+    p.set_defaults(func=cmd_config_show)
+    p = config.add_parser("check", help="batch sizes against N processes, files, GGUF export: what the stages "
+                                        "would reject, before they start")
+    p.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.rollout_batch_size=64")
+    p.add_argument("--world-size", type=int, default=1, help="number of processes (GPUs) the run will use")
+    p.set_defaults(func=cmd_config_check)
 
     model = stages.add_parser("model", help="model utilities").add_subparsers(dest="verb", required=True)
     p = model.add_parser("fetch", help="materialise a built-in model (e.g. convert the GGUF once) and print its dir")

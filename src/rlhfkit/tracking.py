@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 class Tracker:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, desc: str = "train",
-                 enabled: bool = True, show_progress: bool = True, wandb_project: str | None = None,
-                 run_name: str | None = None, config: dict | None = None):
+                 enabled: bool = True, show_progress: bool = True, config: dict | None = None):
+        """desc: the stage's name; config: the resolved run config (its `wandb` section turns W&B on)."""
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self._tb = self._wandb = None
@@ -28,11 +28,12 @@ class Tracker:
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
         except ImportError:  # tensorboard is a dependency; keep going without it if someone removed it
             self._tb = None
-        if wandb_project:
+        wandb_args = wandb_init_args(config, desc)
+        if wandb_args:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+                self._wandb = wandb.init(**wandb_args)
             except ImportError:
                 print("rlhfkit: wandb is enabled in the config but not installed; logging to JSONL and TensorBoard only")
         self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not show_progress,
@@ -82,6 +83,18 @@ class Tracker:
         if self._wandb:
             self._wandb.finish()
         self._jsonl.close()
+
+
+def wandb_init_args(config: dict | None, stage: str) -> dict | None:
+    """wandb.init's arguments from a resolved config's `wandb` section; None when it names no project. Each
+    stage is a W&B run named <wandb.name>/<stage>, the stages of one run in one group (both default to the
+    name of run.output_dir), so runs of several output dirs tell themselves apart."""
+    settings = (config or {}).get("wandb") or {}
+    if not settings.get("project"):
+        return None
+    run = Path(config.get("run", {}).get("output_dir", ".")).resolve().name
+    return {"project": settings["project"], "entity": settings.get("entity"), "group": settings.get("group") or run,
+            "name": f"{settings.get('name') or run}/{stage}", "config": config, "resume": "allow"}
 
 
 _BAR_KEYS = {"train/loss", "train/tokens_per_s", "train/accuracy", "train/lr"}

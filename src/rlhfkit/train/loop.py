@@ -66,8 +66,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
                           out_dir / "plan.json", resumed=bool(ckpt), save_guess_steps=stage.checkpoint_cost_steps,
                           eval_guess_steps=eval_cost_steps(stage, t, world))
     total = planner.total
-    tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(),
-                      show_progress=show_progress, wandb_project=t.wandb_project, run_name=out_dir.name,
+    tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(), show_progress=show_progress,
                       config=config_dump)
     if ckpt:
         tracker.write(f"{stage.name}: resumed from {ckpt} at step {start}/{total}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...config import Config
+from ...config import Config, ppo_world_problems
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
 from ...engine.precision import torch_dtype
@@ -66,9 +66,9 @@ class PPOTrainer:
         self.prompts, self.eval_prompts, self.pad_id = stage_data(cfg, 3, show_progress)
         self.ptx = stage_data(cfg, 1, show_progress)[0] if p.ptx_coef > 0 else None
 
-        for name, n in (("rollout_batch_size", p.rollout_batch_size), ("mini_batch_size", self.mini_batch)):
-            if n % self.world:
-                raise ConfigError(f"ppo.{name} ({n}) must be a multiple of the number of processes ({self.world})")
+        problems = ppo_world_problems(p, self.world)
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.n_mini = p.responses_per_step // self.mini_batch
         self.schedule = StepSchedule(len(self.prompts), p.rollout_batch_size, p.seed, 1, p.steps)
         updates = p.steps * p.ppo_epochs * self.n_mini
@@ -106,7 +106,7 @@ class PPOTrainer:
 
     @property
     def mini_batch(self) -> int:
-        return self.p.mini_batch_size or self.p.responses_per_step
+        return self.p.responses_per_update
 
     def _build_rewards(self, reward_model: torch.nn.Module | None) -> RewardSum:
         """The reward model when a `model` source is configured (or a module given in code: tests, custom
@@ -136,8 +136,7 @@ class PPOTrainer:
                               resumed=start > 0)
         total = planner.total
         tracker = Tracker(self.out_dir, total, start, desc="ppo", enabled=D.is_main(),
-                          show_progress=self.show_progress, wandb_project=p.wandb_project,
-                          run_name=self.out_dir.name, config=self.cfg.model_dump(mode="json"))
+                          show_progress=self.show_progress, config=self.cfg.model_dump(mode="json"))
         stage_clock = clock()
         stage_clock.add("load", time.perf_counter() - stage_clock.started)  # models, resume state, normalisation
         stage_clock.dtype = self.actor.cfg.dtype
