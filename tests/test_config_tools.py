@@ -64,7 +64,8 @@ def test_show_changed_prints_only_what_differs_from_the_defaults(capsys):
 def test_check_passes_a_good_config_and_prints_the_batch_arithmetic(capsys):
     assert main(["config", "check", "configs/quickstart.yaml", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "ppo: 8 prompts × 1 = 8 responses per step" in out and "ok: configs/quickstart.yaml at 2 processes" in out
+    assert "ppo: 8 prompts × 1 = 8 responses per step; 1 update of 8 responses per epoch (4 per process" in out
+    assert "sft: 8 examples × 1 accumulation × 2 processes = 16 per optimizer step" in out and "ok: configs/quickstart.yaml at 2 processes" in out
 
 
 def test_check_names_each_problem_by_its_key_and_exits_non_zero(capsys, tmp_path):
@@ -98,3 +99,17 @@ def test_check_runs_the_stages_own_checks(tmp_path):
         f"ppo.reward.sources=[{{type: python, function: '{tmp_path / 'missing.py'}:f'}}]"])
     problems = check_config(reward, 1)
     assert len(problems) == 1 and problems[0].startswith("ppo.reward.sources[0].function: file ")
+
+
+def test_check_names_a_gguf_type_the_models_architecture_cannot_take(tmp_path):
+    """The export stage's check (export.gguf_export_problem), from the model's config.json, before any training."""
+    from rlhfkit import export
+
+    if not hasattr(export, "gguf_export_problem"):
+        pytest.skip("export.gguf_export_problem has not landed yet")
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text('{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}')
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.name_or_path={tmp_path / 'qwen'}", "export.gguf=q8_0"])
+    problems = check_config(cfg, 1)
+    assert len(problems) == 1 and problems[0].startswith("export.gguf: q8_0 cannot be written") and "qwen2" in problems[0]
+    assert check_config(load_config(REPO / "configs" / "tiny.yaml", ["export.gguf=q8_0"]), 1) == []

@@ -124,14 +124,14 @@ def cmd_config_show(args) -> None:
 
 def cmd_config_check(args) -> None:
     from .config import load_config
-    from .config_tools import batch_summary, check_config
+    from .config_tools import batch_summary, check_config, plural
 
     cfg = load_config(args.config, args.overrides)
     problems = check_config(cfg, args.world_size)
-    at = f"{args.world_size} process{'es' * (args.world_size > 1)}"
+    at = plural(args.world_size, "process", "processes")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigError(f"{args.config} at {at}: {len(problems)} problem{'s' * (len(problems) > 1)}\n{listed}")
+        raise ConfigError(f"{args.config} at {at}: {plural(len(problems), 'problem')}\n{listed}")
     for line in batch_summary(cfg, args.world_size):
         print(f"  {line}")
     print(f"ok: {args.config} at {at}")

@@ -180,17 +180,22 @@ def batch_summary(cfg: Config, world_size: int) -> list[str]:
             t = getattr(cfg, stage)
             rows = t.micro_batch_size * t.gradient_accumulation_steps * world_size
             lines.append(f"{stage}: {t.micro_batch_size} {'pairs' if stage != 'sft' else 'examples'} × "
-                         f"{t.gradient_accumulation_steps} accumulation × {world_size} processes = {rows} per "
-                         "optimizer step")
+                         f"{t.gradient_accumulation_steps} accumulation × {plural(world_size, 'process', 'processes')} = {rows} "
+                         "per optimizer step")
         elif stage == "ppo":
             p = cfg.ppo
             per_process = p.responses_per_update // world_size
+            micro = math.ceil(per_process / p.actor.micro_batch_size)
             lines.append(f"ppo: {p.rollout_batch_size} prompts × {p.n_samples_per_prompt} = {p.responses_per_step} "
-                         f"responses per step; {p.responses_per_step // p.responses_per_update} optimizer step(s) "
-                         f"per epoch of {p.responses_per_update} ({per_process} per process: "
-                         f"{math.ceil(per_process / p.actor.micro_batch_size)} micro-batch(es) of at most "
-                         f"{p.actor.micro_batch_size}) × {p.ppo_epochs} epoch(s)")
+                         f"responses per step; {plural(p.responses_per_step // p.responses_per_update, 'update')} "
+                         f"of {p.responses_per_update} responses per epoch ({per_process} per process: "
+                         f"{plural(micro, 'micro-batch', 'micro-batches')} of at most {p.actor.micro_batch_size}) × "
+                         f"{plural(p.ppo_epochs, 'epoch')}")
     return lines
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 # --- docs --------------------------------------------------------------------------------------------
