@@ -861,9 +861,8 @@ def _section_at(loc: tuple) -> tuple[type[Section], list[str]] | None:
         if isinstance(part, int):
             path.append(str(part))
             continue
-        tagged = [c for c in options if part in literal_choices(c.model_fields.get("type") and c.model_fields["type"].annotation)]
-        if len(options) > 1 and tagged:
-            options = tagged
+        if len(options) > 1:  # a discriminated union (reward sources): the location names the member's tag
+            options = [c for c in options if part in literal_choices(c.model_fields["type"].annotation)]
             continue
         owner = next((c for c in options if part in c.model_fields), None)
         if owner is None:
