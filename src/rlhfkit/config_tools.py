@@ -17,9 +17,8 @@ from typing import Literal
 
 import yaml
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
-from .config import (RL_LOOP_KEYS, SEEDED_SECTIONS, ActorConfig, Config, RewardSource, Section, ppo_world_problems,
+from .config import (RL_LOOP_KEYS, SEEDED_SECTIONS, ActorConfig, Config, Section, literal_choices, ppo_world_problems,
                      section_types)
 from .errors import ConfigError, RlhfkitError
 
@@ -91,13 +90,7 @@ def _item_class(options: list[type[Section]], item: dict) -> type[Section]:
     """A list item's class: the only one, or the union member whose `type` is the item's."""
     if len(options) == 1:
         return options[0]
-    return next(c for c in options if item.get("type") in _literal_values(c.model_fields["type"].annotation))
-
-
-def _literal_values(annotation) -> tuple:
-    if typing.get_origin(annotation) is Literal:
-        return typing.get_args(annotation)
-    return tuple(v for arg in typing.get_args(annotation) for v in _literal_values(arg))
+    return next(c for c in options if item.get("type") in literal_choices(c.model_fields["type"].annotation))
 
 
 def description(cls: type[Section], name: str, field: FieldInfo) -> str:
@@ -258,7 +251,7 @@ def _doc_section(cls: type[Section], path: str, out: list[str], first: dict[type
 
 
 def _type_tag(cls: type[Section]) -> str:
-    return f"type: {_literal_values(cls.model_fields['type'].annotation)[0]}"
+    return f"type: {literal_choices(cls.model_fields['type'].annotation)[0]}"
 
 
 def _type_name(field: FieldInfo) -> str:
