@@ -32,9 +32,13 @@ def test_every_key_has_a_description():
     assert not missing, f"keys without a description (Field(description=...)): {missing}"
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_show_prints_yaml_that_loads_back_to_the_same_config(recipe, tmp_path):
-    cfg = load_config(REPO / "configs" / recipe)
+SOURCES = "ppo.reward.sources=[{type: regex, pattern: 'a|b'}, {type: model, weight: 0.5}]"
+
+
+@pytest.mark.parametrize("recipe, overrides", [(r, []) for r in RECIPES] + [
+    ("tiny.yaml", ["ppo.adaptive_kl={target: 3}", SOURCES, "eval.rewards=[{type: gsm8k}]", "model.tiny={}"])])
+def test_show_prints_yaml_that_loads_back_to_the_same_config(recipe, overrides, tmp_path):
+    cfg = load_config(REPO / "configs" / recipe, overrides)
     for changed in (False, True):
         shown = tmp_path / f"shown_{changed}.yaml"
         shown.write_text(show_config(cfg, changed=changed))

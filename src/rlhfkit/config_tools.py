@@ -65,7 +65,7 @@ def _emit_section(cls: type[Section], data: dict, indent: str, changed: bool, li
 
 
 def _differs(cls: type[Section], name: str, field: FieldInfo, value, key: str, run_seed: int | None) -> bool:
-    if field.is_required():
+    if field.is_required() or name == "type":  # a reward source's type names its kind even where it is the default
         return True
     if name == "seed" and key.split(".")[0] in SEEDED_SECTIONS and key.count(".") == 1:
         return value != run_seed  # inherited from run.seed unless set
