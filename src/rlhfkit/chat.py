@@ -1,7 +1,9 @@
 """`rlhfkit chat MODEL_DIR`: a multi-turn terminal chat with streamed tokens through the chat template.
 
-Works on an exported model, a stage's final/ directory, or a checkpoint's model/ directory.
-Commands: /reset (forget the conversation), /exit (or end of input).
+Works on an exported model, a stage's final/ directory, or a checkpoint's model/ directory; a model trained
+on plain prompts (data.template: plain) chats in that format (data/plain_template.py). Any other directory is
+a message saying what it is and what to pass instead. Commands: /reset (forget the conversation), /exit (or
+end of input).
 """
 
 from __future__ import annotations
@@ -13,47 +15,71 @@ from pathlib import Path
 
 import torch
 
+from .data.plain_template import plain_template_for
 from .engine.precision import torch_dtype
 from .errors import ModelLoadError
+from .models.reward import HEAD_FILE
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
 
 def load_chat_model(model_dir: str, dtype: str = "auto"):
-    """The model and tokenizer of an HF directory (or a checkpoint dir's model/); a broken directory is a
-    ModelLoadError that names it and what is wrong, never a library traceback."""
+    """The model and tokenizer of an HF directory (or a checkpoint dir's model/), with the chat template of the
+    format it was trained on; a directory that is not such a model is a ModelLoadError that names it and what
+    is wrong, never a library traceback."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = chat_model_dir(Path(model_dir))
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a damaged tokenizer file fails anywhere in tokenizers/transformers (KeyError, …)
         raise ModelLoadError(f"{path}: cannot load the tokenizer ({_first_line(e)})") from None
+    tok.chat_template = plain_template_for(path, tok) or tok.chat_template
+    if not tok.chat_template:
+        raise ModelLoadError(f"{path}: the tokenizer has no chat template, and no run record says which prompt "
+                             f"format the model learned (a base model?). Chat with a model rlhfkit trained (its "
+                             f"stage's final/ or the export's hf/), or add a chat_template.jinja to {path}")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # weights that do not match are said below, not in a table of every tensor
     try:
         # from_pretrained at a half precision casts the weights only (rotary buffers stay fp32)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, "chat --dtype"))
-    except (OSError, ValueError, SafetensorError) as e:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, "chat --dtype"),
+                                                           output_loading_info=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ModelLoadError(f"{path}: cannot load the model weights ({_first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(f"{path}: model.safetensors does not hold the weights config.json describes "
+                             f"({len(missing)} missing, e.g. {missing[0]})")
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tok
 
 
 def chat_model_dir(path: Path) -> Path:
     """The directory to load, checked for what from_pretrained needs: a readable config, weights, a tokenizer."""
+    if path.is_file():
+        hint = " (a GGUF file: chat with it in llama.cpp)" if path.suffix == ".gguf" else ""
+        raise ModelLoadError(f"{path} is a file{hint}; rlhfkit chat takes a model directory")
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such model directory")
     if (path / "model").is_dir() and not (path / "config.json").is_file():
         path = path / "model"  # a checkpoint dir: its exported model
     config = path / "config.json"
     if not config.is_file():
-        raise ModelLoadError(f"{path}: not a model directory (no config.json)")
+        raise ModelLoadError(f"{path}: not a model directory (no config.json){_model_dirs_inside(path)}")
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (ValueError, AttributeError):  # not JSON, or JSON but not an object
         raise ModelLoadError(f"{config}: not a valid JSON config (a half-written or damaged file?)") from None
     if not model_type:
         raise ModelLoadError(f"{config}: no model_type; this is not a transformers model config")
+    if (path / HEAD_FILE).is_file():
+        raise ModelLoadError(f"{path} is a reward model (it scores text, it does not write any); chat with a "
+                             f"policy: the run's ppo/final (or dpo/final, sft/final) or export/hf")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         if (path / "adapter_model.safetensors").is_file():
             raise ModelLoadError(f"{path} holds a LoRA adapter only; chat needs merged weights (lora.save: merged)")
@@ -63,6 +89,13 @@ def chat_model_dir(path: Path) -> Path:
     return path
 
 
+def _model_dirs_inside(path: Path) -> str:
+    """"; chat models in it: …" for a run or stage directory, so that the message says what to pass."""
+    found = sorted({str(c.parent.relative_to(path)) for pattern in ("*/config.json", "*/*/config.json")
+                    for c in path.glob(pattern) if not (c.parent / HEAD_FILE).is_file()})
+    return f"; chat models in it: {', '.join(found)}" if found else ""
+
+
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -70,10 +103,11 @@ def _first_line(error: Exception) -> str:
 def chat(model, tok, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None,
          stdin=sys.stdin, stdout=sys.stdout, seed: int | None = None) -> list[dict]:
     """Read user turns from stdin until /exit or end of input; returns the conversation as it ended."""
+    from jinja2 import TemplateError
     from transformers import TextIteratorStreamer
 
     if not tok.chat_template:
-        raise ValueError("this tokenizer has no chat template; rlhfkit chat needs one")
+        raise ModelLoadError("this tokenizer has no chat template; rlhfkit chat needs one")
     interactive = stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     start = list(history)
@@ -94,22 +128,49 @@ def chat(model, tok, max_new_tokens: int = 256, temperature: float = 0.7, system
             print("[conversation reset]", file=stdout, flush=True)
             continue
         history.append({"role": "user", "content": text})
-        prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        try:
+            prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # e.g. a template without a system role, given --system
+            raise ModelLoadError(f"the model's chat template refuses this conversation: {_first_line(e)}") from None
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         if seed is not None:
             torch.manual_seed(seed)
-        kwargs = dict(**ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, streamer=streamer,
+        kwargs = dict(**ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         if temperature > 0:
             kwargs["temperature"] = temperature
-        worker = threading.Thread(target=model.generate, kwargs=kwargs)
-        worker.start()
-        reply = []
-        for piece in streamer:
-            reply.append(piece)
-            print(piece, end="", file=stdout, flush=True)
-        worker.join()
+        reply, failure = _stream_reply(model, streamer, kwargs, stdout)
         print(file=stdout, flush=True)
-        history.append({"role": "assistant", "content": "".join(reply).strip()})
+        if failure:
+            history.pop()
+            n, limit = ids["input_ids"].shape[1], getattr(model.config, "max_position_embeddings", None)
+            if limit and n + max_new_tokens > limit:
+                failure += f" ({n} tokens of conversation + up to {max_new_tokens} new ones; the model takes {limit})"
+            print(f"[no reply: {failure}. /reset starts the conversation over]", file=stdout, flush=True)
+            continue
+        history.append({"role": "assistant", "content": reply.strip()})
     return history
+
+
+def _stream_reply(model, streamer, kwargs: dict, stdout) -> tuple[str, str | None]:
+    """(the reply, None), printed piece by piece as generate() (in a thread) streams it; ("", the error) when
+    generation fails, e.g. on a conversation longer than a model's learned positions, instead of leaving the
+    stream waiting for pieces that never come."""
+    failure: list[str] = []
+
+    def generate():
+        try:
+            model.generate(streamer=streamer, **kwargs)
+        except Exception as e:  # whatever it is, the chat goes on: the user can /reset
+            failure.append(_first_line(e))
+            streamer.end()
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        print(piece, end="", file=stdout, flush=True)
+    worker.join()
+    return ("", failure[0]) if failure else ("".join(pieces), None)

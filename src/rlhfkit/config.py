@@ -614,7 +614,17 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    gguf: Literal["f16", "q8_0", "none"] = "q8_0"
+    """`rlhfkit export`: the aligned model as an HF directory, and as a GGUF file for llama.cpp-based tools."""
+
+    gguf: Literal["auto", "f16", "q8_0", "none"] = Field("auto", description=(
+        "GGUF file type: auto: f16 where the model can be written (Llama-architecture, byte-level BPE "
+        "tokenizer), else none, saying why; f16 or q8_0: that type, checked before training starts; none "
+        "(or null): the HF directory only"))
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _null_is_none(cls, v):
+        return "none" if v is None else v
 
 
 class PipelineConfig(Section):

@@ -1,7 +1,8 @@
 """Export: the aligned model as a plain Hugging Face directory and as a GGUF file for llama.cpp-based tools.
 
-The HF directory holds merged weights (safetensors), tokenizer, chat template and generation config,
-and loads with `AutoModelForCausalLM.from_pretrained` alone. The GGUF file (f16 or q8_0) is written with
+The HF directory holds merged weights (safetensors), tokenizer, chat template (the plain one for a model
+trained on plain prompts, data/plain_template.py) and generation config, and loads with
+`AutoModelForCausalLM.from_pretrained` alone. The GGUF file (f16 or q8_0) is written with
 the `gguf` package in llama.cpp's layout for Llama-architecture models (SmolLM2, Llama, Mistral-style):
 tensor names, q/k rows permuted to GGML's rotary layout, and the byte-level BPE tokenizer (tokens, types,
 merges, special ids, chat template), as llama.cpp's own convert_hf_to_gguf.py writes them (a q8_0 file's
@@ -20,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.plain_template import plain_template_for
 from .errors import ConfigError, RlhfkitError
 from .paths import make_temp_dir, publish_dir
 
 GGUF_TYPES = ("f16", "q8_0")
+GGUF_ARCHITECTURES = ("llama", "mistral")  # config.json's model_type
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -35,8 +38,9 @@ _HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "toke
 
 
 def export_hf(src: Path, out: Path) -> Path:
-    """Copy a stage's final model (already merged) into a clean HF directory, published in one rename."""
-    from transformers import AutoConfig, GenerationConfig
+    """Copy a stage's final model (already merged) into a clean HF directory, published in one rename; a
+    model trained on plain prompts gets the plain chat template in its tokenizer files."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     src = Path(src)
     if (src / "adapter_model.safetensors").is_file() and not (src / "model.safetensors").is_file():
@@ -50,8 +54,69 @@ def export_hf(src: Path, out: Path) -> Path:
             shutil.copyfile(src / name, tmp / name)
     if not (tmp / "generation_config.json").is_file():
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(src)).save_pretrained(tmp)
+    tok = AutoTokenizer.from_pretrained(src)
+    template = plain_template_for(src, tok)
+    if template:
+        tok.chat_template = template
+        tok.save_pretrained(tmp)
     publish_dir(tmp, out)
     return out
+
+
+def gguf_problem(config: dict, tokenizer_spec: dict | None) -> str | None:
+    """Why write_gguf cannot write a model (its config.json and, where known, its tokenizer.json), or None."""
+    model_type = config.get("model_type")
+    if model_type not in GGUF_ARCHITECTURES:
+        return (f"GGUF export covers Llama-architecture models (model_type {', '.join(GGUF_ARCHITECTURES)}); "
+                f"this one is {model_type!r}")
+    if tokenizer_spec is None:
+        return None
+    kind = (tokenizer_spec.get("model") or {}).get("type")
+    if kind != "BPE" or '"ByteLevel"' not in json.dumps(tokenizer_spec.get("pre_tokenizer")):
+        # e.g. Llama-2's SentencePiece BPE: written as GPT-2 BPE, llama.cpp would split text into other tokens
+        return f"GGUF export covers byte-level BPE tokenizers (SmolLM2, Llama 3 style); this one is {kind} without ByteLevel"
+    return None
+
+
+def gguf_export_problem(cfg) -> str | None:
+    """Why `export.gguf` cannot be produced for this run's model, read from the config.json and tokenizer.json
+    of the model training starts from (no weights loaded; both built-ins are Llama models with byte-level
+    BPE); None when it can, when export.gguf is auto or none, or when those files cannot be read here."""
+    from .models.builtin import BUILTIN_NAMES
+    from .models.loading import model_file
+
+    qtype = cfg.export.gguf
+    start = {"ppo": cfg.ppo.actor_model, "dpo": cfg.dpo.model}[cfg.pipeline.alignment] or cfg.model.name_or_path
+    if qtype in ("auto", "none") or start in BUILTIN_NAMES:
+        return None
+    base = start == cfg.model.name_or_path
+    revision = cfg.model.revision if base else None
+    config_file = model_file(start, "config.json", revision)
+    if config_file is None:
+        return None
+    tokenizer_file = model_file((cfg.model.tokenizer or start) if base else start, "tokenizer.json", revision)
+    try:
+        problem = gguf_problem(json.loads(config_file.read_text(encoding="utf-8")),
+                               json.loads(tokenizer_file.read_text(encoding="utf-8")) if tokenizer_file else None)
+    except (ValueError, AttributeError):  # not JSON objects: loading the model will say so
+        return None
+    if problem is None:
+        return None
+    return (f"export.gguf: {qtype} cannot be written for {start}: {problem}. Set export.gguf to none (or null: "
+            f"the HF directory only) or auto (f16 where the model allows it, else none); its values are auto, "
+            f"{', '.join(GGUF_TYPES)}, none")
+
+
+def gguf_type(setting: str, hf_dir: Path) -> tuple[str | None, str | None]:
+    """(the GGUF type to write or None, why none is written) for `export.gguf` and an exported HF directory."""
+    if setting == "none":
+        return None, "export.gguf is none"
+    if setting != "auto":
+        return setting, None
+    tokenizer = hf_dir / "tokenizer.json"
+    problem = gguf_problem(json.loads((hf_dir / "config.json").read_text(encoding="utf-8")),
+                           json.loads(tokenizer.read_text(encoding="utf-8")) if tokenizer.is_file() else None)
+    return ("f16", None) if problem is None else (None, f"export.gguf auto: {problem}")
 
 
 def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -83,9 +148,11 @@ def write_gguf(model_dir: Path, out_file: Path, qtype: str = "f16") -> Path:
     if qtype not in GGUF_TYPES:
         raise ConfigError(f"GGUF type must be one of {GGUF_TYPES}, got {qtype!r}")
     model_dir, out_file = Path(model_dir), Path(out_file)
+    problem = gguf_problem(json.loads((model_dir / "config.json").read_text(encoding="utf-8")),
+                           json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")))
+    if problem:
+        raise ConfigError(f"{model_dir}: {problem}; set export.gguf: none (or auto)")
     cfg = AutoConfig.from_pretrained(model_dir)
-    if cfg.model_type not in ("llama", "mistral"):
-        raise ConfigError(f"GGUF export supports Llama-architecture models; {model_dir} is {cfg.model_type!r}")
     tok = AutoTokenizer.from_pretrained(model_dir)
     weights = load_file(str(model_dir / "model.safetensors"))
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -138,9 +205,7 @@ def write_gguf(model_dir: Path, out_file: Path, qtype: str = "f16") -> Path:
 
 def _add_tokenizer(w, tok, model_dir: Path, vocab_size: int) -> None:
     """Byte-level BPE ("gpt2" in GGUF): tokens by id, their types, merges, special ids, chat template."""
-    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    if spec.get("model", {}).get("type") != "BPE":
-        raise ConfigError("GGUF export supports byte-level BPE tokenizers")
+    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))  # byte-level BPE (gguf_problem)
     added = {t["id"]: t.get("special", False) for t in spec.get("added_tokens", [])}
     special = set(tok.all_special_ids) | {i for i, is_special in added.items() if is_special}
     tokens, types = [], []

@@ -1,5 +1,8 @@
 """`rlhfkit pipeline CONFIG [--from STAGE]`: data → sft → rm → ppo (or dpo) → eval → export, one run dir.
 
+Stages nothing needs are left out, saying why (plan_stages; pipeline.json's "skipped"): SFT when the run has
+no phase-1 data or ppo.actor_model (dpo.model) is set, so RL starts straight from a model; the RM when no
+reward, critic or eval judge reads it. The export's settings are checked before the first stage trains.
 A stage whose complete output exists is skipped (a training stage is complete when its final/ holds
 eval.json, written last); an interrupted stage resumes from its latest checkpoint (each stage's own
 auto-resume); `--from STAGE` deletes that stage's outputs and every later stage's, and reruns them.
@@ -33,21 +36,55 @@ PLAN_KEY = {"sft": "sft.max_steps", "rm": "rm.max_steps", "dpo": "dpo.max_steps"
 
 
 def stages_for(cfg: Config) -> list[str]:
-    middle = (["rm"] if needs_rm_stage(cfg) else []) + ["ppo"] if cfg.pipeline.alignment == "ppo" else ["dpo"]
-    return ["data", "sft", *middle, "eval", "export"]
+    return plan_stages(cfg)[0]
 
 
-def needs_rm_stage(cfg: Config) -> bool:
-    """RL needs the RM stage's model unless every model it uses is given: the reward only when a `model`
-    source is configured, the critic (gae only) starting from it unless ppo.critic_model is set, and eval's
-    judge unless eval judges by its text rewards alone or names a reward model."""
+def plan_stages(cfg: Config) -> tuple[list[str], dict[str, str]]:
+    """The stages this config runs, and why it leaves out the others: SFT when nothing reads its output or
+    it has no data (RL or DPO then start from a model), the RM when no model of the run reads it."""
+    from .train.starts import sft_skip_reason
+
+    skipped = {}
+    if sft_skip_reason(cfg):
+        skipped["sft"] = sft_skip_reason(cfg)
+    if not rm_readers(cfg):
+        skipped["rm"] = "nothing reads a reward model trained here: " + "; ".join(rm_not_needed(cfg))
+    aligned = cfg.pipeline.alignment
+    stages = [s for s in ("data", "sft", "rm", aligned, "eval", "export") if s not in skipped]
+    return stages, skipped
+
+
+def rm_readers(cfg: Config) -> list[str]:
+    """What reads the RM stage's model unless the config gives another: the RL reward (a `model` source),
+    the critic (gae only; it starts from the reward model unless ppo.critic_model is set), and eval's judge
+    (unless eval judges by its text rewards alone or names a reward model), as ppo and eval locate it."""
     from .train.common import uses_reward_model
 
-    p = cfg.ppo
-    reward = uses_reward_model(p) and not p.reward_model
-    critic = p.uses_critic and not p.critic_model and not p.reward_model
-    judge = not cfg.eval.rewards and not cfg.eval.reward_model and not p.reward_model
-    return reward or critic or judge
+    p, e = cfg.ppo, cfg.eval
+    readers = []
+    if cfg.pipeline.alignment == "ppo" and uses_reward_model(p) and not p.reward_model:
+        readers.append("the RL reward")
+    if cfg.pipeline.alignment == "ppo" and p.uses_critic and not p.critic_model and not p.reward_model:
+        readers.append("the critic")
+    if not e.rewards and not e.reward_model and not p.reward_model:
+        readers.append("eval's judge")
+    return readers
+
+
+def rm_not_needed(cfg: Config) -> list[str]:
+    """Why each would-be reader of the RM does without one (for the skip message)."""
+    from .train.common import uses_reward_model
+
+    p, e = cfg.ppo, cfg.eval
+    if cfg.pipeline.alignment == "dpo":
+        why = ["DPO learns from the pairs directly"]
+    else:
+        why = ["the RL reward reads ppo.reward_model" if uses_reward_model(p)
+               else "ppo.reward.sources has no `model` source",
+               f"advantage {p.advantage} has no critic" if not p.uses_critic
+               else f"the critic starts from {'ppo.critic_model' if p.critic_model else 'ppo.reward_model'}"]
+    judge = "eval.reward_model" if e.reward_model else "ppo.reward_model" if p.reward_model else None
+    return why + [f"eval's judge is {judge}" if judge else "eval judges by eval.rewards alone"]
 
 
 def stage_output(cfg: Config, stage: str) -> Path:
@@ -127,18 +164,21 @@ def evaluate_and_report(cfg: Config, show_progress: bool = True, budget=None) ->
 def export_run(cfg: Config, src: Path | None = None) -> dict:
     """HF directory (+ GGUF and its round-trip check) of the aligned model under <run>/export/."""
     from .eval.compare import aligned_final
-    from .export import check_gguf, export_hf, write_gguf
+    from .export import check_gguf, export_hf, gguf_type, write_gguf
 
     src = Path(src) if src else aligned_final(cfg)
     out = stage_output(cfg, "export")
     hf = export_hf(src, out / "hf")
     summary: dict = {"source": str(src), "hf_dir": str(hf)}
-    if cfg.export.gguf != "none":
-        gguf_file = write_gguf(hf, out / f"model-{cfg.export.gguf}.gguf", cfg.export.gguf)
-        summary.update(gguf=str(gguf_file), gguf_type=cfg.export.gguf, round_trip=check_gguf(hf, gguf_file))
+    qtype, no_gguf = gguf_type(cfg.export.gguf, hf)
+    if qtype:
+        gguf_file = write_gguf(hf, out / f"model-{qtype}.gguf", qtype)
+        summary.update(gguf=str(gguf_file), gguf_type=qtype, round_trip=check_gguf(hf, gguf_file))
+    else:
+        summary["no_gguf"] = no_gguf
     write_text_atomic(out / "export.json", json.dumps(summary, indent=1))
     print(f"export → {hf}" + (f", {summary['gguf']} (round trip: max |Δlogit| "
-                              f"{summary['round_trip']['max_abs_logit_diff']:.4g})" if "gguf" in summary else ""))
+                              f"{summary['round_trip']['max_abs_logit_diff']:.4g})" if qtype else f" (no GGUF: {no_gguf})"))
     return summary
 
 
@@ -191,19 +231,30 @@ def check_unchanged(cfg: Config, stage: str) -> None:
 
 
 def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool = True) -> dict:
+    from .export import gguf_export_problem
+
     started = time.perf_counter()
-    stages = stages_for(cfg)
+    stages, skipped = plan_stages(cfg)
     if from_stage is not None and from_stage not in stages:
-        raise ConfigError(f"--from {from_stage!r}: this pipeline's stages are {stages}")
+        why = f" ({from_stage} is skipped: {skipped[from_stage]})" if from_stage in skipped else ""
+        raise ConfigError(f"--from {from_stage!r}: this pipeline's stages are {stages}{why}")
     if cfg.pipeline.time_budget_minutes is not None:
         check_budget(cfg, stages)
+    problem = gguf_export_problem(cfg)  # the last stage's settings, checked before the first trains
+    if problem:
+        raise ConfigError(problem)
     D.init_distributed()
+    if D.is_main():
+        print(f"pipeline: stages {' → '.join(stages)}", flush=True)
+        for stage, why in skipped.items():
+            print(f"pipeline: {stage} skipped: {why}", flush=True)
     lock_run(cfg.output_dir)
     record_file = cfg.output_dir / "pipeline.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     timings, plans = record.setdefault("seconds", {}), record.setdefault("plans", {})
     breakdown = record.setdefault("time", {})
     record["time_budget_minutes"] = cfg.pipeline.time_budget_minutes
+    record["stages"], record["skipped"] = stages, skipped
     rerun = stages[stages.index(from_stage):] if from_stage else []
     for stage in rerun:
         reset(cfg, stage)

@@ -45,6 +45,7 @@ from ..rollout.sampling import Rollout, sample_rollouts, sampling_for
 from ..rollout.scoring import RewardScorer, load_reward_model, response_kl, tokenizer_pair
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
+from ..train.starts import actor_source
 from ..rewards.sources import build_text_sources, generated_texts
 from .stats import Bootstrap, fmt, fmt_interval, set_statistics
 
@@ -63,6 +64,15 @@ def _model_path(given: str | None, default: Path, key: str) -> str:
     if not (default / "config.json").is_file():
         raise ConfigError(f"eval needs {default} (run its stage first) or `{key}` in the config")
     return str(default)
+
+
+def policy_start(cfg: Config) -> str:
+    """The model the aligned stage started from (PPO's reference, DPO's start): eval's default baseline."""
+    from ..train.dpo import dpo_start_model
+
+    start = actor_source(cfg) if cfg.pipeline.alignment == "ppo" else dpo_start_model(cfg)
+    sft_final = sft_stage_dir(cfg) / "final"
+    return _model_path(None, sft_final, "eval.baseline") if start == str(sft_final) else start
 
 
 METRICS = {"gsm8k": "accuracy", "exact": "exact-match rate", "format": "format rate", "regex": "match rate"}
@@ -147,7 +157,7 @@ class Comparison:
         D.init_distributed()
         self.device = D.device()
         self.policy_path = _model_path(e.policy, aligned_final(cfg), "eval.policy")
-        self.baseline_path = _model_path(e.baseline, sft_stage_dir(cfg) / "final", "eval.baseline")
+        self.baseline_path = e.baseline or policy_start(cfg)
         self.reward_path = self._reward_path()
         # built before any model loads, so a bad source fails in seconds
         self.text_rewards = build_text_sources(e.rewards, setting="eval.rewards")

@@ -41,6 +41,25 @@ def resolve_model_dir(name_or_path: str, cfg: ModelConfig | None = None, revisio
     return name_or_path
 
 
+def model_file(name_or_path: str, filename: str, revision: str | None = None) -> Path | None:
+    """One small file of a model (config.json, tokenizer.json) without loading it: from a local directory, the
+    Hugging Face cache, or the hub when it is reachable; None where none of them has it (built-ins included)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or name_or_path in BUILTIN_NAMES or not _HUB_ID.match(name_or_path):
+        return path / filename if path.is_dir() and (path / filename).is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name_or_path, filename, revision=revision)
+        if isinstance(hit, str):
+            return Path(hit)
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+            return None
+        return Path(hf_hub_download(name_or_path, filename, revision=revision))
+    except (OSError, ValueError):  # a private or missing repo, a file the repo lacks: nothing to read here
+        return None
+
+
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -77,7 +77,9 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
         return {"model": dpo_start_model(cfg)}
     if stage == "ppo":  # not ppo.models' actor_start/reward_start: a reward given in code needs no rm/final
         p = cfg.ppo
-        inputs = {"actor": p.actor_model or str(cfg.output_dir / "sft" / "final")}
+        from .starts import actor_source
+
+        inputs = {"actor": actor_source(cfg)}
         reward = p.reward_model or str(cfg.output_dir / "rm" / "final")
         if uses_reward_model(p):
             inputs["reward"] = reward

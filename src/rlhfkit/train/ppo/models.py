@@ -22,6 +22,7 @@ from ...rollout.scoring import FrozenModel, load_reward_model, tokenizer_pair
 from ..common import TokenLogprobLM, model_config_for, trainable_causal_lm
 from ..reward import rm_stage_dir
 from ..sft import sft_stage_dir
+from ..starts import actor_source
 
 
 class ValueModel(nn.Module):
@@ -39,10 +40,12 @@ class ValueModel(nn.Module):
 
 
 def actor_start(cfg: Config) -> str:
-    """ppo.actor_model, else the SFT stage's final model (which must exist)."""
-    if cfg.ppo.actor_model:
-        return cfg.ppo.actor_model
-    return _stage_output(sft_stage_dir(cfg) / "final", "ppo.actor_model", "rlhfkit sft")
+    """ppo.actor_model, else the SFT stage's final model (which must exist) in a run with SFT data, else
+    model.name_or_path (train/starts.py)."""
+    source = actor_source(cfg)
+    if source == str(sft_stage_dir(cfg) / "final"):
+        return _stage_output(sft_stage_dir(cfg) / "final", "ppo.actor_model", "rlhfkit sft")
+    return source
 
 
 def reward_start(cfg: Config) -> str:

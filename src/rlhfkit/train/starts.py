@@ -1,0 +1,45 @@
+"""Which model RL starts from when the config names none: the SFT stage's output in a run that has SFT data,
+else the base model (`model.name_or_path`), so RL can start straight from a model (the GSM8K recipe).
+
+The rule reads the config only (never whether some directory happens to exist), so `rlhfkit pipeline`, a
+stage run alone and the resume fingerprint agree on it.
+"""
+
+from __future__ import annotations
+
+from ..config import Config
+
+
+def sft_datasets(cfg: Config) -> list[str]:
+    """The datasets that give phase 1 (SFT) records: those whose phases include 1, with a phase-1 share
+    (`data.phase_ratios[0]`) where they feed several phases. Local files without `format:` are detected
+    from their first record, as preparing them does."""
+    from ..data.prepare import Source
+
+    names = []
+    for ds in cfg.data.datasets:
+        phases = Source(ds).phases
+        if 1 in phases and (len(phases) == 1 or cfg.data.phase_ratios[0] > 0):
+            names.append(ds.name)
+    return names
+
+
+def sft_skip_reason(cfg: Config) -> str | None:
+    """Why this run has no SFT stage (None: it has one): nothing would read its output, or it has no data."""
+    if cfg.pipeline.alignment == "ppo" and cfg.ppo.actor_model:
+        return f"ppo.actor_model is set: RL starts from {cfg.ppo.actor_model}"
+    if cfg.pipeline.alignment == "dpo" and cfg.dpo.model:
+        return f"dpo.model is set: DPO starts from {cfg.dpo.model}"
+    if not sft_datasets(cfg):
+        return (f"no dataset feeds phase 1 (SFT data; data.phase_ratios {list(cfg.data.phase_ratios)}): "
+                f"{cfg.pipeline.alignment.upper()} starts from model.name_or_path ({cfg.model.name_or_path})")
+    return None
+
+
+def actor_source(cfg: Config) -> str:
+    """ppo.actor_model, else the SFT stage's final model in a run with SFT data, else model.name_or_path."""
+    from .sft import sft_stage_dir
+
+    if cfg.ppo.actor_model:
+        return cfg.ppo.actor_model
+    return str(sft_stage_dir(cfg) / "final") if sft_datasets(cfg) else cfg.model.name_or_path
