@@ -1,5 +1,6 @@
 """The run report: one self-contained HTML file (plots embedded as PNG) with every stage's curves, the
-eval table and SFT vs final responses side by side. Written to <run>/report.html."""
+eval table and SFT vs final responses side by side, each after its prompt's turns. Written to
+<run>/report.html."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..paths import write_text_atomic
 from ..tracking import read_metrics
 from .compare import judge_label, judge_note, judges_of, result_rows
 from .stats import fmt, fmt_interval
+from .turns import Separators, prompt_turns, run_separators
 
 CURVES = {
     "sft": ["train/loss", "eval/loss", "eval/perplexity"],
@@ -107,7 +109,7 @@ def _interval_table(results: dict) -> str:
     return f'<table id="eval-intervals">{head}{"".join(rows)}</table>{note}{flag_list}'
 
 
-def _samples(generations: Path) -> str:
+def _samples(generations: Path, seps: Separators | None) -> str:
     if not generations.is_file():
         return ""
     shown: dict[str, int] = {}
@@ -119,10 +121,20 @@ def _samples(generations: Path) -> str:
         shown[g["set"]] = shown.get(g["set"], 0) + 1
         blocks.append(
             f'<div class="sample"><div class="prompt"><b>{html.escape(g["set"])} #{g["index"]}</b>'
-            f'<pre>{html.escape(g["prompt"][-1200:])}</pre></div>'
+            f'{_prompt(g["prompt"], seps)}</div>'
             f'<div class="pair"><div><h4>SFT ({_scores(g, "sft")})</h4><pre>{html.escape(g["sft"])}</pre></div>'
             f'<div><h4>final ({_scores(g, "final")})</h4><pre>{html.escape(g["final"])}</pre></div></div></div>')
     return "".join(blocks)
+
+
+def _prompt(text: str, seps: Separators | None) -> str:
+    """The prompt as its turns, each with its role; as the model saw it where its turns cannot be told apart."""
+    turns = prompt_turns(text, seps) if seps else None
+    if turns is None:
+        return f'<pre class="raw-prompt">{html.escape(text)}</pre>'
+    return "".join(f'<div class="turn {html.escape(t["role"])}"><span class="role">{html.escape(t["role"])}'
+                   f'{" (cut to data.max_prompt_len)" if t["cut"] else ""}</span>'
+                   f'<pre>{"…" if t["cut"] else ""}{html.escape(t["content"])}</pre></div>' for t in turns)
 
 
 def _scores(g: dict, side: str) -> str:
@@ -135,7 +147,9 @@ STYLE = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}
 th{background:#eef}td:first-child{text-align:left}img{max-width:100%;margin:6px 0}
 .pair{display:flex;gap:12px}.pair>div{flex:1;background:#f6f6f6;padding:6px}
-pre{white-space:pre-wrap;font-size:12px;margin:4px 0}.sample{border-top:1px solid #ddd;margin:10px 0;padding-top:6px}"""
+pre{white-space:pre-wrap;font-size:12px;margin:4px 0}.sample{border-top:1px solid #ddd;margin:10px 0;padding-top:6px}
+.turn{margin:4px 0;padding:2px 8px;border-left:3px solid #99c}.turn.assistant{border-left-color:#9c9}
+.turn.system{border-left-color:#bbb}.role{font-size:11px;color:#666;text-transform:uppercase}"""
 
 
 def build_report(run_dir: Path) -> Path:
@@ -150,7 +164,7 @@ def build_report(run_dir: Path) -> Path:
     if results_file.is_file():
         results = json.loads(results_file.read_text())
         parts += ["<h2>Evaluation: final vs SFT</h2>", _eval_table(results), _interval_table(results),
-                  "<h2>Sample responses</h2>", _samples(run_dir / "eval" / "generations.jsonl")]
+                  "<h2>Sample responses</h2>", _samples(run_dir / "eval" / "generations.jsonl", run_separators(run_dir))]
     else:
         parts.append("<p>No evaluation yet (run <code>rlhfkit eval</code>).</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit report</title>"
