@@ -12,13 +12,13 @@ from ..config import Config
 
 def sft_datasets(cfg: Config) -> list[str]:
     """The datasets that give phase 1 (SFT) records: those whose phases include 1, with a phase-1 share
-    (`data.phase_ratios[0]`) where they feed several phases. Local files without `format:` are detected
-    from their first record, as preparing them does."""
-    from ..data.prepare import Source
+    (`data.phase_ratios[0]`) where they feed several phases. A dataset with neither `phases:` nor `format:`
+    has its format detected from its first record, as preparing it does."""
+    from ..data.prepare import FORMAT_PHASES, Source
 
     names = []
     for ds in cfg.data.datasets:
-        phases = Source(ds).phases
+        phases = ds.phases or FORMAT_PHASES[ds.format or Source(ds).format]
         if 1 in phases and (len(phases) == 1 or cfg.data.phase_ratios[0] > 0):
             names.append(ds.name)
     return names
