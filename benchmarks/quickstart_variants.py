@@ -72,7 +72,8 @@ def main() -> None:
                 os.symlink((base / stage).resolve(), run / stage)
         where = [f"run.output_dir={run}", f"ppo.steps={args.steps}", *fixed, *common, *VARIANTS[name]]
         if not (run / "eval" / "eval.json").is_file():  # a variant already measured is kept (rerun after a stop)
-            rlhfkit("ppo", args.config, *where)
+            if not (run / "ppo" / "final").is_dir():
+                rlhfkit("ppo", args.config, *where)
             rlhfkit("eval", args.config, *where)
         results[name] = {"eval": json.loads((run / "eval" / "eval.json").read_text()),
                          "timing": json.loads((run / "ppo" / "timing.json").read_text())}
