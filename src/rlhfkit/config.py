@@ -450,7 +450,9 @@ class PPOConfig(Section):
     stage, each with its own TrainConfig (ZeRO stage, offload, dtype, LoRA, learning rate); reference and
     reward are frozen and only choose precision and placement."""
 
-    actor_model: str | None = Field(None, description="the policy to start from; default: the SFT stage's final model")
+    actor_model: str | None = Field(None, description=(
+        "the policy to start from; default: the SFT stage's final model, or model.name_or_path where no dataset "
+        "feeds SFT (the pipeline then skips SFT)"))
     reward_model: str | None = Field(None, description="the reward model of a `model` source; default: the RM stage's final model")
     critic_model: str | None = Field(None, description="gae only: the critic's start; default: the reward model (its head included)")
     actor: ActorConfig = Field(default_factory=ActorConfig, description="the actor's optimizer and placement")
@@ -590,7 +592,9 @@ class EvalConfig(Section):
 
     policy: str | None = Field(None, description=(
         "the model evaluated; default: the aligned stage's final model (ppo/final, or dpo/final)"))
-    baseline: str | None = Field(None, description="the model it is compared with; default: the SFT stage's final model")
+    baseline: str | None = Field(None, description=(
+        "the model it is compared with; default: the model the aligned stage started from (sft/final, "
+        "ppo.actor_model or model.name_or_path)"))
     reward_model: str | None = Field(None, description="the judge; default: ppo.reward_model, else the RM stage's final model")
     second_judge: str | None = Field(None, description="another reward model directory scoring the same responses")
     prompt_sets: list[str] = Field(default_factory=lambda: ["phase3"], description=(
