@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.train.losses import length_mask
+from rlhfkit.sequences import length_mask
 from rlhfkit.train.ppo.formulas import (GROUP_METHODS, LOSS_AGGREGATIONS, aggregate_loss, clipped_surrogate,
                                         compute_rewards, group_advantages, kl_loss_term, masked_mean,
                                         reinforce_returns, token_level)

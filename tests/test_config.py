@@ -149,7 +149,7 @@ def test_bad_config_corpus(name, said):
 def test_another_models_section_does_not_inherit_model_tokenizer(tmp_path):
     """With model.tokenizer set, the RM (or a stage output) must load its own tokenizer: inheriting it hid a
     tokenizer mismatch between actor and RM."""
-    from rlhfkit.train.common import model_config_for
+    from rlhfkit.models.configs import model_config_for
 
     cfg = load_config(write(tmp_path, {**MINIMAL, "model": {"name_or_path": "base", "tokenizer": "tok", "revision": "v1"}}))
     assert model_config_for(cfg, None).tokenizer == "tok"

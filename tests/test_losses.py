@@ -4,9 +4,9 @@ import math
 
 import torch
 
+from rlhfkit.sequences import gather_last, last_token_index, response_token_mask
 from rlhfkit.train.batching import collate_pairs, collate_sft, count_sft_targets
-from rlhfkit.train.losses import (bradley_terry_loss, dpo_loss, gather_last, last_token_index, pair_metrics,
-                                  response_token_mask, sequence_logprob, sft_loss)
+from rlhfkit.train.losses import bradley_terry_loss, dpo_loss, pair_metrics, sequence_logprob, sft_loss
 
 EOS = 2  # pad == eos, on purpose
 
@@ -90,7 +90,8 @@ def test_selected_logprobs_equal_full_logits_path():
     """The fast path (LM head only on selected positions) equals log-softmax over full logits."""
     from rlhfkit.config import ModelConfig
     from rlhfkit.models import load_causal_lm
-    from rlhfkit.train.losses import length_mask, selected_token_logprobs
+    from rlhfkit.sequences import length_mask
+    from rlhfkit.train.losses import selected_token_logprobs
 
     model = load_causal_lm(ModelConfig(name_or_path="tiny-random"))
     torch.manual_seed(0)

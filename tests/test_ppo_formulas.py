@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.train.losses import length_mask
+from rlhfkit.sequences import length_mask
 from rlhfkit.train.ppo.formulas import (AdaptiveKLController, FixedKLController, compute_rewards, entropy_from_logits,
                                     explained_variance, gae_advantages, kl_penalty, length_penalty_scores,
                                     masked_mean, masked_var, masked_whiten, normalize_and_clip_scores,

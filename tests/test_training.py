@@ -228,7 +228,7 @@ def test_reward_score_is_the_last_real_token_under_right_padding_with_pad_eq_eos
     from rlhfkit.config import ModelConfig
     from rlhfkit.models import load_tokenizer, resolve_model_dir
     from rlhfkit.models.reward import RewardModel
-    from rlhfkit.train.batching import pad_right
+    from rlhfkit.sequences import pad_right
 
     tok = load_tokenizer(ModelConfig(name_or_path="tiny-random"))
     rm = RewardModel.from_pretrained(resolve_model_dir("tiny-random")).eval()

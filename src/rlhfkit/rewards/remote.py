@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from email.utils import parsedate_to_datetime
 
-from .sources import RewardError, record_field
+from .fields import RewardError, record_field
 
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 5.0
 # a server's Retry-After is honoured up to this: a busy server must not stall training indefinitely

@@ -18,12 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError, RlhfkitError
+from ..errors import ConfigError
 from . import verifiers
-
-
-class RewardError(RlhfkitError):
-    """A reward source failed on a batch; the message names the source and the cause."""
+from .fields import RewardError, record_field
+from .remote import RemoteReward
 
 
 class TextRewardSource:
@@ -78,19 +76,6 @@ def generated_texts(tokenizer, rollout) -> list[str]:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def record_field(metadata: list[dict], key: str, what: str) -> list:
-    """metadata[i][key] for every record; RewardError naming the key and the first record without it."""
-    out = []
-    for i, m in enumerate(metadata):
-        if not isinstance(m, dict) or key not in m:
-            fields = sorted(m) if isinstance(m, dict) else []
-            raise RewardError(f"prompt record {i} of the batch has no metadata field {key!r} (its fields: "
-                              f"{fields}); every prompt record must carry {what} as a field {key!r} (a record's "
-                              "fields other than the prompt reach the reward sources as its metadata)")
-        out.append(m[key])
-    return out
 
 
 def _against_answer(check: Callable, key: str) -> Callable:
@@ -183,7 +168,6 @@ def build_text_sources(sources: list, *, base_dir: str | Path | None = None,
     the config's RewardSource objects (dicts are validated into them). base_dir: where relative python
     paths start (default: the working directory); setting: the config key that errors name."""
     from ..config import RewardSource
-    from .remote import RemoteReward
 
     seen: Counter = Counter()
     out = []

@@ -19,9 +19,9 @@ from ..engine.backend import TrainEngine
 from ..engine.precision import torch_dtype
 from ..engine.generation import Generation, SamplingConfig, StaticDecoder, decoder_for, generate, resolve_decoding
 from ..errors import ConfigError
-from ..train.batching import pad_right
-from ..train.common import base_config, dense_config, gathered_weights
-from ..train.losses import length_mask, response_token_mask
+from ..engine.weights import gathered_weights
+from ..models.configs import base_config, dense_config
+from ..sequences import length_mask, pad_right, response_token_mask
 
 
 class RolloutPolicy:

@@ -13,10 +13,10 @@ from ..config import Config, FrozenModelConfig
 from ..engine import distributed as D
 from ..engine.precision import cast_params, torch_dtype
 from ..errors import ConfigError
+from ..models.configs import model_config_for
 from ..models.loading import load_tokenizer, resolve_model_dir
 from ..models.reward import RewardModel
-from ..train.batching import pad_right
-from ..train.common import model_config_for
+from ..sequences import pad_right
 from .sampling import Rollout, response_tensor, response_values
 
 

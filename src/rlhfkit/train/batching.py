@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..data.table import TokenTable
+from ..sequences import pad_right
 
 
 class Blend:
@@ -49,14 +50,6 @@ class StepSchedule:
 def rank_micro_batches(rows: np.ndarray, rank: int, world: int, micro_batch: int) -> list[np.ndarray]:
     mine = np.array_split(rows, world)[rank]
     return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
-
-
-def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    out = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out, lengths
 
 
 def collate_sft(rows: list[dict], pad_id: int, response_only: bool = True) -> dict[str, torch.Tensor]:

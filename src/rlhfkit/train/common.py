@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -14,14 +13,17 @@ from ..data.prepare import load_phase, prepare
 from ..engine import distributed as D
 from ..engine.backend import TrainEngine, checkpoint_dirs, param_groups, seed_everything
 from ..engine.precision import DTYPES, resolve_precision, why_auto, why_stage
-from ..models.lora import apply_lora, merge_lora_state_dict
+from ..engine.weights import gathered_weights
+from ..models.configs import base_config, dense_config, model_config_for  # noqa: F401 (eval/compare.py imports model_config_for from here)
+from ..models.lora import apply_lora
 from ..timing import ensure_stage
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend, collate_pairs
 from .guards import guard_resume, lock_run, require_finite_weights, stage_fingerprint
 from .loop import Stage
 from .losses import selected_token_logprobs
-
+from .stage_dirs import dpo_start_model
+from .starts import actor_source
 
 
 def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Blend, int]:
@@ -72,13 +74,9 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
     if stage == "rm":
         return {"model": cfg.rm.model or cfg.model.name_or_path}
     if stage == "dpo":
-        from .dpo import dpo_start_model
-
         return {"model": dpo_start_model(cfg)}
     if stage == "ppo":  # not ppo.models' actor_start/reward_start: a reward given in code needs no rm/final
         p = cfg.ppo
-        from .starts import actor_source
-
         inputs = {"actor": actor_source(cfg)}
         reward = p.reward_model or str(cfg.output_dir / "rm" / "final")
         if uses_reward_model(p):
@@ -101,21 +99,6 @@ def precision_summary(cfg: Config, stage: str) -> str:
 def uses_reward_model(p) -> bool:
     """Whether the RL reward includes the trained reward model (a `model` source)."""
     return any(s.type == "model" for s in p.reward.sources)
-
-
-def model_config_for(cfg: Config, name_or_path: str | None) -> ModelConfig:
-    """The model section for another model (a stage output, the RM): its own tokenizer where it has one,
-    not `model.tokenizer`, so that a tokenizer mismatch between actor and RM is seen rather than hidden;
-    a model dir that ships none is taken to use the run's."""
-    if name_or_path is None or name_or_path == cfg.model.name_or_path:
-        return cfg.model
-    own = Path(name_or_path)
-    has_tokenizer = not own.is_dir() or any((own / f).is_file() for f in TOKENIZER_FILES)
-    return cfg.model.model_copy(update={"name_or_path": name_or_path, "revision": None,
-                                        "tokenizer": None if has_tokenizer else cfg.model.tokenizer or cfg.model.name_or_path})
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def quantization_kwargs(t: TrainConfig) -> dict:
@@ -164,34 +147,6 @@ def disable_cpu_4bit_repacking(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def gathered_weights(engine: TrainEngine, t: TrainConfig, prefix: str = "", merge: bool | None = None,
-                     all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights (names under `prefix`, prefix removed) on rank 0, or on every rank with all_ranks.
-    LoRA is merged in when `merge` (default: when the stage saves merged weights)."""
-    sd = engine.full_state_dict(all_ranks)
-    if sd is not None and prefix:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if merge is None:
-        merge = t.lora.save == "merged"
-    if sd is not None and t.lora.enabled and merge:
-        sd = merge_lora_state_dict(sd, t.lora.alpha / t.lora.r)
-    return sd
-
-
-def dense_config(config):
-    """A copy of a model config without its quantization settings (QLoRA exports and copies are dense)."""
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
-
-
-def base_config(module):
-    """The transformers config of a model, through a peft wrapper if there is one."""
-    inner = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return inner.config
 
 
 def save_causal_lm(engine: TrainEngine, tokenizer, out: Path, t: TrainConfig) -> None:

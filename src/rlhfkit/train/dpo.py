@@ -9,30 +9,18 @@ asks for it."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from ..config import Config
 from ..models.loading import load_causal_lm, load_tokenizer
-from .common import (TokenLogprobLM, begin_stage, model_config_for, pair_stage, save_causal_lm, stage_data,
-                     trainable_causal_lm)
+from ..models.configs import model_config_for
+from ..sequences import response_token_mask
+from .common import TokenLogprobLM, begin_stage, pair_stage, save_causal_lm, stage_data, trainable_causal_lm
 from .budget import StageBudget
 from .loop import run_stage
-from .losses import dpo_loss, response_token_mask
-from .sft import sft_stage_dir
-
-
-def dpo_stage_dir(cfg: Config) -> Path:
-    return cfg.output_dir / "dpo"
-
-
-def dpo_start_model(cfg: Config) -> str:
-    """dpo.model if given, else the SFT stage's final model when it exists, else the base model."""
-    if cfg.dpo.model:
-        return cfg.dpo.model
-    sft_final = sft_stage_dir(cfg) / "final"
-    return str(sft_final) if (sft_final / "config.json").is_file() else cfg.model.name_or_path
+from .losses import dpo_loss
+from .stage_dirs import dpo_stage_dir, dpo_start_model
 
 
 def frozen_reference(mcfg, dtype: str) -> TokenLogprobLM:

@@ -9,31 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] bool: True on the first lengths[i] positions of row i."""
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def last_token_index(lengths: torch.Tensor) -> torch.Tensor:
-    """Where the score is read: the last real token of each row (its EOS when the response has one).
-
-    The one definition used by RM training, RM evaluation, PPO rewards and the critic (GUIDE §2).
-    """
-    if (lengths < 1).any():
-        raise ValueError("every sequence needs at least one token")
-    return lengths - 1
-
-
-def gather_last(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """values [B, T] → [B]: the value at each row's last real token."""
-    return values.gather(1, last_token_index(lengths)[:, None]).squeeze(1)
-
-
-def response_token_mask(prompt_lens: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] bool: True on response tokens [prompt_len, length) of each row."""
-    pos = torch.arange(width, device=lengths.device)[None, :]
-    return (pos >= prompt_lens[:, None]) & (pos < lengths[:, None])
+from ..sequences import length_mask, response_token_mask
+from ..sequences import gather_last  # noqa: F401 (models/reward.py imports it from here)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

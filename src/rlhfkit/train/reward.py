@@ -11,8 +11,6 @@ instead (so the stored figures of a resumed run can differ slightly from an unin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..config import Config
@@ -20,20 +18,19 @@ from ..errors import ConfigError
 from ..engine import distributed as D
 from ..engine.backend import param_groups
 from ..engine.sharding import equal_count_batches
+from ..engine.weights import gathered_weights
+from ..models.configs import base_config, model_config_for
 from ..models.lora import apply_lora
 from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
 from ..models.reward import RewardModel
 from .batching import collate_pairs
-from .common import base_config, begin_stage, gathered_weights, model_config_for, pair_stage, stage_data
+from .common import begin_stage, pair_stage, stage_data
 from .budget import StageBudget
 from .loop import run_stage
 from .losses import bradley_terry_loss, pair_metrics
+from .stage_dirs import rm_stage_dir
 
 STATS_ROWS = 128  # training pairs whose scores give the stored mean/std (256 scores)
-
-
-def rm_stage_dir(cfg: Config) -> Path:
-    return cfg.output_dir / "rm"
 
 
 def build_reward_model(cfg: Config) -> tuple[RewardModel, list[dict]]:

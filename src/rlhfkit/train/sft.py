@@ -6,8 +6,6 @@ Eval reports the loss and perplexity on the phase-1 eval split before, during an
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 
 from ..config import Config
 from ..models.loading import load_tokenizer
@@ -15,10 +13,7 @@ from .batching import collate_sft, count_sft_targets
 from .common import begin_stage, save_causal_lm, stage_data, trainable_causal_lm
 from .budget import StageBudget
 from .loop import Stage, run_stage
-
-
-def sft_stage_dir(cfg: Config) -> Path:
-    return cfg.output_dir / "sft"
+from .stage_dirs import sft_stage_dir
 
 
 def run_sft(cfg: Config, show_progress: bool = True, budget: StageBudget | None = None) -> dict:

@@ -38,7 +38,7 @@ def sft_skip_reason(cfg: Config) -> str | None:
 
 def actor_source(cfg: Config) -> str:
     """ppo.actor_model, else the SFT stage's final model in a run with SFT data, else model.name_or_path."""
-    from .sft import sft_stage_dir
+    from .stage_dirs import sft_stage_dir
 
     if cfg.ppo.actor_model:
         return cfg.ppo.actor_model

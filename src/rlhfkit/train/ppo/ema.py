@@ -9,7 +9,7 @@ import torch
 from ...config import TrainConfig
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine
-from ..common import gathered_weights
+from ...engine.weights import gathered_weights
 
 
 class ActorEMA:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..losses import length_mask
+from ...sequences import length_mask
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
 GROUP_METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")

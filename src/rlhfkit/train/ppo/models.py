@@ -15,13 +15,13 @@ from torch import nn
 from ...config import Config
 from ...engine.backend import param_groups
 from ...errors import ConfigError
+from ...models.configs import model_config_for
 from ...models.lora import apply_lora
 from ...models.loading import load_causal_lm, load_tokenizer, set_dropout
 from ...models.reward import RewardModel
 from ...rollout.scoring import FrozenModel, load_reward_model, tokenizer_pair
-from ..common import TokenLogprobLM, model_config_for, trainable_causal_lm
-from ..reward import rm_stage_dir
-from ..sft import sft_stage_dir
+from ..common import TokenLogprobLM, trainable_causal_lm
+from ..stage_dirs import rm_stage_dir, sft_stage_dir
 from ..starts import actor_source
 
 

@@ -25,12 +25,14 @@ from ...config import Config, ppo_world_problems
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
 from ...engine.precision import torch_dtype
+from ...engine.weights import gathered_weights
 from ...errors import ConfigError, RlhfkitError
+from ...models.configs import base_config, model_config_for
 from ...models.loading import load_tokenizer
 from ...models.reward import RewardModel
 from ...tracking import Tracker
 from ..batching import StepSchedule, collate_sft, count_sft_targets
-from ..common import base_config, begin_stage, gathered_weights, model_config_for, save_causal_lm, stage_data, write_causal_lm
+from ..common import begin_stage, save_causal_lm, stage_data, write_causal_lm
 from ..budget import StageBudget, StepPlanner
 from ..guards import NonFiniteGuard, require_finite_weights
 from ..loop import finish_timing, publish_final, timed, truncate_metrics
