@@ -483,6 +483,26 @@ class PPOConfig(Section):
         "tis_cap) where sampler and trainer differ; null: off"))
     steps: int = Field(30, ge=1, description="RL steps (each: rollouts, then ppo_epochs of updates)")
 
+    # Episodes: several model turns with tools or an environment between them (docs/agents.md)
+    tools: list[str] = Field(default_factory=list, description=(
+        "tools the model may call between its turns: built-in names (calculator, python), "
+        "\"package.module:function\" or \"path/to/file.py:function\"; needs max_turns ≥ 2"))
+    environment: str | None = Field(None, description=(
+        "an environment class (guess_number, \"package.module:Class\" or \"path/to/file.py:Class\") with "
+        "reset(metadata) and step(assistant_message), one instance per episode; its reward joins the sum as "
+        "reward/environment; null: none"))
+    environment_weight: float = Field(1.0, description="weight of the environment's per-episode reward in the sum")
+    max_turns: int = Field(1, ge=1, description=(
+        "model turns per episode; an episode also ends on a reply without a tool call (or the environment's "
+        "done), and on max_episode_tokens; > 1 needs tools or an environment"))
+    max_episode_tokens: int | None = Field(None, ge=1, description=(
+        "new tokens per episode after the prompt, the model's and the tools' or environment's together (each "
+        "model turn is at most sampling.max_new_tokens); default: 2 × max_turns × sampling.max_new_tokens, as much "
+        "again for what is added as for the model"))
+    tool_timeout_s: float = Field(10.0, gt=0, description=(
+        "the most a turn's tool calls may take, all of a batch's at once; a call still running then is a "
+        "timeout observation"))
+
     # Advantages
     advantage: Advantage = Field("gae", description=(
         "gae (PPO with a critic) or a critic-free estimator: grpo, dr_grpo, rloo, reinforce_pp, "
@@ -546,6 +566,18 @@ class PPOConfig(Section):
         return self.mini_batch_size or self.responses_per_step
 
     @property
+    def episodes(self) -> bool:
+        """Whether rollouts are multi-turn episodes (tools or an environment answer the model)."""
+        return bool(self.tools) or self.environment is not None
+
+    @property
+    def episode_tokens(self) -> int:
+        """The most new tokens one rollout holds: the episode budget, or one reply's max_new_tokens."""
+        if not self.episodes:
+            return self.sampling.max_new_tokens
+        return self.max_episode_tokens or 2 * self.max_turns * self.sampling.max_new_tokens
+
+    @property
     def kl_estimator_used(self) -> str:
         return self.kl_estimator or ("k3" if self.kl_mode == "loss" else "k1")
 
@@ -574,7 +606,26 @@ class PPOConfig(Section):
         if self.normalize_scores and not any(s.type == "model" for s in self.reward.sources):
             raise ValueError("normalize_scores normalises the reward model's score, but reward.sources has no "
                              "`model` source")
+        self._check_episodes()
         return self
+
+    def _check_episodes(self) -> None:
+        if self.tools and self.environment is None and self.max_turns < 2:
+            raise ValueError("tools answer after the model's turn, so the model reads a result only in a next turn: "
+                             "set max_turns to 2 or more")
+        if self.max_turns > 1 and not self.episodes:
+            raise ValueError(f"max_turns {self.max_turns}: nothing answers the model between its turns; set tools or "
+                             "environment, or max_turns: 1")
+        unused = [k for k, used in (("max_episode_tokens", self.episodes), ("tool_timeout_s", bool(self.tools)),
+                                    ("environment_weight", self.environment is not None)) if not used and _changed(self, k)]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} set, but there are no "
+                             f"{'tools' if unused == ['tool_timeout_s'] else 'tools or environment'} to use it")
+        if len(set(self.tools)) < len(self.tools):
+            raise ValueError(f"tools lists a tool twice: {self.tools}")
+        if self.environment is not None and any(s.name == "environment" for s in self.reward.sources):
+            raise ValueError("a reward source is named `environment`, the name of the environment's reward: "
+                             "rename the source")
 
 
 def ppo_world_problems(p: PPOConfig, world: int) -> list[str]:
