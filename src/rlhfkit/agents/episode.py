@@ -10,6 +10,8 @@ model's own ids are marked for the loss; the rest is context.
 
 from __future__ import annotations
 
+from .calls import template_takes_tools, with_tool_instructions
+
 # a conversation whose rendering marks where an assistant message's content ends
 _USER, _ASSISTANT = "rlhfkit-probe-user", "rlhfkit-probe-assistant"
 _PROBE = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ASSISTANT}]
@@ -56,3 +58,85 @@ def continuation_ids(tokenizer, messages: list[dict], turn_ended_with: str = "",
         raise ValueError(f"the chat template writes {text[:40]!r} after an assistant message, not "
                          f"{turn_ended_with!r}, the end the model's turn had")
     return tokenizer(text[len(turn_ended_with):], add_special_tokens=False)["input_ids"]
+
+
+class EpisodeTemplate:
+    """What an episode needs from the chat template, worked out once on probe conversations (a user message,
+    after the system prompt where data.system_prompt sets one, as the data stage renders prompts):
+
+    - `prompt(ids)`: a prepared prompt's ids with the tools described in it. The template's text before the
+      user's content, rendered with the tools (`tools=` where the template takes them, else the instructions
+      of calls.tool_instructions in the system message), replaces the same text rendered without; the ids
+      after it are the prompt's own.
+    - `opening(ids, messages)`: the environment's opening messages after the prompt's user message: the
+      generation prompt at the prompt's end is replaced by them and a new generation prompt.
+    - `after_turn(messages, stop_id)`: continuation_ids after a model turn that ended with `stop_id` (None: cut
+      at its length limit); a stop token the template does not write after a message is kept and the
+      template's end of turn follows it.
+
+    Only template text is encoded; a prompt that does not hold the expected ids (its own system message, a
+    prompt cut at max_prompt_len) is a ValueError saying so."""
+
+    def __init__(self, tokenizer, schemas: list[dict], system_prompt: str | None, stop_ids: list[int]):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("episodes go through the tokenizer's chat template, and this tokenizer has none")
+        self.tok = tokenizer
+        self.tools = schemas if schemas and template_takes_tools(tokenizer) else None
+        conversation = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": _USER}]
+        plain = self._render(conversation, add_generation_prompt=True, tools=None)
+        described = plain
+        if schemas:
+            described = (self._render(conversation, add_generation_prompt=True, tools=self.tools) if self.tools else
+                         self._render(with_tool_instructions(conversation, schemas), add_generation_prompt=True, tools=None))
+        at, at_described = plain.find(_USER), described.find(_USER)
+        if plain[at:] != described[at_described:]:
+            raise ValueError("the chat template renders the user's message differently once tools are described, "
+                             "so the tools cannot be added to prepared prompts")
+        self._plain_prefix, self._tool_prefix = self._encode(plain[:at]), self._encode(described[:at_described])
+        self._conversation = conversation
+        self._open = self._render(conversation, add_generation_prompt=False, tools=self.tools)
+        with_prompt = self._render(conversation, add_generation_prompt=True, tools=self.tools)
+        if not with_prompt.startswith(self._open):
+            raise ValueError("the chat template's generation prompt is not text added at the end")
+        self._generation_prompt = self._encode(with_prompt[len(self._open):])
+        probe = [{"role": "user", "content": _USER}]
+        continuation_ids(tokenizer, probe, "", self.tools)  # a template that cannot be continued says so now
+        self.turn_end: dict[int, str] = {}
+        for stop in stop_ids:
+            text = tokenizer.decode([stop])
+            try:
+                continuation_ids(tokenizer, probe, text, self.tools)
+                self.turn_end[stop] = text
+            except ValueError:  # the template does not write it: its own end of turn follows
+                self.turn_end[stop] = ""
+
+    def prompt(self, ids: list[int]) -> list[int]:
+        n = len(self._plain_prefix)
+        if list(ids[:n]) != self._plain_prefix:
+            raise ValueError("it does not start as the chat template renders a user's message after data.system_prompt "
+                             "(a record with its own system message, or a prompt cut at data.max_prompt_len), so the "
+                             "tools cannot be described in it")
+        return self._tool_prefix + list(ids[n:])
+
+    def opening(self, ids: list[int], messages: list[dict]) -> list[int]:
+        keep = len(ids) - len(self._generation_prompt)
+        if list(ids[keep:]) != self._generation_prompt:
+            raise ValueError("the prompt does not end in the chat template's generation prompt")
+        full = self._render(self._conversation + messages, add_generation_prompt=True, tools=self.tools)
+        if not full.startswith(self._open):
+            raise ValueError("the chat template renders the prompt differently once the environment's messages "
+                             "follow it")
+        return list(ids[:keep]) + self._encode(full[len(self._open):])
+
+    def after_turn(self, messages: list[dict], stop_id: int | None) -> list[int]:
+        return continuation_ids(self.tok, messages, self.turn_end.get(stop_id, "") if stop_id is not None else "",
+                                self.tools)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> str:
+        kwargs = {"tools": tools} if tools else {}
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            **kwargs)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]

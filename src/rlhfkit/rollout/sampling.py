@@ -109,6 +109,9 @@ class Rollout:
     response_lengths: torch.Tensor  # [B]
     ended: torch.Tensor  # [B] bool: stopped at a stop token
     logprobs: torch.Tensor | None = None  # [B, R] the sampler's log-probs of the response tokens, if kept
+    # [B, R] bool: the response tokens the model sampled, in multi-turn episodes (rollout/episodes.py) whose
+    # responses also hold what tools or the environment added; None: every response token is the model's
+    action_mask: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -116,8 +119,9 @@ class Rollout:
         return int(self.response_lengths.max())
 
     def response_mask(self) -> torch.Tensor:
-        """[B, R] bool over response tokens."""
-        return length_mask(self.response_lengths, self.width)
+        """[B, R] bool over the response tokens the model sampled: the ones loss, KL and advantages cover."""
+        mask = length_mask(self.response_lengths, self.width)
+        return mask if self.action_mask is None else mask & self.action_mask[:, :self.width]
 
     def token_mask(self) -> torch.Tensor:
         """[B, T] bool over response tokens in sequence positions (the actor's target positions)."""
@@ -144,17 +148,20 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
 
     logprobs = None if parts[0].logprobs is None else cat_padded([p.logprobs for p in parts], 0.0)
+    action_mask = None if parts[0].action_mask is None else cat_padded([p.action_mask for p in parts], False)
     return Rollout(cat_padded([p.input_ids for p in parts], pad_id),
                    *(torch.cat([getattr(p, f) for p in parts]) for f in ("lengths", "prompt_lens", "response_lengths", "ended")),
-                   logprobs)
+                   logprobs, action_mask)
 
 
 def select_rows(r: Rollout, idx: torch.Tensor) -> Rollout:
     """Rows idx, trimmed to their own longest sequence."""
     lengths, response_lengths = r.lengths[idx], r.response_lengths[idx]
-    logprobs = None if r.logprobs is None else r.logprobs[idx, : int(response_lengths.max())]
+    width = int(response_lengths.max())
+    logprobs = None if r.logprobs is None else r.logprobs[idx, :width]
+    action_mask = None if r.action_mask is None else r.action_mask[idx, :width]
     return Rollout(r.input_ids[idx, : int(lengths.max())], lengths, r.prompt_lens[idx], response_lengths,
-                   r.ended[idx], logprobs)
+                   r.ended[idx], logprobs, action_mask)
 
 
 def response_tensor(flat: torch.Tensor, response_lengths: torch.Tensor, width: int) -> torch.Tensor:
