@@ -202,15 +202,16 @@ def episode_sum_keys() -> list[str]:
             + [f"end/{r}" for r in END_REASONS] + [f"errors/{k}" for k in ERROR_KINDS])
 
 
-def episode_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float | None]:
+def episode_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
     """Per episode: turns, tokens after the prompt (and the model's share), tool calls and valid calls; the
-    valid-call rate (valid / calls; None without calls); each end reason's share of the episodes; the
-    error observations of each kind, counted."""
+    valid-call rate (valid / calls; left out when no call was made: it has no value then); each end reason's
+    share of the episodes; the error observations of each kind, counted."""
     n = max(sums["episodes"], 1.0)
     out = {"episode/turns": sums["turns"] / n, "episode/tokens": sums["tokens"] / n,
            "episode/model_tokens": sums["model_tokens"] / n,
            "tools/calls_per_episode": sums["calls"] / n, "tools/valid_calls_per_episode": sums["valid_calls"] / n,
-           "tools/valid_call_rate": sums["valid_calls"] / sums["calls"] if sums["calls"] else None,
            **{f"episode/end_{r}": sums[f"end/{r}"] / n for r in END_REASONS},
            **{f"tools/errors/{k}": sums[f"errors/{k}"] for k in ERROR_KINDS}}
+    if sums["calls"]:
+        out["tools/valid_call_rate"] = sums["valid_calls"] / sums["calls"]
     return {prefix + k: v for k, v in out.items()}

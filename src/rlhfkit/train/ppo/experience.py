@@ -10,6 +10,12 @@ the reward → shaped scores (missing-EOS penalty, clip) → advantages by ppo.a
 
 Rows come in groups of n_samples_per_prompt consecutive responses to one prompt; a process holds whole
 groups, so group baselines need no communication while batch statistics are taken over every process.
+
+In multi-turn episodes (rollout/episodes.py) a response also holds what tools or the environment added,
+and its action mask marks the model's own tokens. The targets are computed on the model's tokens alone, each
+row's gathered to its front (OwnTokens), so the formulas see the episode as the sequence of the model's
+actions: the score on its last token, the KL of its tokens, GAE's next value the one of its next token
+(whatever was added in between); then spread back to the response positions, 0 on the added ones.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ...config import PPOConfig
 from ...engine import distributed as D
 from ...rollout.sampling import Rollout, select_rows
 from ...rollout.scoring import actor_logprobs, critic_values
+from ...sequences import length_mask
 from . import formulas as PF
 
 # The sampler's log-probs stand in for the actor's old log-probs only while no token's differs by more than
@@ -84,8 +91,12 @@ def make_experience(r: Rollout, scores: torch.Tensor, actor, reference, critic, 
     logprobs, gap = old_logprobs(r, torch.cat(parts["lp"]) if parts["lp"] else None, reuse)
     ref_logprobs = torch.cat(parts["ref"]) if use_ref else None
     values = torch.cat(parts["v"]) if critic is not None else None
-
-    mask, lengths = r.response_mask(), r.response_lengths
+    own = OwnTokens(r.response_mask()) if r.action_mask is not None else None
+    if own is not None:  # the model's tokens only, each row's at its front
+        logprobs, ref_logprobs, values = (None if x is None else own.gather(x) for x in (logprobs, ref_logprobs, values))
+        mask, lengths = length_mask(own.lengths, own.width), own.lengths
+    else:
+        mask, lengths = r.response_mask(), r.response_lengths
     shaped = shape_scores(scores, r.ended, p)
     beta = kl_coef if p.kl_mode == "reward" else 0.0  # the KL in the reward; as a loss it is the trainer's
     ref_or_self = ref_logprobs if use_ref else logprobs  # KL 0 when off
@@ -113,7 +124,29 @@ def make_experience(r: Rollout, scores: torch.Tensor, actor, reference, critic, 
             shaped_for_return = shaped
         rewards = rewards_with_kl(shaped_for_return)[0]
         advantages = whiten_over_ranks(PF.reinforce_returns(rewards, lengths, p.gamma), mask & keep[:, None])
+    if own is not None:  # back to the response positions
+        logprobs, ref_logprobs, values, kl, advantages, returns = (
+            None if x is None else own.spread(x) for x in (logprobs, ref_logprobs, values, kl, advantages, returns))
     return Experience(r, scores, shaped, logprobs, ref_logprobs, values, kl, advantages, returns, keep, gap)
+
+
+class OwnTokens:
+    """The model's own tokens of each row of a [B, R] response tensor, gathered to the row's front in order
+    (`gather`, [B, width]: row i's first lengths[i] entries are its own tokens, then filler the formulas mask
+    by length) and spread back (`spread`, [B, R]: 0 on every other position)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # own positions first, in order
+        self.lengths = mask.sum(1)
+        self.width = int(self.lengths.max()) if len(self.lengths) else 0
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, self.order[:, :self.width])
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.mask.shape, dtype=x.dtype).scatter(1, self.order[:, :self.width], x)
+        return torch.where(self.mask, out, 0.0)
 
 
 def old_logprobs(r: Rollout, recomputed: torch.Tensor | None, reuse: bool):

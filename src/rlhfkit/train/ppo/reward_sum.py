@@ -4,7 +4,9 @@ it can be logged as reward/<name>.
 The `model` source is the trained reward model on the token sequences (re-tokenized when its tokenizer
 differs); with ppo.normalize_scores its score is normalised by the initial policy's statistics before it
 is weighted. Every other source (verifiers, Python functions, a remote server: rlhfkit.rewards) reads the
-decoded prompt and response texts and the prompt records' metadata.
+decoded prompt and response texts and the prompt records' metadata. In multi-turn episodes the response
+is the whole episode after the prompt (the model's turns and what tools or the environment added), and an
+environment's per-episode reward is one more source, `environment`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ...rollout.sampling import Rollout, select_rows
 from ...rollout.scoring import RewardScorer
 
 MODEL = "model"  # the name of the reward model's source
+ENVIRONMENT = "environment"  # the name of an environment's per-episode reward
 
 
 class RewardFailed(RlhfkitError):
@@ -24,14 +27,17 @@ class RewardFailed(RlhfkitError):
 
 
 class RewardSum:
-    def __init__(self, model_scorer: RewardScorer | None, model_weight: float, text_sources: list, tokenizer):
+    def __init__(self, model_scorer: RewardScorer | None, model_weight: float, text_sources: list, tokenizer,
+                 environment_weight: float | None = None):
         self.model_scorer, self.model_weight = model_scorer, model_weight
         self.text_sources, self.tokenizer = text_sources, tokenizer
+        self.environment_weight = environment_weight  # None: no environment
         self.score_stats: tuple[float, float] | None = None  # (mean, std) the model's scores are normalised by
 
     @property
     def names(self) -> list[str]:
-        return ([MODEL] if self.model_scorer else []) + [s.name for s in self.text_sources]
+        return (([MODEL] if self.model_scorer else []) + [s.name for s in self.text_sources]
+                + ([ENVIRONMENT] if self.environment_weight is not None else []))
 
     @torch.no_grad()
     def model_scores(self, r: Rollout, micro_batch: int, device) -> torch.Tensor:
@@ -53,8 +59,10 @@ class RewardSum:
             responses.append(self.tokenizer.decode(ids[pl:n], skip_special_tokens=True))
         return prompts, responses
 
-    def per_source(self, r: Rollout, metadata: list[dict], micro_batch: int, device) -> dict[str, torch.Tensor]:
-        """{source name: [B] raw reward} for every source."""
+    def per_source(self, r: Rollout, metadata: list[dict], micro_batch: int, device,
+                   environment: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{source name: [B] raw reward} for every source; `environment`: the episodes' rewards from the
+        environment (when there is one)."""
         out = {}
         if self.model_scorer is not None:
             out[MODEL] = self.model_scores(r, micro_batch, device).float()
@@ -74,6 +82,8 @@ class RewardSum:
             failed = D.all_reduce_sum([float(problem is not None)])[0]
             if failed:
                 raise RewardFailed(problem or f"a reward source failed on {int(failed)} other process(es)")
+        if self.environment_weight is not None:
+            out[ENVIRONMENT] = environment.float()
         return out
 
     def total(self, per_source: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
@@ -91,4 +101,4 @@ class RewardSum:
 
     @property
     def _weights(self) -> dict[str, float]:
-        return {s.name: s.weight for s in self.text_sources}
+        return {ENVIRONMENT: self.environment_weight, **{s.name: s.weight for s in self.text_sources}}

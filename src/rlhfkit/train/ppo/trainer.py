@@ -8,6 +8,10 @@ refresh the rollout copy, update the KL controller and the EMA. The critic exist
 
 With ppo.normalize_scores the reward's mean/std come from the initial policy's own samples of PPO prompts,
 measured once at a fresh start and kept with every checkpoint; the critic starts in that scale.
+
+With ppo.tools or ppo.environment a rollout is a multi-turn episode (rollout/episodes.py): the same step,
+with loss, KL and advantages on the model's own tokens (the rollout's action mask), the environment's reward
+one more source, and the episodes' turns, tool calls and errors logged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...agents.environments import EpisodeError, load_environment
+from ...agents.tools import load_tools
 from ...config import Config, ppo_world_problems
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
@@ -42,6 +48,7 @@ from . import formulas as PF
 from .ema import ActorEMA
 from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for,
                                  select_rows)
+from ...rollout.episodes import EpisodeRunner, episode_metrics, episode_sum_keys, episode_sums
 from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
 from .experience import (LOGP_REUSE_CHECK_EVERY, LOGP_REUSE_MAX_ABS_DIFF, Experience, explained_variance_over_ranks,
                          make_experience, masked_moments_over_ranks)
@@ -79,6 +86,7 @@ class PPOTrainer:
 
         self.tokenizer = load_tokenizer(model_config_for(cfg, actor_start(cfg)))
         self.sampling, self.stop_ids = sampling_for(p.sampling, self.tokenizer)
+        self.episodes = self._build_episodes() if p.episodes else None
         self.resume_from = latest_checkpoint(self.out_dir) if p.resume != "never" else None
         # Models: trainable actor and critic through the backend, frozen reference and reward. The critic
         # comes last: with normalised scores its head is set from the statistics the others measure.
@@ -126,7 +134,33 @@ class PPOTrainer:
             from ...rewards.sources import build_text_sources
 
             text_sources = build_text_sources(sources)
-        return RewardSum(scorer, weight, text_sources, self.tokenizer)
+        return RewardSum(scorer, weight, text_sources, self.tokenizer,
+                         self.p.environment_weight if self.p.environment else None)
+
+    def _build_episodes(self) -> EpisodeRunner:
+        """The tools and environment loaded, and every phase-3 prompt checked to take the tools' description
+        (config errors naming the setting or the prompt)."""
+        p, cfg = self.p, self.cfg
+        setting = "ppo.tools" if p.tools else "ppo.environment"
+        if cfg.data.template == "plain" or not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"{setting}: episodes continue a conversation through the tokenizer's chat template, "
+                              "but the prompts are rendered in the plain format (data.template: plain, or a tokenizer "
+                              "without a chat template)")
+        tools = load_tools(p.tools, "ppo.tools")
+        environment = load_environment(p.environment, "ppo.environment") if p.environment else None
+        try:
+            runner = EpisodeRunner(self.tokenizer, tools, environment, p.environment, p.max_turns, p.episode_tokens,
+                                   p.tool_timeout_s, cfg.data.system_prompt, self.stop_ids)
+        except ValueError as e:
+            raise ConfigError(f"{setting}: {e}") from None
+        tables = (("training", self.prompts), ("eval", self.eval_prompts)) if p.tools else ()
+        for split, table in tables:
+            for i in range(len(table)):
+                try:
+                    runner.prompt_ids(table.row(i)["prompt_ids"])
+                except ValueError as e:
+                    raise ConfigError(f"ppo.tools: phase-3 {split} prompt {i}: {e}") from None
+        return runner
 
     # --- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -199,18 +233,19 @@ class PPOTrainer:
         forwards = (int(self.p.kl_mode != "off") + int(self.rewards.model_scorer is not None)  # reference, RM
                     + int(recomputed_logprobs) + int(self.critic is not None))
         trained = (4 * n + 2 * trainable) * (1 + int(self.critic is not None))
-        return 2 * n * float(rollout.response_lengths.sum()) + tokens * (2 * n * forwards + self.p.ppo_epochs * trained)
+        sampled = float(rollout.response_mask().sum())  # decoded token by token (not what tools added)
+        return 2 * n * sampled + tokens * (2 * n * forwards + self.p.ppo_epochs * trained)
 
     def step(self, step: int) -> dict:
         p = self.p
         t0 = time.perf_counter()
-        rollout, metadata = self.step_rollouts(step)
+        rollout, metadata, episodes = self.step_samples(step)
         t1 = time.perf_counter()
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
         kl_coef = self.kl_ctl.value  # this batch's rewards use it; the controller moves it after the step
-        per_source = self.rewards.per_source(rollout, metadata, self.actor_t.micro_batch_size, self.device)
+        per_source = self.reward_parts(rollout, metadata, episodes)
         check = self.reuse_logprobs and (not self.logp_checked or step % LOGP_REUSE_CHECK_EVERY == 0)
         exp = make_experience(rollout, self.rewards.total(per_source), self.actor, self.reference, self.critic, p,
                               kl_coef, self.actor_t.micro_batch_size, self.device, self.reuse_logprobs, check)
@@ -231,6 +266,8 @@ class PPOTrainer:
         t3 = time.perf_counter()
 
         stats = self.experience_stats(exp, kl_coef, per_source)
+        if self.episodes is not None:
+            stats.update(self.episode_stats(episodes))
         if exp.logp_gap is not None:
             stats["rollout/logp_reuse_max_abs_diff"], stats["rollout/logp_reuse_mean_abs_diff"] = exp.logp_gap
         if p.kl_mode != "off":
@@ -256,25 +293,58 @@ class PPOTrainer:
                       f"(> {LOGP_REUSE_MAX_ABS_DIFF:g}): recomputing the old log-probs from now on", flush=True)
 
     def step_rollouts(self, step: int):
+        """step_samples without the episodes' records: the rollout and the metadata per row."""
+        return self.step_samples(step)[:2]
+
+    def step_samples(self, step: int):
         """This process's share of step `step`'s prompts (by their place in the global batch), each sampled
-        n_samples_per_prompt times (consecutive rows: a group), and the prompt records' metadata per row.
-        Response k of the prompt at place j has sampling seed (step, j·n + k)."""
+        n_samples_per_prompt times (consecutive rows: a group), the prompt records' metadata per row, and the
+        episodes' records (rollout/episodes.py; [] without episodes). Response k of the prompt at place j
+        has sampling seed (step, j·n + k)."""
         n = self.p.n_samples_per_prompt
         rows = self.schedule.rows_for_step(step)
         mine = np.array_split(np.arange(len(rows)), self.world)[self.rank]
         records = [self.prompts.row(int(rows[j])) for j in mine]
-        rollout = self.rollouts([rec["prompt_ids"] for rec in records for _ in range(n)],
-                                [_seed(self.p.seed, step, int(j) * n + k) for j in mine for k in range(n)])
-        return rollout, [rec.get("metadata", {}) for rec in records for _ in range(n)]
+        metadata = [rec.get("metadata", {}) for rec in records for _ in range(n)]
+        rollout, episodes = self.rollouts([rec["prompt_ids"] for rec in records for _ in range(n)],
+                                          [_seed(self.p.seed, step, int(j) * n + k) for j in mine for k in range(n)],
+                                          metadata, [f"prompt {int(rows[j])}, sample {k}" for j in mine for k in range(n)])
+        return rollout, metadata, episodes
 
-    def rollouts(self, prompts: list[np.ndarray], seeds: list[int]):
-        """Sample one response per prompt with the rollout copy, in generation batches. Each prompt has its
-        own sampling seed (its step and place in the global batch), so the samples are the same however
-        the batch is split over processes or generation batches."""
+    def rollouts(self, prompts: list[np.ndarray], seeds: list[int], metadata: list[dict], names: list[str]):
+        """Sample one response (or episode) per prompt with the rollout copy, in generation batches. Each
+        prompt has its own sampling seed (its step and place in the global batch), so the samples are the same
+        however the batch is split over processes or generation batches. Returns the rollout and the episodes'
+        records ([] without episodes). An environment that fails on any process (EpisodeError) stops every
+        process with RewardFailed, as a failed reward source does."""
         size = self.p.generation_batch_size or max(len(prompts), 1)
         keep = self.reuse_logprobs or self.p.tis_cap is not None  # the sampler's log-probs: reused, or TIS
-        return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
-                                               self.sampling, keep, self.policy.decoder), self.pad_id)
+        if self.episodes is None:
+            return concat_rollouts(sample_rollouts(self.policy.model, prompts, seeds, size, self.pad_id, self.stop_ids,
+                                                   self.sampling, keep, self.policy.decoder), self.pad_id), []
+        problem = None
+        try:
+            out = self.episodes.run(self.policy.model, prompts, metadata, names, seeds, size, self.pad_id,
+                                    self.stop_ids, self.sampling, keep, self.policy.decoder)
+        except EpisodeError as e:
+            problem = str(e)
+        failed = float(problem is not None)
+        if self.p.environment:  # every process learns of a failure anywhere: the others would wait in a collective
+            failed = D.all_reduce_sum([failed])[0]
+        if failed:
+            raise RewardFailed(problem or f"the environment failed on {int(failed)} other process(es)")
+        return out
+
+    def reward_parts(self, rollout, metadata: list[dict], episodes: list) -> dict[str, torch.Tensor]:
+        """{source name: [B] raw reward}: the reward sources', and the environment's per-episode reward."""
+        environment = torch.tensor([e.environment_reward for e in episodes]) if self.p.environment else None
+        return self.rewards.per_source(rollout, metadata, self.actor_t.micro_batch_size, self.device, environment)
+
+    def episode_stats(self, episodes: list, prefix: str = "") -> dict:
+        """The episodes' turns, tokens, tool calls and error observations, over every process."""
+        keys = episode_sum_keys()
+        sums = episode_sums(episodes)
+        return episode_metrics(dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys]))), prefix)
 
     def update(self, exp: Experience, step: int, kl_coef: float) -> dict:
         """ppo_epochs passes over the batch; per mini-batch one actor (and critic) optimizer step.
@@ -288,7 +358,7 @@ class PPOTrainer:
         n_local = len(exp.rollout.lengths)
         if D.all_reduce_sum([float(exp.keep.sum())])[0] == 0:
             return {"policy/skipped_updates": float(p.ppo_epochs * self.n_mini)}
-        kept_lengths = torch.where(exp.keep, exp.rollout.response_lengths, 0)
+        kept_lengths = torch.where(exp.keep, exp.rollout.response_mask().sum(1), 0)  # the model's tokens
         sums: Counter = Counter()
         grad_norms: dict[str, list] = {"policy": [], "val": []}  # one per optimizer step (mini-batch)
         for epoch in range(p.ppo_epochs):
@@ -346,7 +416,7 @@ class PPOTrainer:
             per_token = per_token + kl_coef * kl
             out["loss/kl"] = float(kl.detach().sum())
         tokens, sequences = max(counts[0], 1.0), max(counts[1], 1.0)
-        total = PF.aggregate_loss(per_token, mask, p.loss_aggregation, tokens, sequences, p.sampling.max_new_tokens)
+        total = PF.aggregate_loss(per_token, mask, p.loss_aggregation, tokens, sequences, p.episode_tokens)
         if ptx_rows is not None:
             batch = collate_sft(ptx_rows, self.pad_id)
             lp, _ = self.actor(batch["input_ids"].to(self.device), batch["lengths"].to(self.device),
@@ -422,14 +492,15 @@ class PPOTrainer:
         idx = np.array_split(np.arange(n), self.world)[self.rank]
         self.actor.eval()
         records = [self.eval_prompts.row(int(i)) for i in idx]
-        rollout = self.rollouts([rec["prompt_ids"] for rec in records], [_seed(p.seed, -1, int(i)) for i in idx])
-        per_source = self.rewards.per_source(rollout, [rec.get("metadata", {}) for rec in records],
-                                             self.actor_t.micro_batch_size, self.device)
+        metadata = [rec.get("metadata", {}) for rec in records]
+        rollout, episodes = self.rollouts([rec["prompt_ids"] for rec in records], [_seed(p.seed, -1, int(i)) for i in idx],
+                                          metadata, [f"eval prompt {int(i)}" for i in idx])
+        per_source = self.reward_parts(rollout, metadata, episodes)
         scores = self.rewards.total(per_source, normalize=False)
         kls = []
         for start in range(0, len(idx), self.actor_t.micro_batch_size):
             sub = select_rows(rollout, torch.arange(start, min(start + self.actor_t.micro_batch_size, len(idx))))
-            kls.append(response_kl(self.actor, self.reference, sub.to(self.device), p.sampling.temperature).cpu())
+            kls.append(_model_token_kl(self.actor, self.reference, sub.to(self.device), p.sampling.temperature).cpu())
         self.actor.train()
         kls = torch.cat(kls)
         names = sorted(per_source)
@@ -442,6 +513,8 @@ class PPOTrainer:
                "eval/eos_rate": eos / count}
         if names != [MODEL]:
             out.update({f"eval/reward/{k}": v / count for k, v in zip(names, by_source)})
+        if self.episodes is not None:
+            out.update(self.episode_stats(episodes, "eval/"))
         return out
 
     def _write_samples(self, step: int, rollout, scores, per_source: dict[str, torch.Tensor]) -> None:
@@ -488,7 +561,7 @@ class PPOTrainer:
             return "no step had finished, so rerunning starts over"
         if not (self.out_dir / "checkpoints" / f"step-{done:07d}" / "COMPLETE").is_file():
             self.save_checkpoint(done)
-        return f"the run is checkpointed at step {done}: rerun the same command to resume once the reward works"
+        return f"the run is checkpointed at step {done}: rerun the same command to resume once the failure is fixed"
 
     def _save_critic(self, out: Path) -> None:
         sd = gathered_weights(self.critic, self.critic_t, prefix="rm.", merge=True)
@@ -535,8 +608,8 @@ class PPOTrainer:
         text_mean, the text sources' weighted mean on the same samples, starts the critic (critic_head)."""
         scores, text = [], []
         for step in range(math.ceil(self.p.normalize_samples / self.p.responses_per_step)):
-            rollout, metadata = self.step_rollouts(step)
-            per_source = self.rewards.per_source(rollout, metadata, self.actor_t.micro_batch_size, self.device)
+            rollout, metadata, episodes = self.step_samples(step)
+            per_source = self.reward_parts(rollout, metadata, episodes)
             scores.append(per_source.pop(MODEL))
             text.append(self.rewards.total(per_source) if per_source else torch.zeros_like(scores[-1]))
         scores, text = torch.cat(scores), torch.cat(text)
@@ -559,6 +632,15 @@ def run_ppo(cfg: Config, show_progress: bool = True, reward_model: torch.nn.Modu
 def _with_accumulation(t, rows_per_process: int):
     """The TrainConfig the backend gets: as many micro-batches per optimizer step as one mini-batch needs."""
     return t.model_copy(update={"gradient_accumulation_steps": max(1, math.ceil(rows_per_process / t.micro_batch_size))})
+
+
+def _model_token_kl(policy, reference, r, temperature: float) -> torch.Tensor:
+    """[B] Σ of log π − log π_ref over the model's own tokens: scoring.response_kl where every response token is
+    the model's, without what tools or the environment added to an episode."""
+    if r.action_mask is None:
+        return response_kl(policy, reference, r, temperature)
+    diff = actor_logprobs(policy, r, temperature) - actor_logprobs(reference, r, temperature)
+    return torch.where(r.response_mask(), diff, 0.0).sum(1)
 
 
 def _seed(seed: int, step: int, position: int) -> int:
