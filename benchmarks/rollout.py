@@ -23,6 +23,10 @@ resolves to) and the resolved rollout dtype, then per batch size one row per sid
 precision it ran in (median of --repeats runs after one warm-up), the ratio to plain (two precisions unless
 the rollout dtype is float32), the warm-up call's seconds (the compiled loop compiles then, once per batch
 shape and length bucket) and whether the static loops sampled the same tokens as the dynamic one.
+
+* llama.cpp <type>: where `llama_cpp` (llama-cpp-python) is importable, the same weights exported by
+  `rlhfkit export`'s GGUF writer (--llamacpp-types, default f16), the same prompts, all rows decoded together in
+  one llama.cpp context (benchmarks/llamacpp_decode.py), with as many threads as torch uses: the CPU anchor.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rollout-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                     help="auto: bfloat16 where bf16 is native, else float32 (float16 on a GPU without bf16)")
+    ap.add_argument("--llamacpp-types", default="f16", help="GGUF types timed in llama.cpp where it is importable")
     ap.add_argument("--decodings", default="dynamic,static,compiled",
                     help="rlhfkit's decoding loops to time (ppo.rollout_decoding values): dynamic, static, compiled")
     args = ap.parse_args()
@@ -114,7 +119,9 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, rollout dtype {dtype}"
           f"{' (auto)' if args.rollout_dtype == 'auto' else ''}")
     print(f"{'batch':>5} {'side':<18} {'dtype':>8} {'tok/s':>8} {'vs plain':>8} {'first call s':>12}  tokens")
-    for batch in [int(b) for b in args.batches.split(",")]:
+    batches = [int(b) for b in args.batches.split(",")]
+    llamacpp = llamacpp_decoders(mcfg, args, max(batches))
+    for batch in batches:
         prompts = real_prompts(tok, batch, args.prompt_len)
         ids, lengths = pad_left(prompts, tok.pad_token_id)
         width = ids.shape[1]
@@ -147,7 +154,33 @@ def main() -> None:
                 same = "as dynamic" if not differ else f"{differ} of {batch} rows differ from dynamic"
             print(f"{batch:>5} {'rlhfkit ' + decoding:<18} {dtype:>8} {tokens / ours_s:>8.1f} "
                   f"{plain_s / ours_s:>7.2f}x {first:>12.1f}  {same}", flush=True)
+        for qtype, decoder in llamacpp.items():
+            first, cpp_s = timed(lambda: decoder.generate(prompts, args.new_tokens, 0.7, seed=0), args.repeats)
+            print(f"{batch:>5} {'llama.cpp ' + qtype:<18} {qtype:>8} {tokens / cpp_s:>8.1f} "
+                  f"{plain_s / cpp_s:>7.2f}x {first:>12.1f}", flush=True)
     print(f"machine: {machine}")
+
+
+def llamacpp_decoders(mcfg, args, max_batch: int) -> dict:
+    """{GGUF type: LlamaCppDecoder} of the model's own GGUF export, or {} (said) where llama_cpp is missing."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp: llama_cpp is not importable (pip install llama-cpp-python): no llama.cpp rows")
+        return {}
+    import tempfile
+
+    from llamacpp_decode import LlamaCppDecoder
+    from rlhfkit.export import write_gguf
+    from rlhfkit.models.loading import resolve_model_dir
+
+    out = Path(tempfile.mkdtemp(prefix="rollout-gguf-"))
+    decoders = {}
+    for qtype in args.llamacpp_types.split(","):
+        gguf = write_gguf(Path(resolve_model_dir(mcfg.name_or_path, mcfg)), out / f"model-{qtype}.gguf", qtype)
+        decoders[qtype] = LlamaCppDecoder(gguf, max_batch, args.prompt_len + args.new_tokens, torch.get_num_threads())
+    print(f"llama.cpp {llama_cpp.__version__}: {', '.join(decoders)} GGUF of the same weights, {torch.get_num_threads()} threads")
+    return decoders
 
 
 if __name__ == "__main__":
