@@ -22,6 +22,7 @@ from .batching import Blend, collate_pairs
 from .guards import guard_resume, lock_run, require_finite_weights, stage_fingerprint
 from .loop import Stage
 from .losses import selected_token_logprobs
+from .packing import collate_pairs_packed
 from .stage_dirs import dpo_start_model
 from .starts import actor_source
 
@@ -112,15 +113,16 @@ def quantization_kwargs(t: TrainConfig) -> dict:
 
 class TokenLogprobLM(nn.Module):
     """A causal LM whose forward returns the log-probs of selected target tokens (see
-    losses.selected_token_logprobs). The loss computation goes through forward() so that DeepSpeed's
-    engine, and with it ZeRO-3's parameter and gradient hooks, sees the whole computation."""
+    losses.selected_token_logprobs; position_ids for packed rows). The loss computation goes through
+    forward() so that DeepSpeed's engine, and with it ZeRO-3's parameter and gradient hooks, sees the
+    whole computation."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, lengths, target_mask, temperature: float = 1.0):
-        return selected_token_logprobs(self.lm, input_ids, lengths, target_mask, temperature)
+    def forward(self, input_ids, lengths, target_mask, temperature: float = 1.0, position_ids=None):
+        return selected_token_logprobs(self.lm, input_ids, lengths, target_mask, temperature, position_ids)
 
     def gradient_checkpointing_enable(self, **kw):
         self.lm.gradient_checkpointing_enable(**kw)
@@ -182,13 +184,16 @@ def write_causal_lm(sd: dict[str, torch.Tensor], config, tokenizer, out: Path, g
     tokenizer.save_pretrained(out)
 
 
-def pair_stage(name: str, train: Blend, evals: Blend, pad_id: int, loss, export, metric_keys: tuple[str, ...]) -> Stage:
-    """A stage over preference pairs (RM, DPO): one forward on chosen + rejected rows, means over pairs."""
+def pair_stage(name: str, train: Blend, evals: Blend, pad_id: int, loss, export, metric_keys: tuple[str, ...],
+               packing: bool = False) -> Stage:
+    """A stage over preference pairs (RM, DPO): one forward on chosen + rejected rows, means over pairs;
+    with packing, the rows are packed (collate_pairs_packed)."""
+    collate = collate_pairs_packed if packing else collate_pairs
     return Stage(
         name=name,
         train=train,
         eval=evals,
-        collate=lambda rows: collate_pairs(rows, pad_id),
+        collate=lambda rows: collate(rows, pad_id),
         units=len,
         loss=loss,
         export=export,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..sequences import length_mask, response_token_mask
 from ..sequences import gather_last  # noqa: F401 (models/reward.py imports it from here)
+from .packing import packed_inputs
 
 
 class _SelectiveLogprobs(torch.autograd.Function):
@@ -127,21 +128,30 @@ def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens:
     return (lp * mask).sum(1)
 
 
-def selected_token_logprobs(model, input_ids: torch.Tensor, lengths: torch.Tensor,
-                            target_mask: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A causal LM's transformer and its LM head (through a peft wrapper)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model, inner.get_output_embeddings()
+
+
+def selected_token_logprobs(model, input_ids: torch.Tensor, lengths: torch.Tensor | None,
+                            target_mask: torch.Tensor, temperature: float = 1.0,
+                            position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p of the selected target tokens, computing vocabulary logits only where they are needed.
 
     target_mask [B, T] marks target positions (1..T-1). The backbone runs on the whole batch, but the
     LM head and log-softmax run only on the hidden states that predict a selected token: prompt and
     padding positions never pay for a vocabulary-sized projection. Returns (logprobs [N], row of each [N]).
     temperature ≠ 1 gives the log-probs of the tempered distribution softmax(logits / T), the one PPO
-    samples from and therefore optimises.
+    samples from and therefore optimises. position_ids [B, T]: packed rows (train/packing.py), whose
+    positions restart at every sequence and separate them; lengths is then not read.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone, head = inner.base_model, inner.get_output_embeddings()
-    mask = length_mask(lengths, input_ids.shape[1]).long()
-    # no KV cache: a config with use_cache would otherwise have the model keep one it never reads
-    hidden = backbone(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    backbone, head = backbone_and_head(model)
+    if position_ids is None:  # no KV cache: a config with use_cache would have the model keep one it never reads
+        layout = {"attention_mask": length_mask(lengths, input_ids.shape[1]).long(), "use_cache": False}
+    else:
+        layout = packed_inputs(position_ids)
+    hidden = backbone(input_ids=input_ids, **layout).last_hidden_state
     select = target_mask[:, 1:]
     h = hidden[:, :-1][select]
     targets = input_ids[:, 1:][select]

@@ -28,16 +28,30 @@ from .common import begin_stage, pair_stage, stage_data
 from .budget import StageBudget
 from .loop import run_stage
 from .losses import bradley_terry_loss, pair_metrics
+from .packing import packed_inputs, require_isolated_packing
 from .stage_dirs import rm_stage_dir
 
 STATS_ROWS = 128  # training pairs whose scores give the stored mean/std (256 scores)
+
+
+class PackableRewardModel(RewardModel):
+    """The reward model as this stage trains it: its forward also scores packed rows (train/packing.py)."""
+
+    def forward(self, input_ids, lengths=None, prompt_lens=None, position_ids=None, ends=None):
+        """score(input_ids, lengths) of padded rows; of packed rows (position_ids [R, W]), the score of each
+        sequence at its last token ends[i] = (row, column): [S]."""
+        if position_ids is None:
+            return self.score(input_ids, lengths, prompt_lens)
+        hidden = self.backbone(input_ids=input_ids, **packed_inputs(position_ids)).last_hidden_state
+        last = hidden[ends[:, 0], ends[:, 1]]
+        return self.v_head(last.to(self.v_head.weight.dtype)).squeeze(-1).float()
 
 
 def build_reward_model(cfg: Config) -> tuple[RewardModel, list[dict]]:
     t = cfg.rm
     mcfg = model_config_for(cfg, t.model)
     path = resolve_model_dir(mcfg.name_or_path, mcfg, mcfg.revision)
-    model = RewardModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
+    model = PackableRewardModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
     if t.dropout is not None:
         set_dropout(model.backbone, t.dropout)
     if t.freeze_layers:
@@ -62,11 +76,16 @@ def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> None:
         module.requires_grad_(False)
 
 
-def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, lengths = batch["input_ids"].to(engine.device), batch["lengths"].to(engine.device)
-    scores = engine(ids, lengths).float()
-    half = ids.shape[0] // 2
-    return scores[:half], scores[half:]
+def pair_scores(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and of the rejected sequences of a padded (collate_pairs) or packed
+    (collate_pairs_packed) batch. forward: the engine or a PackableRewardModel."""
+    ids = batch["input_ids"].to(device)
+    if "position_ids" in batch:
+        scores = forward(ids, position_ids=batch["position_ids"].to(device), ends=batch["ends"].to(device))
+    else:
+        scores = forward(ids, batch["lengths"].to(device))
+    half = scores.shape[0] // 2
+    return scores[:half].float(), scores[half:].float()
 
 
 def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None = None) -> dict:
@@ -76,11 +95,14 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
     train, evals, pad_id = stage_data(cfg, 2, show_progress)
     tokenizer = load_tokenizer(model_config_for(cfg, t.model))
     model, groups = build_reward_model(cfg)
+    packing = getattr(t, "packing", False)  # rm.packing, once config.py declares it
+    if packing:
+        require_isolated_packing(model.backbone, "rm.packing")
 
     recent = ScoreWindow(2 * STATS_ROWS)
 
     def loss(engine, batch):
-        chosen, rejected = pair_scores(engine, batch)
+        chosen, rejected = pair_scores(engine, batch, engine.device)
         if engine.module.training:
             recent.add(torch.cat([chosen, rejected]))
         n = chosen.shape[0]
@@ -95,7 +117,7 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
             tokenizer.save_pretrained(out)
 
     stage = pair_stage("rm", train, evals, pad_id, loss, export,
-                       ("accuracy", "margin", "chosen_score", "rejected_score"))
+                       ("accuracy", "margin", "chosen_score", "rejected_score"), packing)
     return run_stage(stage, t, model, groups, out_dir, show_progress, cfg.model_dump(mode="json"), budget)
 
 
@@ -124,7 +146,7 @@ def score_stats(engine, train, pad_id: int, micro: int) -> tuple[float, float]:
     rank, world = D.init_distributed()
     s = s2 = n = 0.0
     for rows, keep in equal_count_batches(min(len(train), STATS_ROWS), rank, world, micro):
-        chosen, rejected = pair_scores(engine, collate_pairs([train.row(int(j)) for j in rows], pad_id))
+        chosen, rejected = pair_scores(engine, collate_pairs([train.row(int(j)) for j in rows], pad_id), engine.device)
         if keep:
             both = torch.cat([chosen, rejected]).double()
             s, s2, n = s + both.sum().item(), s2 + (both ** 2).sum().item(), n + both.numel()

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..config import Config
 from ..models.loading import load_tokenizer
 from .batching import collate_sft, count_sft_targets
 from .common import begin_stage, save_causal_lm, stage_data, trainable_causal_lm
 from .budget import StageBudget
 from .loop import Stage, run_stage
+from .losses import backbone_and_head
+from .packing import collate_sft_packed, require_isolated_packing
 from .stage_dirs import sft_stage_dir
 
 
@@ -23,21 +27,31 @@ def run_sft(cfg: Config, show_progress: bool = True, budget: StageBudget | None 
     tokenizer = load_tokenizer(cfg.model)
     model, groups = trainable_causal_lm(cfg.model, t)
     response_only = t.loss_on == "response"
-
-    def loss(engine, batch):
-        ids, lengths = batch["input_ids"].to(engine.device), batch["lengths"].to(engine.device)
-        logprobs, _ = engine(ids, lengths, batch["loss_mask"].to(engine.device))
-        return -logprobs.sum(), {}
+    packing = getattr(t, "packing", False)  # sft.packing, once config.py declares it
+    if packing:
+        require_isolated_packing(backbone_and_head(model.lm)[0], "sft.packing")
+    collate = collate_sft_packed if packing else collate_sft
 
     stage = Stage(
         name="sft",
         train=train,
         eval=evals,
-        collate=lambda rows: collate_sft(rows, pad_id, response_only),
+        collate=lambda rows: collate(rows, pad_id, response_only),
         units=lambda rows: count_sft_targets(rows, response_only),
-        loss=loss,
+        loss=lambda engine, batch: (sft_batch_loss(engine, batch, engine.device), {}),
         export=lambda engine, out: save_causal_lm(engine, tokenizer, out, t),
         eval_metrics=lambda s: {"eval/perplexity": math.exp(min(s["loss"] / max(s["units"], 1), 50.0))},
         tokens=lambda rows: sum(len(r["input_ids"]) for r in rows),
     )
     return run_stage(stage, t, model, groups, sft_stage_dir(cfg), show_progress, cfg.model_dump(mode="json"), budget)
+
+
+def sft_batch_loss(forward, batch: dict, device) -> torch.Tensor:
+    """Summed NLL of a batch's target tokens, padded (collate_sft) or packed (collate_sft_packed).
+    forward: the engine or a TokenLogprobLM."""
+    ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
+    if "position_ids" in batch:
+        logprobs, _ = forward(ids, None, mask, position_ids=batch["position_ids"].to(device))
+    else:
+        logprobs, _ = forward(ids, batch["lengths"].to(device), mask)
+    return -logprobs.sum()
