@@ -143,6 +143,32 @@ def test_kept_ids_are_not_the_re_encoded_text_and_the_actor_scores_them_as_the_s
         torch.testing.assert_close(exp.advantages[i][mask[i]], group.flatten()[i].expand(int(mask[i].sum())))
 
 
+def test_gae_steps_from_the_models_last_token_of_a_turn_to_its_first_of_the_next(caller):
+    """GAE over an episode: what the tool added is not a step of the model's, so the value after the last
+    token of a turn is the value before the first token of the next (λ = 0: A_t = r_t + V_next − V_t)."""
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.rollout.scoring import critic_values
+    from rlhfkit.train.ppo.models import ValueModel
+
+    model, tok = load(caller)
+    _, r, records = run_episodes(model, tok, ["lookup"])
+    i = next(i for i, rec in enumerate(records) if rec.calls == rec.valid_calls == 1)
+    critic = ValueModel(RewardModel.from_pretrained(caller)).eval()
+    p = PPOConfig(kl_mode="off", lam=0.0, whiten_advantages=False, sampling={"temperature": 1.0})
+    scores = torch.zeros(len(records))
+    scores[i] = 1.0
+    actor = TokenLogprobLM(model)
+    exp = make_experience(r, scores, actor, actor, critic, p, 0.0, 4, "cpu")
+    values = critic_values(critic, r)[i]
+    own = r.response_mask()[i].nonzero().flatten().tolist()
+    last_of_turn, first_of_next, last = own[7], own[8], own[-1]
+    assert first_of_next > last_of_turn + 1  # the tool's reply lies between
+    assert exp.advantages[i, last_of_turn].item() == pytest.approx((values[first_of_next] - values[last_of_turn]).item(), abs=1e-5)
+    assert exp.advantages[i, last].item() == pytest.approx(1.0 - values[last].item(), abs=1e-5)  # the score, no next
+    assert (exp.advantages[i, last_of_turn + 1:first_of_next] == 0).all()
+    assert (exp.returns[~r.response_mask()] == 0).all() and (exp.old_values[~r.response_mask()] == 0).all()
+
+
 def test_own_tokens_are_gathered_to_the_front_and_spread_back():
     mask = torch.tensor([[True, False, False, True, True], [False, True, True, False, False]])
     own = OwnTokens(mask)
@@ -225,6 +251,18 @@ def test_grpo_learns_to_call_the_tool_that_earns_the_reward(tmp_path, prompts_fi
     assert np.mean(rate[-3:]) > np.mean(rate[:3]) + 0.2, rate
     assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.2, reward
     assert metrics(run, "eval/tools/valid_calls_per_episode")[-1] > metrics(run, "eval/tools/valid_calls_per_episode")[0]
+
+
+def test_ppo_with_a_critic_trains_on_episodes(tmp_path, caller, prompts_file):
+    """advantage gae: the critic's values, returns and value loss on the model's tokens of each episode."""
+    cfg = tools_config(tmp_path, caller, prompts_file, advantage="gae", n_samples_per_prompt=1, critic_model=str(caller),
+                       steps=2, eval_every=0, actor={"learning_rate": 1e-3, "micro_batch_size": 4},
+                       critic={"learning_rate": 1e-3, "micro_batch_size": 4})
+    run_ok(["ppo", str(cfg), "--no-progress"])
+    run = tmp_path / "run"
+    assert max(metrics(run, "tools/calls_per_episode")) > 0
+    for key in ("loss/value", "val/explained_variance", "loss/policy"):
+        assert len(metrics(run, key)) == 2 and all(np.isfinite(metrics(run, key))), key
 
 
 def _final(run: Path) -> dict:
