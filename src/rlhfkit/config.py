@@ -254,6 +254,9 @@ class SFTConfig(TrainConfig):
     loss_on: Literal["response", "all"] = Field("response", description=(
         "response: prompt tokens are masked out of the loss; all: every token counts"))
     learning_rate: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
+    packing: bool = Field(False, description=(
+        "pack a micro-batch's sequences several to a row (each attends only to itself, positions restart at 0): "
+        "the same loss and gradients with fewer padding positions"))
 
 
 class RewardConfig(TrainConfig):
@@ -267,6 +270,9 @@ class RewardConfig(TrainConfig):
         "learning rate of the freshly initialised score head; default: learning_rate"))
     freeze_layers: int = Field(0, ge=0, description=(
         "keep the embeddings and the lowest N transformer layers as loaded (the backward pass stops above them)"))
+    packing: bool = Field(False, description=(
+        "pack a micro-batch's sequences several to a row (each attends only to itself, positions restart at 0): "
+        "the same loss and gradients with fewer padding positions"))
 
 
 class DPOConfig(TrainConfig):

@@ -189,7 +189,7 @@ def lock_run(out_dir: Path) -> None:
 # --- resume only under the settings a checkpoint was made with ---------------------------------------
 # Keys of a training section that do not change what is computed (or are planned/recorded elsewhere).
 NOT_MATH = {"eval_every", "eval_at_start", "max_eval_batches", "save_every", "keep_checkpoints", "log_every", "resume",
-            "max_nonfinite_steps", "micro_batch_size", "gradient_accumulation_steps",
+            "max_nonfinite_steps", "micro_batch_size", "packing", "gradient_accumulation_steps",
             "gradient_checkpointing",
             "offload_optimizer", "offload_param", "eval_prompts", "samples_logged", "generation_batch_size",
             "rollout_decoding"}  # every decoding loop samples the same tokens (tests/test_static_decode.py)

@@ -95,7 +95,7 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
     train, evals, pad_id = stage_data(cfg, 2, show_progress)
     tokenizer = load_tokenizer(model_config_for(cfg, t.model))
     model, groups = build_reward_model(cfg)
-    packing = getattr(t, "packing", False)  # rm.packing, once config.py declares it
+    packing = t.packing
     if packing:
         require_isolated_packing(model.backbone, "rm.packing")
 

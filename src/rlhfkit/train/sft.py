@@ -27,7 +27,7 @@ def run_sft(cfg: Config, show_progress: bool = True, budget: StageBudget | None 
     tokenizer = load_tokenizer(cfg.model)
     model, groups = trainable_causal_lm(cfg.model, t)
     response_only = t.loss_on == "response"
-    packing = getattr(t, "packing", False)  # sft.packing, once config.py declares it
+    packing = t.packing
     if packing:
         require_isolated_packing(backbone_and_head(model.lm)[0], "sft.packing")
     collate = collate_sft_packed if packing else collate_sft
