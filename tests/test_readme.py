@@ -191,11 +191,11 @@ def test_readme_command_runs(command, tmp_path):
 
 
 def test_layout_matches_the_source_tree():
-    """Each name the layout block lists is a module or package of src/rlhfkit, and every package is listed."""
+    """Each name the layout block lists is a module or package of src/rlhfkit, and every package and module is."""
     (layout,) = [body for lang, body in fenced_blocks(README.read_text(encoding="utf-8"))
                  if not lang and body.startswith("src/rlhfkit/")]
     src = REPO / "src" / "rlhfkit"
-    listed_packages = set()
+    listed_packages, listed_modules = set(), set()
     for line in layout.splitlines():
         head, *names = line.split()
         if head == "src/rlhfkit/":
@@ -210,8 +210,11 @@ def test_layout_matches_the_source_tree():
         for name in names:
             assert (where / f"{name}.py").is_file() or (where / name.rstrip("/")).is_dir(), \
                 f"README layout lists {head} {name}, which does not exist"
+            listed_modules.add((where / f"{name}.py").relative_to(src).as_posix())
     packages = {p.parent.relative_to(src).as_posix() for p in src.rglob("__init__.py") if p.parent != src}
     assert packages <= listed_packages, f"packages missing from README's layout: {sorted(packages - listed_packages)}"
+    modules = {p.relative_to(src).as_posix() for p in src.rglob("*.py") if p.name != "__init__.py"}
+    assert modules <= listed_modules, f"modules missing from README's layout: {sorted(modules - listed_modules)}"
 
 
 def _anchors(markdown: str) -> set[str]:
