@@ -155,7 +155,7 @@ def prepare_inputs(args, work: Path) -> dict:
     (_, table), = load_phase(cfg.output_dir / "data", 3, "train")
     by_text = {}
     from rlhfkit.models.loading import load_tokenizer
-    from rlhfkit.train.common import model_config_for
+    from rlhfkit.models.configs import model_config_for
     tok = load_tokenizer(model_config_for(cfg, inputs["model_dir"]))
     for i in range(len(table)):
         ids = table.row(i)["prompt_ids"].tolist()

@@ -15,3 +15,7 @@ class DataError(RlhfkitError):
 
 class ModelLoadError(RlhfkitError):
     pass
+
+
+class NonFiniteError(RlhfkitError):
+    """Training produced a non-finite loss, gradient norm or weight."""

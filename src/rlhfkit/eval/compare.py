@@ -40,7 +40,8 @@ from ..models.loading import load_causal_lm, load_tokenizer
 from ..paths import write_text_atomic
 from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.budget import StageBudget
-from ..train.common import TokenLogprobLM, model_config_for
+from ..models.configs import model_config_for
+from ..train.common import TokenLogprobLM
 from ..rollout.sampling import Rollout, sample_rollouts, sampling_for
 from ..rollout.scoring import RewardScorer, load_reward_model, response_kl, tokenizer_pair
 from ..train.reward import rm_stage_dir

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..train.guards import require_finite_weights
-from ..train.losses import gather_last, length_mask
+from ..sequences import gather_last, length_mask
+from .finite import require_finite_weights
 
 HEAD_FILE = "value_head.safetensors"
 STATS_FILE = "reward_stats.json"

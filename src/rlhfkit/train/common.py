@@ -14,12 +14,13 @@ from ..engine import distributed as D
 from ..engine.backend import TrainEngine, checkpoint_dirs, param_groups, seed_everything
 from ..engine.precision import DTYPES, resolve_precision, why_auto, why_stage
 from ..engine.weights import gathered_weights
-from ..models.configs import base_config, dense_config, model_config_for  # noqa: F401 (eval/compare.py imports model_config_for from here)
+from ..models.configs import base_config, dense_config, model_config_for
 from ..models.lora import apply_lora
 from ..timing import ensure_stage
 from ..models.loading import load_causal_lm, set_dropout
 from .batching import Blend, collate_pairs
-from .guards import guard_resume, lock_run, require_finite_weights, stage_fingerprint
+from ..models.finite import require_finite_weights
+from .guards import guard_resume, lock_run, stage_fingerprint
 from .loop import Stage
 from .losses import selected_token_logprobs
 from .packing import collate_pairs_packed

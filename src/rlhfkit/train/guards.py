@@ -13,15 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ..engine import distributed as D
-from ..errors import RlhfkitError
+from ..errors import NonFiniteError, RlhfkitError
 from ..paths import write_text_atomic
-
-
-class NonFiniteError(RlhfkitError):
-    """Training produced a non-finite loss, gradient norm or weight."""
 
 
 class NonFiniteGuard:
@@ -109,15 +103,6 @@ class NonFiniteGuard:
 
 class TrainingCollapsedError(NonFiniteError):
     """Training stopped learning (gradient exactly 0 for several steps) without a non-finite value."""
-
-
-def require_finite_weights(state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse to write weights with NaN/inf in them (a diverged run must not publish a model)."""
-    bad = [name for name, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise NonFiniteError(f"{what}: refusing to save non-finite weights ({shown}); the run diverged "
-                             "(lower the learning rate and rerun)")
 
 
 # --- one run per output dir --------------------------------------------------------------------------

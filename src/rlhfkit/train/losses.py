@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ..sequences import length_mask, response_token_mask
-from ..sequences import gather_last  # noqa: F401 (models/reward.py imports it from here)
 from .packing import packed_inputs
 
 

@@ -1,6 +1,6 @@
 """Stage 2, reward model: backbone + scalar head, Bradley–Terry loss on phase-2 pairs.
 
-The score is read at the last response token (models.reward.RewardModel.score → losses.gather_last).
+The score is read at the last response token (models.reward.RewardModel.score → sequences.gather_last).
 Eval reports accuracy, mean margin and chosen/rejected score means before, during and after training.
 Every saved model stores the mean/std of the scores of each process's last STATS_ROWS training pairs beside
 it, for reference only (nothing computes with them: PPO normalises with its own policy's samples,
