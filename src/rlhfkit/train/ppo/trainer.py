@@ -40,7 +40,8 @@ from ...tracking import Tracker
 from ..batching import StepSchedule, collate_sft, count_sft_targets
 from ..common import begin_stage, save_causal_lm, stage_data, write_causal_lm
 from ..budget import StageBudget, StepPlanner
-from ..guards import NonFiniteGuard, require_finite_weights
+from ...models.finite import require_finite_weights
+from ..guards import NonFiniteGuard
 from ..loop import finish_timing, publish_final, timed, truncate_metrics
 from ..update_probe import UpdateProbe
 from ...timing import clock, linear_params
