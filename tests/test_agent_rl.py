@@ -169,6 +169,30 @@ def test_gae_steps_from_the_models_last_token_of_a_turn_to_its_first_of_the_next
     assert (exp.returns[~r.response_mask()] == 0).all() and (exp.old_values[~r.response_mask()] == 0).all()
 
 
+def test_an_environment_opens_the_episode_after_the_prompt_and_answers_each_turn(tiny_tokenizer):
+    """guess_number: its opening message follows the prompt's user message; each reply without the secret is
+    answered (context), and the episode runs to max_turns."""
+    from rlhfkit.agents.environments import load_environment
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny-random", ModelConfig(name_or_path="tiny-random")),
+                                                 dtype=torch.float32).eval()
+    runner = EpisodeRunner(tok, {}, load_environment("guess_number", "ppo.environment"), "guess_number", 3, 200, 10.0,
+                           None, [tok.eos_token_id])
+    r, records = runner.run(model, prompts(tok, 4), [{"secret": 5000}] * 4, [f"prompt {i}" for i in range(4)],
+                            list(range(4)), 4, tok.pad_token_id, [tok.eos_token_id], SamplingConfig(8, 1.0))
+    opening = tok.decode(r.input_ids[0, :int(r.prompt_lens[0])])
+    assert opening.endswith("<|im_start|>user\nPlease tell me fact number 0.<|im_end|>\n<|im_start|>user\nI am thinking "
+                            "of a whole number from 1 to 100. Guess it: reply with one number. You have 7 guesses."
+                            "<|im_end|>\n<|im_start|>assistant\n"), opening
+    for i, rec in enumerate(records):
+        assert rec.turns == 3 and rec.end == "max_turns" and rec.environment_reward == 0.0
+        n = int(r.response_lengths[i])
+        assert r.action_mask[i, :n].sum().item() == rec.model_tokens and rec.added_tokens > 0
+        assert "guesses left." in tok.decode(r.input_ids[i, :int(r.lengths[i])])
+
+
 def test_own_tokens_are_gathered_to_the_front_and_spread_back():
     mask = torch.tensor([[True, False, False, True, True], [False, True, True, False, False]])
     own = OwnTokens(mask)

@@ -273,7 +273,7 @@ class PPOTrainer:
             stats["rollout/logp_reuse_max_abs_diff"], stats["rollout/logp_reuse_mean_abs_diff"] = exp.logp_gap
         if p.kl_mode != "off":
             self.kl_ctl.update(stats["objective/kl"], p.responses_per_step)
-        generated = D.all_reduce_sum([float(rollout.response_lengths.sum())])[0]
+        generated = D.all_reduce_sum([float(rollout.response_mask().sum())])[0]  # sampled, not added by tools
         stats.update(train_stats)
         if self.critic is not None:
             stats["lr/critic"] = self.critic.lr
