@@ -430,8 +430,9 @@ class PPORewardConfig(FrozenModelConfig):
     """Where the RL reward comes from: a weighted sum of sources, each logged as reward/<name>. The
     placement keys (dtype, zero_stage, offload_param) are the reward model's, used when a `model` source is."""
 
-    sources: list[RewardSource] = Field(default_factory=lambda: [ModelRewardSource()], min_length=1, description=(
-        "reward sources, each {type: model | python | gsm8k | exact | regex | format | remote, weight, name, ...}"))
+    sources: list[RewardSource] = Field(default_factory=lambda: [ModelRewardSource()], description=(
+        "reward sources, each {type: model | python | gsm8k | exact | regex | format | remote, weight, name, ...}; "
+        "[] only where ppo.environment rewards the run alone"))
 
     @field_validator("sources")
     @classmethod
@@ -629,6 +630,9 @@ class PPOConfig(Section):
                              f"{'tools' if unused == ['tool_timeout_s'] else 'tools or environment'} to use it")
         if len(set(self.tools)) < len(self.tools):
             raise ValueError(f"tools lists a tool twice: {self.tools}")
+        if not self.reward.sources and self.environment is None:
+            raise ValueError("reward.sources is empty: nothing would reward the run; list a source, or set environment "
+                             "for a run rewarded by its environment alone")
         if self.environment is not None and any(s.name == "environment" for s in self.reward.sources):
             raise ValueError("a reward source is named `environment`, the name of the environment's reward: "
                              "rename the source")
