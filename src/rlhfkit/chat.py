@@ -4,6 +4,11 @@ Works on an exported model, a stage's final/ directory, or a checkpoint's model/
 on plain prompts (data.template: plain) chats in that format (data/plain_template.py). Any other directory is
 a message saying what it is and what to pass instead. Commands: /reset (forget the conversation), /exit (or
 end of input).
+
+With tools (`--tools calculator,python,file.py:fn`, loaded as ppo.tools loads them, described to the model as
+in RL: docs/agents.md), a reply that calls tools has its calls run, each call and its result (or its error
+observation) shown, the results added as tool messages, and the model goes on: up to --max-turns replies per
+message.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from .agents.calls import ToolCall, parse_tool_calls, template_takes_tools, with_tool_instructions
+from .agents.runner import run_calls
+from .agents.tools import Tool
 from .data.plain_template import plain_template_for
 from .engine.precision import torch_dtype
 from .errors import ModelLoadError
@@ -101,17 +109,20 @@ def _first_line(error: Exception) -> str:
 
 
 def chat(model, tok, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None,
-         stdin=sys.stdin, stdout=sys.stdout, seed: int | None = None) -> list[dict]:
-    """Read user turns from stdin until /exit or end of input; returns the conversation as it ended."""
-    from jinja2 import TemplateError
-    from transformers import TextIteratorStreamer
-
+         stdin=sys.stdin, stdout=sys.stdout, seed: int | None = None, tools: dict[str, Tool] | None = None,
+         max_turns: int = 5, tool_timeout: float = 10.0) -> list[dict]:
+    """Read user turns from stdin until /exit or end of input; returns the conversation as it ended. With
+    `tools` (name → Tool), each message gets up to max_turns replies: one that calls tools has them run under
+    one deadline of tool_timeout seconds, and the model reads their results in the next."""
     if not tok.chat_template:
         raise ModelLoadError("this tokenizer has no chat template; rlhfkit chat needs one")
     interactive = stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     start = list(history)
+    render = _renderer(tok, tools)
     print("rlhfkit chat — /reset to start over, /exit to quit", file=stdout, flush=True)
+    if tools:
+        print(f"[tools: {', '.join(tools)}; up to {max_turns} replies per message]", file=stdout, flush=True)
     while True:
         if interactive:
             print(">>> ", end="", file=stdout, flush=True)
@@ -127,30 +138,70 @@ def chat(model, tok, max_new_tokens: int = 256, temperature: float = 0.7, system
             history = list(start)
             print("[conversation reset]", file=stdout, flush=True)
             continue
+        before = len(history)
         history.append({"role": "user", "content": text})
+        for turn in range(max_turns if tools else 1):
+            reply, failure = _reply(model, tok, render(history), max_new_tokens, temperature, seed, stdout)
+            if failure:
+                del history[before:]
+                print(f"[no reply: {failure}. /reset starts the conversation over]", file=stdout, flush=True)
+                break
+            history.append({"role": "assistant", "content": reply.strip()})
+            calls = parse_tool_calls(reply) if tools else []
+            if not calls:
+                break
+            if turn == max_turns - 1:
+                print(f"[{len(calls)} tool call(s) not run: this was reply {max_turns} of --max-turns {max_turns}]",
+                      file=stdout, flush=True)
+                break
+            for call, observation in zip(calls, run_calls(calls, tools, tool_timeout)):
+                shown = (f"{call.name}({json.dumps(call.arguments, ensure_ascii=False)})" if isinstance(call, ToolCall)
+                         else "(unreadable)")
+                kind = "result" if observation.error is None else f"error: {observation.error}"
+                print(f"[tool call] {shown}\n[tool {kind}] {observation.content}", file=stdout, flush=True)
+                history.append(observation.message)
+    return history
+
+
+def _renderer(tok, tools: dict[str, Tool] | None):
+    """history → the prompt text, with the tools described as in RL: `tools=` where the template takes them,
+    else the call format's instructions in the system message (calls.with_tool_instructions)."""
+    from jinja2 import TemplateError
+
+    schemas = [t.schema for t in (tools or {}).values()]
+    takes_tools = bool(schemas) and template_takes_tools(tok)
+
+    def render(history: list[dict]) -> str:
+        messages = history if takes_tools or not schemas else with_tool_instructions(history, schemas)
+        kwargs = {"tools": schemas} if takes_tools else {}
         try:
-            prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         except TemplateError as e:  # e.g. a template without a system role, given --system
             raise ModelLoadError(f"the model's chat template refuses this conversation: {_first_line(e)}") from None
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs = dict(**ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        if temperature > 0:
-            kwargs["temperature"] = temperature
-        reply, failure = _stream_reply(model, streamer, kwargs, stdout)
-        print(file=stdout, flush=True)
-        if failure:
-            history.pop()
-            n, limit = ids["input_ids"].shape[1], getattr(model.config, "max_position_embeddings", None)
-            if limit and n + max_new_tokens > limit:
-                failure += f" ({n} tokens of conversation + up to {max_new_tokens} new ones; the model takes {limit})"
-            print(f"[no reply: {failure}. /reset starts the conversation over]", file=stdout, flush=True)
-            continue
-        history.append({"role": "assistant", "content": reply.strip()})
-    return history
+    return render
+
+
+def _reply(model, tok, prompt: str, max_new_tokens: int, temperature: float, seed: int | None,
+           stdout) -> tuple[str, str | None]:
+    """The model's reply to the prompt text, streamed to stdout: (reply, None), or ("", why) where generation
+    failed (with the lengths where the conversation is longer than the model takes)."""
+    from transformers import TextIteratorStreamer
+
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(**ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    reply, failure = _stream_reply(model, streamer, kwargs, stdout)
+    print(file=stdout, flush=True)
+    if failure:
+        n, limit = ids["input_ids"].shape[1], getattr(model.config, "max_position_embeddings", None)
+        if limit and n + max_new_tokens > limit:
+            failure += f" ({n} tokens of conversation + up to {max_new_tokens} new ones; the model takes {limit})"
+    return reply, failure
 
 
 def _stream_reply(model, streamer, kwargs: dict, stdout) -> tuple[str, str | None]:

@@ -19,6 +19,19 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
+def _positive(kind):
+    """An argparse type: a number of `kind` above 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
 def cmd_data_prepare(args) -> None:
     from .config import load_config
     from .data.prepare import prepare
@@ -98,14 +111,21 @@ def cmd_report(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    from .agents.tools import load_tools
     from .chat import chat, load_chat_model
 
+    tools = None
+    if args.tools is not None:  # loaded first: a bad tool is a message before the model loads
+        tools = load_tools(args.tools.split(","), "--tools")
+    elif args.max_turns is not None or args.tool_timeout is not None:
+        raise ConfigError(f"{'--max-turns' if args.max_turns is not None else '--tool-timeout'} is set, but there are "
+                          "no --tools to use it")
     try:
         model, tok = load_chat_model(args.model_dir, args.dtype)
     except (FileNotFoundError, OSError) as e:
         raise RlhfkitError(str(e)) from None
     chat(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, system=args.system,
-         seed=args.seed)
+         seed=args.seed, tools=tools, max_turns=args.max_turns or 5, tool_timeout=args.tool_timeout or 10.0)
 
 
 def cmd_serve_reward(args) -> None:
@@ -191,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 where the machine runs it natively, else fp32 (fp16 on older GPUs)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tools", default=None, help=(
+        "comma-separated tools the model may call, as ppo.tools names them: calculator, python, "
+        "package.module:function, path/to/file.py:function"))
+    p.add_argument("--max-turns", type=_positive(int), default=None,
+                   help="with --tools: most replies per message, tool calls included (default 5)")
+    p.add_argument("--tool-timeout", type=_positive(float), default=None,
+                   help="with --tools: seconds a reply's tool calls may take, all at once (default 10)")
     p.set_defaults(func=cmd_chat)
 
     p = stages.add_parser("serve-reward", help="serve a trained reward model over HTTP (OpenRLHF's remote RM protocol)")
