@@ -232,3 +232,13 @@ def test_a_diverging_ppo_run_stops_and_publishes_nothing(tmp_path):
     with pytest.raises(NonFiniteError, match=r"ppo: training diverged at step \d: .*nan.*ppo.actor.max_nonfinite_steps"):
         run_ppo(load_config(cfg), show_progress=False, reward_model=TargetTokenReward())
     assert not (tmp_path / "run" / "ppo" / "final").exists()
+
+
+def test_a_setting_added_since_the_checkpoint_blocks_a_resume_only_where_it_is_not_at_its_default():
+    from rlhfkit.train.guards import fingerprint_changes
+
+    old = {"ppo.kl_coef": 0.05, "ppo.steps": 60}  # recorded before ppo.max_turns and ppo.tools existed
+    assert fingerprint_changes(old, {**old, "ppo.max_turns": 1, "ppo.tools": []}) == []
+    assert fingerprint_changes(old, {**old, "ppo.max_turns": 3}) == ["ppo.max_turns: (unset) → 3"]
+    assert fingerprint_changes(old, {**old, "ppo.kl_coef": 0.1}) == ["ppo.kl_coef: 0.05 → 0.1"]
+    assert fingerprint_changes({**old, "ppo.max_turns": 1}, old) == ["ppo.max_turns: 1 → (unset)"]

@@ -175,3 +175,23 @@ def test_the_gsm8k_recipe_is_one_pipeline_command():
     assert stages == ["data", "ppo", "eval", "export"] and set(skipped) == {"sft", "rm"}
     assert cfg.ppo.actor_model is None and cfg.eval.baseline is None  # the model is named once
     assert "rlhfkit pipeline configs/gsm8k-grpo.yaml" in recipe.read_text()
+
+
+def test_dpo_starts_where_the_config_says_not_where_a_leftover_sft_dir_points(tmp_path):
+    """Old code: a run without phase-1 data but with an old sft/final in its dir started DPO (and eval's baseline)
+    from that leftover model, while the pipeline said it started from model.name_or_path."""
+    from rlhfkit.config import load_config
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.train.starts import dpo_start_model
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(20))
+    with_sft = load_config(pipeline_config(tmp_path, data))
+    with pytest.raises(ConfigError, match=r"DPO needs .*sft/final \(run `rlhfkit sft` first\) or `dpo.model`"):
+        dpo_start_model(with_sft)
+    leftover = tmp_path / "run" / "sft" / "final"
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")
+    assert dpo_start_model(with_sft) == str(leftover)
+    without_sft = load_config(pipeline_config(tmp_path, data), ["data.phase_ratios=[0,1,1]"])
+    assert dpo_start_model(without_sft) == without_sft.model.name_or_path
+    assert dpo_start_model(load_config(pipeline_config(tmp_path, data), ["dpo.model=elsewhere"])) == "elsewhere"

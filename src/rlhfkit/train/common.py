@@ -24,8 +24,7 @@ from .guards import guard_resume, lock_run, stage_fingerprint
 from .loop import Stage
 from .losses import selected_token_logprobs
 from .packing import collate_pairs_packed
-from .stage_dirs import dpo_start_model
-from .starts import actor_source
+from .starts import actor_source, dpo_start_model
 
 
 def stage_data(cfg: Config, phase: int, show_progress: bool) -> tuple[Blend, Blend, int]:

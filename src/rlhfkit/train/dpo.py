@@ -20,7 +20,8 @@ from .common import TokenLogprobLM, begin_stage, pair_stage, save_causal_lm, sta
 from .budget import StageBudget
 from .loop import run_stage
 from .losses import dpo_loss
-from .stage_dirs import dpo_stage_dir, dpo_start_model
+from .stage_dirs import dpo_stage_dir
+from .starts import dpo_start_model
 
 
 def frozen_reference(mcfg, dtype: str) -> TokenLogprobLM:

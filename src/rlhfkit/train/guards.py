@@ -227,9 +227,41 @@ def file_identity(path: Path) -> str:
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ. A key the old record lacks (a setting added to rlhfkit since) counts as
+    changed only where today's value is not its default: an upgrade alone does not block a resume."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {_shown(old.get(k, '(unset)'))} → {_shown(new.get(k, '(unset)'))}" for k in keys
-            if old.get(k, "(unset)") != new.get(k, "(unset)")]
+    unset = "(unset)"
+    return [f"{k}: {_shown(old.get(k, unset))} → {_shown(new.get(k, unset))}" for k in keys
+            if old.get(k, unset) != new.get(k, unset)
+            and not (k not in old and new.get(k) == schema_default(k, unset))]
+
+
+def schema_default(dotted: str, missing):
+    """The default of a flattened config key (`ppo.max_turns`, `ppo.actor.lora.r`), as JSON; `missing` where
+    the key is not a schema field or has no default (`model`, `data` and stage sections are Config's)."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    from ..config import Config
+
+    model, value = Config, missing
+    for part in dotted.split("."):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return missing
+        if field.default_factory is not None:
+            value = field.default_factory()
+        elif field.default is PydanticUndefined:
+            return missing
+        else:
+            value = field.default
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        elif model is None and part != dotted.split(".")[-1]:
+            return missing
+    return json.loads(json.dumps(value, default=str))
 
 
 def _shown(v) -> str:

@@ -1,4 +1,4 @@
-"""Which model RL starts from when the config names none: the SFT stage's output in a run that has SFT data,
+"""Which model RL (and DPO) starts from when the config names none: the SFT stage's output in a run that has SFT data,
 else the base model (`model.name_or_path`), so RL can start straight from a model (the GSM8K recipe).
 
 The rule reads the config only (never whether some directory happens to exist), so `rlhfkit pipeline`, a
@@ -43,3 +43,19 @@ def actor_source(cfg: Config) -> str:
     if cfg.ppo.actor_model:
         return cfg.ppo.actor_model
     return str(sft_stage_dir(cfg) / "final") if sft_datasets(cfg) else cfg.model.name_or_path
+
+
+def dpo_start_model(cfg: Config) -> str:
+    """dpo.model, else the SFT stage's final model (which must exist) in a run with SFT data, else
+    model.name_or_path: the same rule as RL's, read from the config and not from which directories exist."""
+    from ..errors import ConfigError
+    from .stage_dirs import sft_stage_dir
+
+    if cfg.dpo.model:
+        return cfg.dpo.model
+    if not sft_datasets(cfg):
+        return cfg.model.name_or_path
+    sft_final = sft_stage_dir(cfg) / "final"
+    if not (sft_final / "config.json").is_file():
+        raise ConfigError(f"DPO needs {sft_final} (run `rlhfkit sft` first) or `dpo.model` in the config")
+    return str(sft_final)
