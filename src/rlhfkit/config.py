@@ -517,7 +517,7 @@ class PPOConfig(Section):
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description=(
             "token_mean: Σ over every token / tokens; seq_mean_token_mean: mean over responses of each one's "
-            "token mean (GRPO); seq_mean_token_sum_norm: Σ / (responses · max_new_tokens) (Dr. GRPO)"))
+            "token mean (GRPO); seq_mean_token_sum_norm: Σ / (responses · the episode's token budget: max_new_tokens for one turn) (Dr. GRPO)"))
     dynamic_sampling: bool = Field(False, description=(
         "drop groups whose rewards are all equal (no signal under a group baseline; DAPO)"))
 
@@ -649,7 +649,9 @@ def ppo_world_problems(p: PPOConfig, world: int) -> list[str]:
 
 
 class EvalConfig(Section):
-    """`rlhfkit eval`: the aligned model against the SFT model on held-out prompts, judged by the RM."""
+    """`rlhfkit eval`: the aligned model against the SFT model on held-out prompts, judged by the RM. Where
+    ppo sets tools or an environment, both models run ppo's episodes (tools, environment, max_turns,
+    max_episode_tokens, tool_timeout_s) with these sampling settings per turn (docs/evaluation.md)."""
 
     policy: str | None = Field(None, description=(
         "the model evaluated; default: the aligned stage's final model (ppo/final, or dpo/final)"))
@@ -661,7 +663,9 @@ class EvalConfig(Section):
     prompt_sets: list[str] = Field(default_factory=lambda: ["phase3"], description=(
         "phase3: this run's held-out phase-3 prompts; anything else: a prompt file (jsonl/json/parquet)"))
     max_prompts: int = Field(64, ge=1, description="prompts per set")
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="how both models answer")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description=(
+        "how both models answer; where ppo sets tools or an environment, each turn of the episodes both run "
+        "with ppo's episode settings (docs/evaluation.md)"))
     batch_size: int = Field(8, ge=1, description="prompts per generate() call and per scoring pass")
     dtype: Precision = Field("auto", description=f"precision of both models and the judges; {DTYPE_HELP}")
     decoding: Decoding = Field("auto", description="as ppo.rollout_decoding, for both models' answers")

@@ -15,6 +15,13 @@ lengths and EOS rates; 95% bootstrap intervals over prompts and flags (stats.py,
 Also: perplexity of both models on the phase-1 eval split and RM accuracy on the phase-2 eval pairs.
 A judge whose tokenizer differs from the text's scores the decoded text re-encoded with its own tokenizer
 (ppo.retokenize, as in PPO). Every generation is kept in eval/generations.jsonl; the summary is eval/eval.json.
+
+Where the run's ppo section sets tools or an environment, both models run the RL loop's episodes instead of
+answering once (rollout/episodes.py, with ppo's tools, environment, max_turns, max_episode_tokens and
+tool_timeout_s; eval.sampling per turn): the same prompts, per-prompt seeds and tools. The judges score the
+whole episode as the RL reward does, the environment's reward is the judge `environment`, lengths and KL
+count the model's own tokens, and each set also reports the tool-call rate, valid-call rate and turns per
+episode of both models with paired intervals (episode_statistics); generations.jsonl keeps each episode's turns.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..agents.calls import parse_tool_calls
+from ..agents.environments import load_environment
+from ..agents.tools import load_tools
 from ..config import Config
 from ..data.prepare import load_phase, prepare
 from ..data.readers import iter_file_records
@@ -42,13 +52,14 @@ from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.budget import StageBudget
 from ..models.configs import model_config_for
 from ..train.common import TokenLogprobLM
+from ..rollout.episodes import EpisodeRecord, EpisodeRunner
 from ..rollout.sampling import Rollout, sample_rollouts, sampling_for
-from ..rollout.scoring import RewardScorer, load_reward_model, response_kl, tokenizer_pair
+from ..rollout.scoring import RewardScorer, actor_logprobs, load_reward_model, tokenizer_pair
 from ..train.reward import rm_stage_dir
 from ..train.sft import sft_stage_dir
 from ..train.starts import actor_source
 from ..rewards.sources import build_text_sources, generated_texts
-from .stats import Bootstrap, fmt, fmt_interval, set_statistics
+from .stats import MIN_IDENTIFIABLE_SHARE, Bootstrap, fmt, fmt_interval, set_statistics
 
 
 def eval_dir(cfg: Config) -> Path:
@@ -78,6 +89,7 @@ def policy_start(cfg: Config) -> str:
 
 METRICS = {"gsm8k": "accuracy", "exact": "exact-match rate", "format": "format rate", "regex": "match rate"}
 WEIGHTED_SUM = "weighted_sum"  # the judge that sums the text rewards by weight, when a weight is set
+ENVIRONMENT = "environment"  # the judge that is an episode's reward from ppo.environment
 
 
 def required_fields(sources) -> list[tuple[int, str, str]]:
@@ -162,11 +174,11 @@ class Comparison:
         self.reward_path = self._reward_path()
         # built before any model loads, so a bad source fails in seconds
         self.text_rewards = build_text_sources(e.rewards, setting="eval.rewards")
-        clash = sorted({s.name for s in self.text_rewards} & {"rm", "judge2", WEIGHTED_SUM})
+        taken = {"rm": "a reward-model judge", "judge2": "a reward-model judge",
+                 WEIGHTED_SUM: "the weighted sum of eval.rewards", ENVIRONMENT: "the environment's reward"}
+        clash = sorted({s.name for s in self.text_rewards} & set(taken))
         if clash:
-            raise ConfigError(f"eval.rewards: the name {clash[0]!r} is taken by "
-                              f"{'the weighted sum of eval.rewards' if clash[0] == WEIGHTED_SUM else 'a reward-model judge'}"
-                              "; choose another")
+            raise ConfigError(f"eval.rewards: the name {clash[0]!r} is taken by {taken[clash[0]]}; choose another")
         # a weight only means something in a sum: reported when one is set (it is not ignored)
         self.weighted = any(s.weight != 1.0 for s in self.text_rewards)
         self.tokenizer = load_tokenizer(model_config_for(cfg, self.policy_path))
@@ -182,11 +194,50 @@ class Comparison:
                        **({"judge2": e.second_judge} if e.second_judge else {})}
         self.judges = {name: self._judge(path, dtype) for name, path in judge_paths.items()}
         self.sampling, self.stop_ids = sampling_for(e.sampling, self.tokenizer)
+        self.episodes = self._episode_runner() if cfg.ppo.episodes else None
         self.samples: dict[str, dict] = {}  # per set: each prompt's scores, lengths, EOS and KL (for the pool)
 
     @property
     def judge_names(self) -> list[str]:
-        return list(self.judges) + [s.name for s in self.text_rewards] + ([WEIGHTED_SUM] if self.weighted else [])
+        return (list(self.judges) + [s.name for s in self.text_rewards] + ([WEIGHTED_SUM] if self.weighted else [])
+                + ([ENVIRONMENT] if self.cfg.ppo.environment else []))
+
+    def _episode_runner(self) -> EpisodeRunner:
+        """The RL loop's episodes, for both models: ppo's tools, environment and episode settings, each turn
+        sampled with eval.sampling (so the default budget is 2 × max_turns × eval.sampling.max_new_tokens)."""
+        p, cfg = self.cfg.ppo, self.cfg
+        setting = "ppo.tools" if p.tools else "ppo.environment"
+        if cfg.data.template == "plain" or not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"{setting}: eval runs episodes, which continue a conversation through the tokenizer's "
+                              "chat template, but the prompts are rendered in the plain format (data.template: plain, "
+                              "or a tokenizer without a chat template)")
+        tools = load_tools(p.tools, "ppo.tools")
+        environment = load_environment(p.environment, "ppo.environment") if p.environment else None
+        budget = p.max_episode_tokens or 2 * p.max_turns * self.e.sampling.max_new_tokens
+        try:
+            return EpisodeRunner(self.tokenizer, tools, environment, p.environment, p.max_turns, budget,
+                                 p.tool_timeout_s, cfg.data.system_prompt, self.stop_ids)
+        except ValueError as e:
+            raise ConfigError(f"{setting}: {e}") from None
+
+    def episode_summary(self) -> dict | None:
+        """eval.json's description of the episodes both models ran (None: one reply each)."""
+        if self.episodes is None:
+            return None
+        p = self.cfg.ppo
+        return {"tools": list(self.episodes.tools), "environment": p.environment, "max_turns": p.max_turns,
+                "max_episode_tokens": self.episodes.max_tokens, "tool_timeout_s": p.tool_timeout_s}
+
+    def check_episode_prompts(self, sets: dict[str, list[dict]]) -> None:
+        """Every prompt takes the tools' description (before anything is sampled): a config error naming it."""
+        if self.episodes is None or not self.episodes.tools:
+            return
+        for name, rows in sets.items():
+            for i, row in enumerate(rows):
+                try:
+                    self.episodes.prompt_ids(row["prompt_ids"])
+                except ValueError as e:
+                    raise ConfigError(f"ppo.tools: eval prompt set {name!r}, prompt {i}: {e}") from None
 
     def text_reward_summary(self) -> list[dict]:
         """eval.json's description of each text judge: name, type, weight and what its mean is."""
@@ -199,11 +250,11 @@ class Comparison:
 
     def _reward_path(self) -> str | None:
         """eval.reward_model, else ppo.reward_model, else the RM stage's output; None when none is given or
-        trained and eval.rewards judges alone."""
+        trained and eval.rewards (or ppo.environment's reward) judges alone."""
         e, cfg = self.e, self.cfg
         given = e.reward_model or cfg.ppo.reward_model
         default = rm_stage_dir(cfg) / "final"
-        if given is None and e.rewards and not (default / "config.json").is_file():
+        if given is None and (e.rewards or cfg.ppo.environment) and not (default / "config.json").is_file():
             return None
         return _model_path(given, default, "eval.reward_model (or eval.rewards, to judge by text alone)")
 
@@ -226,8 +277,22 @@ class Comparison:
                                self.sampling, static=self.static[model])
 
     @torch.no_grad()
-    def score_parts(self, parts, metadata: list[dict]) -> dict[str, torch.Tensor]:
+    def run_episodes(self, model, prompts: list[np.ndarray], metadata: list[dict], start: int, where: str):
+        """answer() for episodes: the same per-prompt seeds; `where` names the set and model in an environment's
+        errors. Returns the rollout (as a one-part list) and each episode's record."""
+        seeds = [self.e.seed * 1_000_003 + start + j for j in range(len(prompts))]
+        names = [f"{where} prompt {start + j}" for j in range(len(prompts))]
+        rollout, records = self.episodes.run(model, prompts, metadata, names, seeds, self.e.batch_size,
+                                             self.tokenizer.pad_token_id, self.stop_ids, self.sampling,
+                                             static=self.static[model])
+        return [rollout], records
+
+    @torch.no_grad()
+    def score_parts(self, parts, metadata: list[dict], records: list[EpisodeRecord] | None = None
+                    ) -> dict[str, torch.Tensor]:
         out = {name: torch.cat([judge(p.to(self.device)).float().cpu() for p in parts]) for name, judge in self.judges.items()}
+        if self.cfg.ppo.environment:
+            out[ENVIRONMENT] = torch.tensor([r.environment_reward for r in records], dtype=torch.float32)
         if self.text_rewards:
             prompts = [self._text(p, k, prompt=True) for p in parts for k in range(len(p.lengths))]
             responses = [self._text(p, k) for p in parts for k in range(len(p.lengths))]
@@ -240,16 +305,21 @@ class Comparison:
 
     @torch.no_grad()
     def kl_to_baseline(self, parts) -> torch.Tensor:
+        """[B] Σ log π − log π_ref over the policy's own tokens of each response (of an episode: not what tools
+        or the environment added)."""
         out = []
         for p in parts:  # the samples come from the tempered policy: measure that one
-            kl = response_kl(TokenLogprobLM(self.policy), TokenLogprobLM(self.baseline), p.to(self.device),
-                             self.e.sampling.temperature)
-            out.append(kl.float().cpu())
+            p = p.to(self.device)
+            diff = (actor_logprobs(TokenLogprobLM(self.policy), p, self.e.sampling.temperature)
+                    - actor_logprobs(TokenLogprobLM(self.baseline), p, self.e.sampling.temperature))
+            out.append(torch.where(p.response_mask(), diff, 0.0).sum(1).float().cpu())
         return torch.cat(out)
 
     def compare_set(self, name: str, rows: list[dict], sink, planner: "PromptPlanner | None" = None) -> dict:
-        """Both models answer batch by batch, judged as they go; a planner may stop the set early."""
+        """Both models answer (or run their episodes) batch by batch, judged as they go; a planner may stop the
+        set early."""
         pol, base, scored, kls, metas = [], [], [], [], []
+        records: dict[str, list[EpisodeRecord]] = {"final": [], "sft": []}
         for i in range(0, len(rows), self.e.batch_size):
             if planner is not None and i >= planner.cap:
                 break
@@ -257,26 +327,39 @@ class Comparison:
             chunk = [r["prompt_ids"] for r in rows[i:i + self.e.batch_size]]
             metadata = [r.get("metadata", {}) for r in rows[i:i + self.e.batch_size]]
             metas += metadata
-            p, b = self.answer(self.policy, chunk, i), self.answer(self.baseline, chunk, i)
+            if self.episodes is None:
+                p, b, p_rec, b_rec = self.answer(self.policy, chunk, i), self.answer(self.baseline, chunk, i), [], []
+            else:
+                p, p_rec = self.run_episodes(self.policy, chunk, metadata, i, f"{name} (final)")
+                b, b_rec = self.run_episodes(self.baseline, chunk, metadata, i, f"{name} (sft)")
             pol, base = pol + p, base + b
-            scored.append((self.score_parts(p, metadata), self.score_parts(b, metadata)))
+            records["final"] += p_rec
+            records["sft"] += b_rec
+            scored.append((self.score_parts(p, metadata, p_rec), self.score_parts(b, metadata, b_rec)))
             kls.append(self.kl_to_baseline(p))
             if planner is not None:
                 planner.timed(len(chunk), time.perf_counter() - t0)
         pol_scores = {j: torch.cat([s[0][j] for s in scored]) for j in self.judge_names}
         base_scores = {j: torch.cat([s[1][j] for s in scored]) for j in self.judge_names}
         kl = torch.cat(kls)
-        lengths = {label: torch.cat([p.response_lengths for p in parts]) for label, parts in (("final", pol), ("sft", base))}
+        # the model's own tokens (of an episode: not what tools or the environment added)
+        lengths = {label: torch.cat([p.response_mask().sum(1) for p in parts]) for label, parts in (("final", pol), ("sft", base))}
         samples = {"final": {j: v.numpy() for j, v in pol_scores.items()},
                    "sft": {j: v.numpy() for j, v in base_scores.items()},
                    "final_length": lengths["final"].numpy(), "sft_length": lengths["sft"].numpy(),
                    "final_ended": torch.cat([p.ended for p in pol]).numpy(),
                    "sft_ended": torch.cat([p.ended for p in base]).numpy(), "kl": kl.numpy()}
+        if self.episodes is not None:
+            for side, recs in records.items():
+                for key in EPISODE_COUNTS:
+                    samples[f"{side}_{key}"] = np.array([getattr(r, key) for r in recs], dtype=float)
         self.samples[name] = samples
         stats = summarize(samples, self.e.seed)
         i = 0
         for pp, bp in zip(pol, base):
             for k in range(len(pp.lengths)):
+                episodes = {} if self.episodes is None else {
+                    f"{side}_episode": self._episode(r, k, records[side][i]) for side, r in (("sft", bp), ("final", pp))}
                 sink.write(json.dumps({
                     "set": name, "index": i, "prompt": self._text(pp, k, prompt=True), "metadata": metas[i],
                     "sft": self._text(bp, k), "final": self._text(pp, k),
@@ -284,9 +367,32 @@ class Comparison:
                     **{f"{j}_final": float(pol_scores[j][i]) for j in self.judge_names},
                     "kl_to_sft": float(kl[i]), "final_length": int(lengths["final"][i]),
                     "sft_length": int(lengths["sft"][i]), "final_ended": bool(pp.ended[k]), "sft_ended": bool(bp.ended[k]),
+                    **episodes,
                 }) + "\n")
                 i += 1
         return stats
+
+    def _episode(self, r: Rollout, k: int, record: EpisodeRecord) -> dict:
+        """An episode for generations.jsonl: its counts, how it ended, and its turns in order, each {role, text}:
+        `model` (its own tokens, special tokens dropped; `calls` is how many tool calls it wrote), then what
+        followed it as the template wrote it (special tokens kept): `tool` after a turn with calls, else
+        `environment`."""
+        n = int(r.response_lengths[k])
+        ids = r.input_ids[k, int(r.prompt_lens[k]):int(r.prompt_lens[k]) + n].tolist()
+        own = r.response_mask()[k, :n].tolist()
+        turns, start = [], 0
+        for end in range(1, n + 1):
+            if end == n or own[end] != own[start]:
+                if own[start]:
+                    text = self.tokenizer.decode(ids[start:end], skip_special_tokens=True)
+                    calls = len(parse_tool_calls(text)) if self.episodes.tools else 0
+                    turns.append({"role": "model", "text": text, "calls": calls})
+                else:
+                    role = "tool" if turns and turns[-1]["calls"] else "environment"
+                    turns.append({"role": role, "text": self.tokenizer.decode(ids[start:end])})
+                start = end
+        return {"turns": record.turns, "calls": record.calls, "valid_calls": record.valid_calls,
+                "errors": dict(record.errors), "end": record.end, "messages": turns}
 
     def _text(self, r, k: int, prompt: bool = False) -> str:
         pl, n = int(r.prompt_lens[k]), int(r.lengths[k])
@@ -332,14 +438,58 @@ class Comparison:
 
 def summarize(samples: dict, seed: int) -> dict:
     """A prompt set's figures from its per-prompt samples: lengths, EOS rates, and every judge's statistics
-    with paired bootstrap intervals over its prompts."""
+    with paired bootstrap intervals over its prompts; the episodes' figures where the models ran episodes."""
     stats = {"prompts": len(samples["kl"])}
     for label in ("final", "sft"):
         stats[f"{label}_length"] = float(np.mean(samples[f"{label}_length"]))
         stats[f"{label}_eos_rate"] = float(np.mean(samples[f"{label}_ended"]))
     stats.update(set_statistics(samples["final"], samples["sft"], samples["final_length"], samples["sft_length"],
                                 samples["kl"], Bootstrap(seed=seed)))
+    if "final_turns" in samples:
+        stats.update(episode_statistics({side: {k: samples[f"{side}_{k}"] for k in EPISODE_COUNTS}
+                                         for side in ("final", "sft")}, Bootstrap(seed=seed)))
     return stats
+
+
+EPISODE_COUNTS = ("turns", "calls", "valid_calls")  # per episode, from its EpisodeRecord
+# name → what it is, for the console and the report
+EPISODE_FIGURES = {"tool_call_rate": "tool-call rate", "valid_call_rate": "valid-call rate",
+                   "turns_per_episode": "turns per episode"}
+
+
+def episode_figures(counts: dict[str, np.ndarray], idx: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each figure of EPISODE_FIGURES on the episodes (idx None), or on each resample of them (idx [R, n]):
+    the share of episodes with a tool call, valid calls / calls (NaN where there is no call), mean turns."""
+    pick = (lambda x: x) if idx is None else (lambda x: x[idx])
+    calls, valid, turns = pick(counts["calls"]), pick(counts["valid_calls"]), pick(counts["turns"])
+    total = calls.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(total > 0, valid.sum(axis=-1) / total, np.nan)
+    return {"tool_call_rate": (calls > 0).mean(axis=-1), "valid_call_rate": rate, "turns_per_episode": turns.mean(axis=-1)}
+
+
+def episode_statistics(counts: dict[str, dict[str, np.ndarray]], boot: Bootstrap) -> dict:
+    """counts[side][key]: per-episode EPISODE_COUNTS of each model (final, sft), episode i of both on prompt i.
+    Per figure: each model's value and the difference final − SFT, with percentile-bootstrap intervals over
+    the same resampled prompts as the judges' (paired). The valid-call rate is a ratio of sums: None where a
+    model made no call, and an interval only where at least MIN_IDENTIFIABLE_SHARE of the resamples hold a
+    call (of both models, for the difference)."""
+    idx = boot.indices(len(counts["final"]["turns"]))
+    point = {side: episode_figures(c, None) for side, c in counts.items()}
+    draws = {side: episode_figures(c, idx) for side, c in counts.items()} if idx is not None else None
+    out = {}
+    for fig in EPISODE_FIGURES:
+        values = {side: float(point[side][fig]) for side in ("final", "sft")}
+        values["diff"] = values["final"] - values["sft"]
+        resampled = None if draws is None else {"final": draws["final"][fig], "sft": draws["sft"][fig],
+                                               "diff": draws["final"][fig] - draws["sft"][fig]}
+        for key, value in values.items():
+            usable = None if resampled is None else resampled[key][~np.isnan(resampled[key])]
+            ci = (boot.interval(usable) if usable is not None and len(usable) >= MIN_IDENTIFIABLE_SHARE * len(idx)
+                  else None)
+            name = f"{fig}_diff" if key == "diff" else f"{key}_{fig}"
+            out[name], out[f"{name}_ci"] = (None, None) if np.isnan(value) else (value, ci)
+    return out
 
 
 def pooled_samples(per_set: dict[str, dict]) -> dict:
@@ -410,9 +560,10 @@ def run_eval(cfg: Config, show_progress: bool = True, budget: StageBudget | None
     (out_dir / "plan.json").unlink(missing_ok=True)
     renderer = Renderer(cmp.tokenizer, cfg.data)
     sets = prompt_sets(cfg, renderer)
+    cmp.check_episode_prompts(sets)
     results: dict = {"policy": cmp.policy_path, "baseline": cmp.baseline_path, "reward_model": cmp.reward_path,
                      "second_judge": cfg.eval.second_judge, "judges": cmp.judge_names,
-                     "text_rewards": cmp.text_reward_summary(),
+                     "text_rewards": cmp.text_reward_summary(), "episodes": cmp.episode_summary(),
                      "sampling": cfg.eval.sampling.model_dump(), "sets": {}}
     # The baseline's perplexity and the judge's accuracy on these very splits are what the SFT and RM stages
     # measured last (same model, same rows, same precision): read them instead of computing them again.
@@ -469,8 +620,12 @@ def judge_note(results: dict) -> str:
     text = results.get("text_rewards") or []
     rewards = ", ".join(f"{t['name']} = {t['metric']}" + (f" ({t['type']})" if t["type"] not in ("sum",) else "")
                         for t in text)
+    environment = (results.get("episodes") or {}).get("environment")
     if "reward_model" in results and results["reward_model"] is None:
-        return (f"judged by eval.rewards alone: {rewards}. No reward model was given or trained "
+        judged = ("eval.rewards" if not environment else
+                  f"the environment's reward ({ENVIRONMENT} = {environment}'s reward per episode)"
+                  + (" and eval.rewards" if text else ""))
+        return (f"judged by {judged} alone{': ' + rewards if text else ''}. No reward model was given or trained "
                 "(eval.reward_model, ppo.reward_model, the RM stage), so there are no rm scores and no rm_accuracy.")
     return f"text rewards: {rewards}" if text else ""
 
@@ -494,7 +649,24 @@ def format_table(results: dict) -> str:
     if results.get("rm_accuracy_ci"):
         extra[-1] += f" {fmt_interval(results['rm_accuracy_ci'], '.3f')} on {results['rm_accuracy_pairs']} pairs"
     note = judge_note(results)
-    return "\n".join(lines + ["  ".join(extra)] + ([note] if note else []) + interval_lines(results, judges))
+    episodes = [episode_note(results["episodes"])] if results.get("episodes") else []
+    return "\n".join(lines + ["  ".join(extra)] + ([note] if note else []) + episodes + interval_lines(results, judges))
+
+
+def episode_note(episodes: dict) -> str:
+    """What both models ran: "episodes: tools calculator, up to 3 turns and 448 tokens each (ppo's episode
+    settings); …"."""
+    parts = ([f"tools {', '.join(episodes['tools'])}"] if episodes["tools"] else []) + (
+        [f"environment {episodes['environment']}"] if episodes["environment"] else [])
+    return (f"episodes: {', '.join(parts)}, up to {episodes['max_turns']} turns and {episodes['max_episode_tokens']} "
+            "tokens each (ppo's episode settings); lengths and KL count the model's own tokens")
+
+
+def episode_figure_text(s: dict, fig: str) -> str:
+    """"tool-call rate final 0.50 [0.25, 0.75] vs SFT 0.12 [0.00, 0.31], diff +0.375 [+0.125, +0.625]"."""
+    return (f"{EPISODE_FIGURES[fig]} final {fmt(s[f'final_{fig}'], '.2f')} {fmt_interval(s[f'final_{fig}_ci'], '.2f')} "
+            f"vs SFT {fmt(s[f'sft_{fig}'], '.2f')} {fmt_interval(s[f'sft_{fig}_ci'], '.2f')}, "
+            f"diff {fmt(s[f'{fig}_diff'])} {fmt_interval(s[f'{fig}_diff_ci'])}")
 
 
 def interval_lines(results: dict, judges: list[str]) -> list[str]:
@@ -512,5 +684,7 @@ def interval_lines(results: dict, judges: list[str]) -> list[str]:
                          f"{fmt(s[f'{j}_gain_at_equal_length'])} {fmt_interval(s[f'{j}_gain_at_equal_length_ci'])}")
         lines.append(f"{name}: KL to SFT {fmt(s['kl_to_sft'], '.3f')} {fmt_interval(s['kl_to_sft_ci'], '.3f')} nats, "
                      f"length final − SFT {fmt(s['length_diff'], '+.1f')} {fmt_interval(s['length_diff_ci'], '+.1f')} tokens")
+        if "final_turns_per_episode" in s:
+            lines.append(f"{name} episodes: " + "; ".join(episode_figure_text(s, fig) for fig in EPISODE_FIGURES))
         lines += [f"{name} flag {f['flag']}: {f['reason']}" for f in s["flags"]]
     return lines

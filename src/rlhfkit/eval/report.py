@@ -1,6 +1,7 @@
 """The run report: one self-contained HTML file (plots embedded as PNG) with every stage's curves, the
-eval table and SFT vs final responses side by side, each after its prompt's turns. Written to
-<run>/report.html."""
+eval table and SFT vs final responses side by side, each after its prompt's turns; where eval ran episodes,
+the episodes' figures and each episode as its turns (tool calls marked, tool results and the environment's
+messages set apart). Written to <run>/report.html."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 
+from ..agents.calls import CALL_CLOSE, CALL_OPEN
 from ..paths import write_text_atomic
 from ..tracking import read_metrics
-from .compare import judge_label, judge_note, judges_of, result_rows
+from .compare import EPISODE_FIGURES, episode_note, judge_label, judge_note, judges_of, result_rows
 from .stats import fmt, fmt_interval
 from .turns import Separators, prompt_turns, run_separators
 
@@ -109,6 +112,53 @@ def _interval_table(results: dict) -> str:
     return f'<table id="eval-intervals">{head}{"".join(rows)}</table>{note}{flag_list}'
 
 
+def _episode_table(results: dict) -> str:
+    """Per set: the tool-call rate, valid-call rate and turns per episode of each model and their difference,
+    with their intervals."""
+    if not results.get("episodes"):
+        return ""
+    cols = ["set", "figure", "SFT", "final", "final − SFT"]
+    rows = []
+    for name, s in result_rows(results).items():
+        for fig, label in EPISODE_FIGURES.items():
+            cells = [name, label, f"{fmt(s[f'sft_{fig}'], '.2f')} {fmt_interval(s[f'sft_{fig}_ci'], '.2f')}",
+                     f"{fmt(s[f'final_{fig}'], '.2f')} {fmt_interval(s[f'final_{fig}_ci'], '.2f')}",
+                     f"{fmt(s[f'{fig}_diff'])} {fmt_interval(s[f'{fig}_diff_ci'])}"]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    note = (f"<p>{html.escape(episode_note(results['episodes']))}. Tool-call rate: share of episodes with a tool "
+            "call; valid-call rate: calls that returned a result / calls (n/a without a call).</p>")
+    return f'<h3>Episodes</h3><table id="eval-episodes">{head}{"".join(rows)}</table>{note}'
+
+
+_CALL = re.compile(re.escape(CALL_OPEN) + ".*?(?:" + re.escape(CALL_CLOSE) + "|$)", re.DOTALL)
+_ROLE_LABELS = {"model": "model", "tool": "tool result", "environment": "environment"}
+
+
+def _episode(episode: dict) -> str:
+    """An episode as its turns: the model's (each tool call marked), then what a tool or the environment added."""
+    blocks = []
+    for m in episode["messages"]:
+        text = m["text"]
+        if m["role"] == "model":  # escaped piece by piece, so that only the calls are marked
+            pieces, at = [], 0
+            for call in _CALL.finditer(text):
+                pieces += [html.escape(text[at:call.start()]), f'<mark class="call">{html.escape(call.group(0))}</mark>']
+                at = call.end()
+            body = "".join(pieces) + html.escape(text[at:])
+        else:
+            body = html.escape(text)
+        blocks.append(f'<div class="turn {m["role"]}"><span class="role">{_ROLE_LABELS[m["role"]]}</span>'
+                      f'<pre>{body}</pre></div>')
+    return "".join(blocks)
+
+
+def _episode_counts(episode: dict) -> str:
+    errors = "".join(f", {n} {kind}" for kind, n in sorted(episode["errors"].items()))
+    return (f"{episode['turns']} turns, {episode['calls']} calls, {episode['valid_calls']} valid{errors}; "
+            f"ended: {episode['end']}")
+
+
 def _samples(generations: Path, seps: Separators | None) -> str:
     if not generations.is_file():
         return ""
@@ -119,11 +169,17 @@ def _samples(generations: Path, seps: Separators | None) -> str:
         if shown.get(g["set"], 0) >= SAMPLES_PER_SET:
             continue
         shown[g["set"]] = shown.get(g["set"], 0) + 1
+        sides = []
+        for side, label in (("sft", "SFT"), ("final", "final")):
+            episode = g.get(f"{side}_episode")
+            if episode is None:
+                sides.append(f'<div><h4>{label} ({_scores(g, side)})</h4><pre>{html.escape(g[side])}</pre></div>')
+            else:
+                sides.append(f'<div class="episode"><h4>{label} ({_scores(g, side)}; '
+                             f'{html.escape(_episode_counts(episode))})</h4>{_episode(episode)}</div>')
         blocks.append(
             f'<div class="sample"><div class="prompt"><b>{html.escape(g["set"])} #{g["index"]}</b>'
-            f'{_prompt(g["prompt"], seps)}</div>'
-            f'<div class="pair"><div><h4>SFT ({_scores(g, "sft")})</h4><pre>{html.escape(g["sft"])}</pre></div>'
-            f'<div><h4>final ({_scores(g, "final")})</h4><pre>{html.escape(g["final"])}</pre></div></div></div>')
+            f'{_prompt(g["prompt"], seps)}</div><div class="pair">{"".join(sides)}</div></div>')
     return "".join(blocks)
 
 
@@ -149,7 +205,9 @@ th{background:#eef}td:first-child{text-align:left}img{max-width:100%;margin:6px 
 .pair{display:flex;gap:12px}.pair>div{flex:1;background:#f6f6f6;padding:6px}
 pre{white-space:pre-wrap;font-size:12px;margin:4px 0}.sample{border-top:1px solid #ddd;margin:10px 0;padding-top:6px}
 .turn{margin:4px 0;padding:2px 8px;border-left:3px solid #99c}.turn.assistant{border-left-color:#9c9}
-.turn.system{border-left-color:#bbb}.role{font-size:11px;color:#666;text-transform:uppercase}"""
+.turn.system{border-left-color:#bbb}.role{font-size:11px;color:#666;text-transform:uppercase}
+.turn.model{border-left-color:#9c9}.turn.tool{border-left-color:#c96;background:#fff6ee}
+.turn.environment{border-left-color:#96c;background:#f6f0ff}mark.call{background:#fde68a}"""
 
 
 def build_report(run_dir: Path) -> Path:
@@ -164,7 +222,7 @@ def build_report(run_dir: Path) -> Path:
     if results_file.is_file():
         results = json.loads(results_file.read_text())
         parts += ["<h2>Evaluation: final vs SFT</h2>", _eval_table(results), _interval_table(results),
-                  "<h2>Sample responses</h2>", _samples(run_dir / "eval" / "generations.jsonl", run_separators(run_dir))]
+                  _episode_table(results), "<h2>Sample responses</h2>", _samples(run_dir / "eval" / "generations.jsonl", run_separators(run_dir))]
     else:
         parts.append("<p>No evaluation yet (run <code>rlhfkit eval</code>).</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit report</title>"
