@@ -105,12 +105,22 @@ def test_check_runs_the_stages_own_checks(tmp_path):
     assert len(problems) == 1 and problems[0].startswith("ppo.reward.sources[0].function: file ")
 
 
+def test_check_loads_the_tools_and_the_environment(tmp_path):
+    """A tool or environment that would not load is named before the run starts, as a reward function is."""
+    tools = tmp_path / "my_tools.py"
+    tools.write_text('def ok() -> str:\n    """Fine."""\n    return "ok"\n')
+    episodes = ["ppo.advantage=grpo", "ppo.n_samples_per_prompt=2", "ppo.critic={}", "ppo.max_turns=2"]
+    bad = load_config(REPO / "configs" / "tiny.yaml", episodes + [f"ppo.tools=[calculator, '{tmp_path / 'gone.py'}:f']",
+                                                                  f"ppo.environment='{tools}:Maze'"])
+    assert check_config(bad, 1) == [f"ppo.tools[1]: file {tmp_path / 'gone.py'} not found (relative paths start at "
+                                    f"{Path.cwd()})", f"ppo.environment: {tools} has no function 'Maze'"]
+    good = load_config(REPO / "configs" / "tiny.yaml", episodes + [f"ppo.tools=[calculator, '{tools}:ok']",
+                                                                   "ppo.environment=guess_number"])
+    assert check_config(good, 1) == []
+
+
 def test_check_names_a_gguf_type_the_models_architecture_cannot_take(tmp_path):
     """The export stage's check (export.gguf_export_problem), from the model's config.json, before any training."""
-    from rlhfkit import export
-
-    if not hasattr(export, "gguf_export_problem"):
-        pytest.skip("export.gguf_export_problem has not landed yet")
     (tmp_path / "qwen").mkdir()
     (tmp_path / "qwen" / "config.json").write_text('{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}')
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.name_or_path={tmp_path / 'qwen'}", "export.gguf=q8_0"])

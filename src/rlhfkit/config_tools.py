@@ -114,9 +114,11 @@ def _yaml_value(value) -> str:
 def check_config(cfg: Config, world_size: int = 1) -> list[str]:
     """Every problem the run would meet at a stage's start that the config alone shows, each starting with
     the key it concerns: batch sizes against `world_size` processes, sampling, the time budget, reward
-    functions, data and prompt files, and the GGUF export type against the model's architecture. Loads no
-    model weights."""
-    from . import export
+    functions, tools and the environment, data and prompt files, and the GGUF export type against the model's
+    architecture. Loads no model weights."""
+    from .agents.environments import load_environment
+    from .agents.tools import load_tools
+    from .export import gguf_export_problem
     from .pipeline import ALL_STAGES, check_budget, stages_for
     from .rewards.sources import build_text_sources
     from .rollout.sampling import check_ppo_sampling
@@ -135,14 +137,17 @@ def check_config(cfg: Config, world_size: int = 1) -> list[str]:
         checks.append(lambda: check_budget(cfg, stages))
     if "eval" in stages:
         checks.append(lambda: build_text_sources(cfg.eval.rewards, setting="eval.rewards"))
+    if {"ppo", "eval"} & set(stages):  # both run the episodes
+        checks.append(lambda: load_tools(cfg.ppo.tools, "ppo.tools"))
+        if cfg.ppo.environment:
+            checks.append(lambda: load_environment(cfg.ppo.environment, "ppo.environment"))
     for check in checks:
         try:
             check()
         except ConfigError as e:
             problems.append(str(e))
-    gguf_problem = getattr(export, "gguf_export_problem", None)  # written by the export helper (issue 20)
-    if gguf_problem is not None and "export" in stages:
-        problem = gguf_problem(cfg)
+    if "export" in stages:
+        problem = gguf_export_problem(cfg)
         if problem:
             problems.append(problem)
     return problems
