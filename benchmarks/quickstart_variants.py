@@ -33,6 +33,8 @@ VARIANTS = {
     "rloo-no-eos-penalty": [*RLOO, "ppo.missing_eos_penalty=null"],
     "rloo-lr1e-4": [*RLOO, "ppo.actor.learning_rate=1e-4"],
     "reinforce_pp": ["ppo.advantage=reinforce_pp", "ppo.critic={}"],
+    # room for a longer reply that still ends (the RM prefers length; a reply cut at the limit is penalised)
+    "rloo-96-tokens": [*RLOO, "ppo.sampling.max_new_tokens=96", "eval.sampling.max_new_tokens=96"],
 }
 
 
