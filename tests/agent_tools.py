@@ -47,3 +47,15 @@ class FailingEnvironment:
         if self.steps == 2 and self.number == 25:
             raise KeyError("door")
         return [{"role": "user", "content": "Once more."}], 0.5, self.steps == 2
+
+
+class NarratingEnvironment(FailingEnvironment):
+    """FailingEnvironment's two steps, each answered with a user message, except the 25th episode's first: a
+    message with the role 'narrator', which a chat template that knows only system, user and assistant refuses."""
+
+    episodes = 0
+
+    def step(self, assistant_message):
+        self.steps += 1
+        role = "narrator" if self.steps == 1 and self.number == 25 else "user"
+        return [{"role": role, "content": "Once more."}], 0.5, self.steps == 2

@@ -1,5 +1,6 @@
 """Multi-turn episodes in the RL loop (issue 21): the action mask, kept ids and the sampler's log-probs, tool
-failures as observations, a failing environment, learning to call a tool, exact resume and 2 processes.
+failures as observations, a failing environment, chat templates that refuse tool or
+environment messages, learning to call a tool, exact resume and 2 processes.
 
 The model is tiny-random with added tokens, each the whole text of one tool call (several spellings of each,
 differing in spaces): a random model calls a tool by sampling one token, as often as the number of
@@ -29,7 +30,7 @@ from rlhfkit.train.common import TokenLogprobLM
 from rlhfkit.train.ppo.experience import LOGP_REUSE_MAX_ABS_DIFF, OwnTokens, make_experience
 from test_grpo import SHARE_OF_A
 from test_ppo import metrics
-from test_training import kill_when, run_ok, synthetic_pairs
+from test_training import cli, kill_when, run_ok, synthetic_pairs
 
 TOOLS = REPO / "tests" / "agent_tools.py"
 SECRET = "zebra-quartz-7421"  # agent_tools.lookup's answer
@@ -350,3 +351,60 @@ def test_an_environment_that_raises_stops_the_run_checkpointed_and_it_resumes(tm
     assert len(metrics(run, "reward/environment")) == 2 and metrics(run, "episode/turns")[0] == 2.0
     out = run_ok(["ppo", str(cfg), "--no-progress"])  # a new process: steps 3 and 4 and the final eval make 24
     assert "resumed at step 2" in out and (run / "ppo" / "final" / "model.safetensors").is_file()
+
+
+# --- chat templates that refuse a message ---------------------------------------------------------
+
+# ChatML that refuses every role but system, user and assistant, as Llama-2's, Gemma's and Mistral's templates
+# refuse roles they do not take (with raise_exception)
+STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                   "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
+                   "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def strict_model(out: Path) -> Path:
+    """tiny-random with STRICT_TEMPLATE as its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model_dir("tiny-random", ModelConfig(name_or_path="tiny-random"))
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.chat_template = STRICT_TEMPLATE
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_tools_with_a_template_that_refuses_tool_messages_are_refused_at_start(tmp_path, prompts_file):
+    """Tool results are messages with the role 'tool': a template that refuses them would pass start-up and
+    stop the run at the first call. It is refused before anything is trained, naming the setting and template."""
+    model_dir = strict_model(tmp_path / "strict")
+    p = cli(["ppo", str(tools_config(tmp_path, model_dir, prompts_file, steps=1)), "--no-progress"])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert (f"ppo.tools: tools answer the model in messages with the role 'tool', and the chat template of "
+            f"'{model_dir}' refuses messages with the roles 'user', 'assistant', 'tool', 'tool': TemplateError: "
+            "Unknown role: tool; use a model whose chat template takes tool messages") in out, out[-3000:]
+    assert not (tmp_path / "run" / "ppo" / "checkpoints").exists()
+
+
+def test_an_environment_message_the_template_refuses_stops_the_run_checkpointed(tmp_path, prompts_file):
+    """agent_tools.NarratingEnvironment's 25th episode in a process answers its first step with a 'narrator'
+    message, in step 3 (after the first eval's 8 episodes and two steps of 8): the run stops with a message
+    naming the environment, the episode and the template's refusal, without a traceback, checkpointed at step 2."""
+    env = f"{TOOLS}:NarratingEnvironment"
+    cfg = tools_config(tmp_path, strict_model(tmp_path / "strict"), prompts_file, tools=[], environment=env,
+                       max_turns=2, n_samples_per_prompt=2, rollout_batch_size=4, steps=4, eval_every=0,
+                       max_episode_tokens=48,
+                       reward={"sources": [{"type": "python", "function": SHARE_OF_A, "name": "share_of_a"}]},
+                       actor={"learning_rate": 1e-3, "micro_batch_size": 8})
+    p = cli(["ppo", str(cfg), "--no-progress"])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert (f"ppo: step 3: environment '{env}', episode prompt" in out
+            and "step 1: its messages cannot follow the model's turn: the chat template of" in out
+            and "refuses messages with the roles 'user', 'assistant', 'narrator': TemplateError: Unknown role: "
+                "narrator; the run is checkpointed at step 2" in out), out[-3000:]
+    run = tmp_path / "run"
+    assert (run / "ppo" / "checkpoints" / "step-0000002" / "COMPLETE").is_file()
+    assert len(metrics(run, "reward/environment")) == 2

@@ -10,7 +10,9 @@ model's own ids are marked for the loss; the rest is context.
 
 from __future__ import annotations
 
-from .calls import template_takes_tools, with_tool_instructions
+from jinja2 import TemplateError
+
+from .calls import template_takes_tools, tool_message, with_tool_instructions
 
 # a conversation whose rendering marks where an assistant message's content ends
 _USER, _ASSISTANT = "rlhfkit-probe-user", "rlhfkit-probe-assistant"
@@ -33,6 +35,20 @@ class EpisodeTokens:
         self.own += [False] * len(ids)
 
 
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> str:
+    """The chat template's text of `messages` (with `tools=` where given). A template that refuses them (jinja2's
+    TemplateError: a role it does not take, raised with raise_exception, or its own syntax error) is a ValueError
+    naming the template and the roles, as the other reasons an episode cannot be rendered are."""
+    kwargs = {"tools": tools} if tools else {}
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except TemplateError as e:
+        roles = ", ".join(repr(m.get("role")) for m in messages)
+        raise ValueError(f"the chat template of {tokenizer.name_or_path!r} refuses messages with the roles {roles}: "
+                         f"{type(e).__name__}: {e}") from None
+
+
 def continuation_ids(tokenizer, messages: list[dict], turn_ended_with: str = "", tools: list[dict] | None = None
                      ) -> list[int]:
     """The ids to append after a finished model turn so that the model goes on: the text the chat template
@@ -42,11 +58,10 @@ def continuation_ids(tokenizer, messages: list[dict], turn_ended_with: str = "",
     the turn stopped before it. tools: the schemas passed to the template (None for none).
 
     Rendered around a fixed probe conversation, so the model's own text is never encoded. ValueError where the
-    template renders the probe differently once more messages follow (it cannot be continued this way) or
-    does not write `turn_ended_with` after the content."""
-    kwargs = {"tools": tools} if tools else {}
-    base = tokenizer.apply_chat_template(_PROBE, tokenize=False, **kwargs)
-    full = tokenizer.apply_chat_template(_PROBE + messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    template refuses the messages (render), renders the probe differently once more messages follow (it cannot
+    be continued this way) or does not write `turn_ended_with` after the content."""
+    base = render(tokenizer, _PROBE, False, tools)
+    full = render(tokenizer, _PROBE + messages, True, tools)
     at = base.rfind(_ASSISTANT)
     end = at + len(_ASSISTANT)
     if at < 0 or full[:end] != base[:end]:
@@ -75,13 +90,19 @@ class EpisodeTemplate:
       template's end of turn follows it.
 
     Only template text is encoded; a prompt that does not hold the expected ids (its own system message, a
-    prompt cut at max_prompt_len) is a ValueError saying so."""
+    prompt cut at max_prompt_len) is a ValueError saying so. With tools, the template must render tool
+    messages after a model turn: one that refuses them (many refuse roles they do not know) is a ValueError
+    here rather than at the first call."""
 
     def __init__(self, tokenizer, schemas: list[dict], system_prompt: str | None, stop_ids: list[int]):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("episodes go through the tokenizer's chat template, and this tokenizer has none")
         self.tok = tokenizer
-        self.tools = schemas if schemas and template_takes_tools(tokenizer) else None
+        try:
+            self.tools = schemas if schemas and template_takes_tools(tokenizer) else None
+        except TemplateError as e:
+            raise ValueError(f"the chat template of {tokenizer.name_or_path!r} refuses a user's message (with a "
+                             f"probe tool or without): {type(e).__name__}: {e}") from None
         conversation = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": _USER}]
         plain = self._render(conversation, add_generation_prompt=True, tools=None)
@@ -102,6 +123,13 @@ class EpisodeTemplate:
         self._generation_prompt = self._encode(with_prompt[len(self._open):])
         probe = [{"role": "user", "content": _USER}]
         continuation_ids(tokenizer, probe, "", self.tools)  # a template that cannot be continued says so now
+        if schemas:  # tools answer in tool messages, one per call: a template that refuses them says so now
+            name = schemas[0]["function"]["name"]
+            try:
+                continuation_ids(tokenizer, [tool_message(name, "1"), tool_message(name, "2")], "", self.tools)
+            except ValueError as e:
+                raise ValueError(f"tools answer the model in messages with the role 'tool', and {e}; use a model "
+                                 "whose chat template takes tool messages") from None
         self.turn_end: dict[int, str] = {}
         for stop in stop_ids:
             text = tokenizer.decode([stop])
@@ -134,9 +162,7 @@ class EpisodeTemplate:
                                 self.tools)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> str:
-        kwargs = {"tools": tools} if tools else {}
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                            **kwargs)
+        return render(self.tok, messages, add_generation_prompt, tools)
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]

@@ -49,8 +49,8 @@ class EpisodeRecord:
 
 
 class _Episode:
-    def __init__(self, ids: list[int], seed: int, budget: int, env: EnvironmentEpisode | None):
-        self.tokens, self.seed, self.budget, self.env = EpisodeTokens(ids), seed, budget, env
+    def __init__(self, ids: list[int], name: str, seed: int, budget: int, env: EnvironmentEpisode | None):
+        self.tokens, self.name, self.seed, self.budget, self.env = EpisodeTokens(ids), name, seed, budget, env
         self.logprobs: list[float] = []  # one per token after the prompt, 0 on added ones
         self.record = EpisodeRecord()
         self.live, self.ended, self.stop, self.calls = True, False, None, []
@@ -84,7 +84,8 @@ class EpisodeRunner:
     def run(self, model, prompts: list, metadata: list[dict], names: list[str], seeds: list[int], batch_size: int,
             pad_id: int, stop_ids: list[int], sampling: SamplingConfig, return_logprobs: bool = False,
             static: StaticDecoder | None = None) -> tuple[Rollout, list[EpisodeRecord]]:
-        """One episode per prompt; names[i] names episode i in an environment's errors (EpisodeError)."""
+        """One episode per prompt; names[i] names episode i in its errors (EpisodeError: an environment failed, or
+        the chat template refused an environment's or the tools' messages)."""
         episodes = [self._start(*args) for args in zip(prompts, metadata, names, seeds)]
         for turn in range(self.max_turns):
             live = [e for e in episodes if e.live]
@@ -109,7 +110,7 @@ class EpisodeRunner:
             except ValueError as e:
                 raise EpisodeError(f"environment {self.environment_name!r}, episode {name}, reset: its opening "
                                    f"messages cannot follow the prompt: {e}") from None
-        return _Episode(ids, seed, self.max_tokens, env)
+        return _Episode(ids, name, seed, self.max_tokens, env)
 
     def _take_turn(self, e: _Episode, gen, row: int, last: bool) -> None:
         ids = gen.response_ids[row, :int(gen.response_lengths[row])].tolist()
@@ -135,7 +136,8 @@ class EpisodeRunner:
             elif last:
                 e.finish("max_turns")
             else:
-                self._add(e, messages)
+                self._add(e, messages, f"environment {self.environment_name!r}, episode {e.name}, step {e.env.steps}: "
+                                       "its messages")
         else:
             e.finish("answer")
 
@@ -151,14 +153,19 @@ class EpisodeRunner:
             e.record.calls += len(answers)
             e.record.valid_calls += sum(o.error is None for o in answers)
             e.record.errors.update(o.error for o in answers if o.error is not None)
-            self._add(e, [o.message for o in answers])
+            self._add(e, [o.message for o in answers], f"episode {e.name}, turn {e.record.turns}: the tool results")
 
-    def _add(self, e: _Episode, messages: list[dict]) -> None:
-        """The template's continuation after the model's turn, unless it leaves no room for another turn."""
+    def _add(self, e: _Episode, messages: list[dict], what: str) -> None:
+        """The template's continuation after the model's turn, unless it leaves no room for another turn. `what`
+        names the messages in the EpisodeError raised where the chat template refuses them: the run stops as on
+        an environment's failure, not with a traceback in the middle of a step."""
         if e.room == 0:
             e.finish("budget")
             return
-        ids = self.template.after_turn(messages, e.stop)
+        try:
+            ids = self.template.after_turn(messages, e.stop)
+        except ValueError as err:
+            raise EpisodeError(f"{what} cannot follow the model's turn: {err}") from None
         if len(ids) >= e.room:
             e.finish("budget")
             return

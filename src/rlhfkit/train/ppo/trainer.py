@@ -316,8 +316,9 @@ class PPOTrainer:
         """Sample one response (or episode) per prompt with the rollout copy, in generation batches. Each
         prompt has its own sampling seed (its step and place in the global batch), so the samples are the same
         however the batch is split over processes or generation batches. Returns the rollout and the episodes'
-        records ([] without episodes). An environment that fails on any process (EpisodeError) stops every
-        process with RewardFailed, as a failed reward source does."""
+        records ([] without episodes). An episode that fails on any process (EpisodeError: an environment's
+        failure, or messages the chat template refuses) stops every process with RewardFailed, as a failed reward
+        source does."""
         size = self.p.generation_batch_size or max(len(prompts), 1)
         keep = self.reuse_logprobs or self.p.tis_cap is not None  # the sampler's log-probs: reused, or TIS
         if self.episodes is None:
@@ -329,11 +330,10 @@ class PPOTrainer:
                                     self.stop_ids, self.sampling, keep, self.policy.decoder)
         except EpisodeError as e:
             problem = str(e)
-        failed = float(problem is not None)
-        if self.p.environment:  # every process learns of a failure anywhere: the others would wait in a collective
-            failed = D.all_reduce_sum([failed])[0]
+        # every process learns of a failure anywhere: the others would wait in a collective
+        failed = D.all_reduce_sum([float(problem is not None)])[0]
         if failed:
-            raise RewardFailed(problem or f"the environment failed on {int(failed)} other process(es)")
+            raise RewardFailed(problem or f"an episode failed on {int(failed)} other process(es)")
         return out
 
     def reward_parts(self, rollout, metadata: list[dict], episodes: list) -> dict[str, torch.Tensor]:
