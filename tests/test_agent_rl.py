@@ -1,5 +1,5 @@
 """Multi-turn episodes in the RL loop (issue 21): the action mask, kept ids and the sampler's log-probs, tool
-failures as observations, a failing environment, chat templates that refuse tool or
+failures as observations, static decoding's shapes, a failing environment, chat templates that refuse tool or
 environment messages, learning to call a tool, exact resume and 2 processes.
 
 The model is tiny-random with added tokens, each the whole text of one tool call (several spellings of each,
@@ -21,7 +21,7 @@ from conftest import REPO, write_jsonl
 from rlhfkit.agents.episode import continuation_ids
 from rlhfkit.agents.tools import load_tools
 from rlhfkit.config import ModelConfig, PPOConfig, load_config
-from rlhfkit.engine.generation import SamplingConfig
+from rlhfkit.engine.generation import SamplingConfig, StaticDecoder
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import resolve_model_dir
 from rlhfkit.rollout.episodes import EpisodeRunner, episode_metrics, episode_sums
@@ -218,6 +218,27 @@ def test_every_tool_failure_is_an_observation_and_a_hanging_tool_is_stopped_at_i
     assert any("Error: slow did not finish within 1 s." in t for t in texts)
     assert any("Error: broken raised RuntimeError: this tool is broken" in t for t in texts)
 
+
+def test_static_decoding_samples_the_dynamic_episodes_in_the_shapes_of_their_first_turn(caller):
+    """ppo.rollout_decoding static (compiled is static with a compiled step): the first turn decodes in the
+    static decoder's shapes, the later ones in the dynamic loop, which samples the same tokens. Before, each
+    turn's live episodes (the batch) and their growing widths made a shape of its own, each a StaticCache (and on
+    a GPU a compile) kept for the whole run: here (24 episodes, generation batch 8, 3 turns, 16 new tokens a
+    turn) 3 shapes after the first call, 5 after the second and 8 after the fourth; now the first turn's one."""
+    model, tok = load(caller)
+    runner = EpisodeRunner(tok, load_tools([f"{TOOLS}:lookup"], "ppo.tools"), None, None, 3, 96, 5.0, None,
+                           [tok.eos_token_id])
+    static = StaticDecoder(model, compiled=False, setting="ppo.rollout_decoding")
+    for step in range(2):
+        args = (model, prompts(tok, 24), [{}] * 24, [f"prompt {i}" for i in range(24)],
+                [100 * step + i for i in range(24)], 8, tok.pad_token_id, [tok.eos_token_id],
+                SamplingConfig(16, 1.0), True)
+        (a, records), (b, _) = runner.run(*args), runner.run(*args, static=static)
+        assert max(rec.turns for rec in records) == 3 and len({rec.turns for rec in records}) > 1
+        for key in ("input_ids", "lengths", "prompt_lens", "response_lengths", "ended", "action_mask"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert (a.logprobs - b.logprobs).abs().max() < 1e-5
+    assert {batch for batch, _ in static.buffers} == {8} and len(static.buffers) <= 2, list(static.buffers)
 
 # --- settings ------------------------------------------------------------------------------------
 

@@ -85,7 +85,12 @@ class EpisodeRunner:
             pad_id: int, stop_ids: list[int], sampling: SamplingConfig, return_logprobs: bool = False,
             static: StaticDecoder | None = None) -> tuple[Rollout, list[EpisodeRecord]]:
         """One episode per prompt; names[i] names episode i in its errors (EpisodeError: an environment failed, or
-        the chat template refused an environment's or the tools' messages)."""
+        the chat template refused an environment's or the tools' messages).
+
+        `static` decodes the first turn only, whose batches are those of single-turn rollouts. Later turns run the
+        dynamic loop, which samples the same tokens: their batches (the live episodes) and widths (the episodes
+        so far) change from turn to turn and step to step, and a static cache (on a GPU, a compile) kept per
+        shape would pile up."""
         episodes = [self._start(*args) for args in zip(prompts, metadata, names, seeds)]
         for turn in range(self.max_turns):
             live = [e for e in episodes if e.live]
@@ -93,7 +98,7 @@ class EpisodeRunner:
                 chunk = live[start:start + batch_size]
                 turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max(e.room for e in chunk)))
                 gen = generate(model, [np.asarray(e.tokens.ids) for e in chunk], pad_id, stop_ids, turn_sampling,
-                               [turn_seed(e.seed, turn) for e in chunk], return_logprobs, static)
+                               [turn_seed(e.seed, turn) for e in chunk], return_logprobs, static if turn == 0 else None)
                 for row, e in enumerate(chunk):
                     self._take_turn(e, gen, row, last=turn == self.max_turns - 1)
             self._answer_calls([e for e in live if e.calls])
