@@ -158,13 +158,14 @@ def special_token_prompts(tmp_path, n=12):
 
 
 def test_phase_whose_records_were_all_dropped_says_why(tmp_path, tiny_tokenizer):
+    # which records phase 2 gets follows the split seed (data.seed, default run.seed 42): line 4 is its first
     path = special_token_prompts(tmp_path)
     cfg = make_config(tmp_path, [{"name": "sp", "path": str(path)}])
     prepare(cfg, tokenizer=tiny_tokenizer, show_progress=False)
     with pytest.raises(DataError) as err:
         load_phase(cfg.output_dir / "data", 2, "train")
     assert str(err.value) == ("phase 2 (reward) has no training rows: dataset 'sp': all 5 records it gave phase 2 "
-                              "were dropped: 5 special token in text (first: special.jsonl line 1). "
+                              "were dropped: 5 special token in text (first: special.jsonl line 4). "
                               "`rlhfkit data inspect CONFIG` shows more")
 
 

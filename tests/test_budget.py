@@ -82,7 +82,8 @@ def test_a_resumed_stage_keeps_its_recorded_plan(tmp_path):
 def test_a_schedule_that_depends_on_the_step_count_is_refused_under_a_budget(tmp_path):
     from rlhfkit.pipeline import run_pipeline
 
-    cfg = make_config(tmp_path, [{"name": "d", "path": "x.jsonl"}])
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8))  # the pipeline reads it to plan its stages
+    cfg = make_config(tmp_path, [{"name": "d", "path": str(data)}])
     cfg.pipeline.time_budget_minutes = 10
     with pytest.raises(ConfigError, match="sft.lr_scheduler 'cosine' depends on that number"):
         run_pipeline(cfg, show_progress=False)
