@@ -340,14 +340,14 @@ def _leave_process_group() -> None:
     occasionally abort a process that has already finished ("terminate called without an active exception")."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
+    # A world of one has nothing to leave; destroying its group would also break a caller that runs main() in
+    # its own process (the tests do) and keeps using DeepSpeed, whose cached groups point at the destroyed one.
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
         dist.destroy_process_group()
-        if world > 1:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
