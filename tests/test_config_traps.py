@@ -55,22 +55,34 @@ def test_a_boolean_for_a_choice_without_that_word_is_still_an_error(tiny_cfg):
 
 # --- switching the estimator from the command line -------------------------------------------------------
 
-def test_switching_the_quickstart_to_grpo_on_the_command_line_warns_once_about_the_critic(capsys):
+def ppo_quickstart(tmp_path):
+    """The quickstart as a PPO recipe with its critic section (the quickstart itself runs RLOO)."""
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["ppo"].update(advantage="gae", n_samples_per_prompt=1, rollout_batch_size=8,
+                      critic={"learning_rate": 3e-4, "lora": {"r": 16, "alpha": 32}})
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_switching_a_ppo_recipe_to_grpo_on_the_command_line_warns_once_about_the_critic(capsys, tmp_path):
     """It failed with "critic is set, but only advantage gae reads it" until the user also passed ppo.critic={}."""
-    cfg = load_config(QUICKSTART, ["ppo.advantage=grpo", "ppo.n_samples_per_prompt=4", "ppo.rollout_batch_size=2"])
+    cfg = load_config(ppo_quickstart(tmp_path), ["ppo.advantage=grpo", "ppo.n_samples_per_prompt=4",
+                                                 "ppo.rollout_batch_size=2"])
     assert cfg.ppo.advantage == "grpo" and not cfg.ppo.uses_critic
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "ppo.critic not used" in warnings[0] and "advantage grpo has no critic" in warnings[0]
 
 
-def test_kl_settings_under_kl_mode_off_are_named_in_the_warning(capsys):
-    cfg = load_config(QUICKSTART, ["ppo.kl_mode=off", "ppo.advantage=rloo", "ppo.n_samples_per_prompt=2", "ppo.lam=0.9"])
+def test_kl_settings_under_kl_mode_off_are_named_in_the_warning(capsys, tmp_path):
+    cfg = load_config(ppo_quickstart(tmp_path), ["ppo.kl_mode=off", "ppo.advantage=rloo", "ppo.n_samples_per_prompt=2",
+                                                 "ppo.lam=0.9"])
     assert cfg.ppo.kl_mode == "off"
     err = capsys.readouterr().err
     assert "ppo.critic, ppo.lam, ppo.kl_coef not used" in err and "kl_mode is off" in err
 
 
-def test_the_resolved_config_of_gae_warns_about_nothing(capsys, tmp_path):
+def test_the_resolved_config_of_the_quickstart_warns_about_nothing(capsys, tmp_path):
     cfg = load_config(QUICKSTART)
     load_config(save_resolved_config(cfg, tmp_path))
     assert "warning" not in capsys.readouterr().err
