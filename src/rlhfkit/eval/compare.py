@@ -35,8 +35,6 @@ import numpy as np
 import torch
 
 from ..agents.calls import parse_tool_calls
-from ..agents.environments import load_environment
-from ..agents.tools import load_tools
 from ..config import Config
 from ..data.prepare import load_phase, prepare
 from ..data.readers import iter_file_records
@@ -52,7 +50,7 @@ from ..train.batching import Blend, collate_pairs, collate_sft
 from ..train.budget import StageBudget
 from ..models.configs import model_config_for
 from ..train.common import TokenLogprobLM
-from ..rollout.episodes import EpisodeRecord, EpisodeRunner
+from ..rollout.episodes import EpisodeRecord, EpisodeRunner, episode_runner
 from ..rollout.sampling import Rollout, sample_rollouts, sampling_for
 from ..rollout.scoring import RewardScorer, actor_logprobs, load_reward_model, tokenizer_pair
 from ..train.reward import rm_stage_dir
@@ -206,19 +204,8 @@ class Comparison:
         """The RL loop's episodes, for both models: ppo's tools, environment and episode settings, each turn
         sampled with eval.sampling (so the default budget is 2 × max_turns × eval.sampling.max_new_tokens)."""
         p, cfg = self.cfg.ppo, self.cfg
-        setting = "ppo.tools" if p.tools else "ppo.environment"
-        if cfg.data.template == "plain" or not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(f"{setting}: eval runs episodes, which continue a conversation through the tokenizer's "
-                              "chat template, but the prompts are rendered in the plain format (data.template: plain, "
-                              "or a tokenizer without a chat template)")
-        tools = load_tools(p.tools, "ppo.tools")
-        environment = load_environment(p.environment, "ppo.environment") if p.environment else None
         budget = p.max_episode_tokens or 2 * p.max_turns * self.e.sampling.max_new_tokens
-        try:
-            return EpisodeRunner(self.tokenizer, tools, environment, p.environment, p.max_turns, budget,
-                                 p.tool_timeout_s, cfg.data.system_prompt, self.stop_ids)
-        except ValueError as e:
-            raise ConfigError(f"{setting}: {e}") from None
+        return episode_runner(p, self.tokenizer, cfg.data.template, cfg.data.system_prompt, self.stop_ids, budget)
 
     def episode_summary(self) -> dict | None:
         """eval.json's description of the episodes both models ran (None: one reply each)."""

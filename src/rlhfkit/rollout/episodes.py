@@ -227,3 +227,24 @@ def episode_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float
     if sums["calls"]:
         out["tools/valid_call_rate"] = sums["valid_calls"] / sums["calls"]
     return {prefix + k: v for k, v in out.items()}
+
+
+def episode_runner(p, tokenizer, template: str, system_prompt, stop_ids, max_tokens: int) -> EpisodeRunner:
+    """The RL loop's and eval's runner for `p` (the ppo section): its tools and environment loaded, every
+    problem a ConfigError naming the setting. Episodes continue a conversation through the chat template."""
+    from ..agents.environments import load_environment
+    from ..agents.tools import load_tools
+    from ..errors import ConfigError
+
+    setting = "ppo.tools" if p.tools else "ppo.environment"
+    if template == "plain" or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{setting}: episodes continue a conversation through the tokenizer's chat template, "
+                          "but the prompts are rendered in the plain format (data.template: plain, or a tokenizer "
+                          "without a chat template)")
+    tools = load_tools(p.tools, "ppo.tools")
+    environment = load_environment(p.environment, "ppo.environment") if p.environment else None
+    try:
+        return EpisodeRunner(tokenizer, tools, environment, p.environment, p.max_turns, max_tokens,
+                             p.tool_timeout_s, system_prompt, stop_ids)
+    except ValueError as e:
+        raise ConfigError(f"{setting}: {e}") from None

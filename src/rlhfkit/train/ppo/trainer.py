@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...agents.environments import EpisodeError, load_environment
-from ...agents.tools import load_tools
+from ...agents.environments import EpisodeError
 from ...config import Config, ppo_world_problems
 from ...engine import distributed as D
 from ...engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
@@ -49,7 +48,7 @@ from . import formulas as PF
 from .ema import ActorEMA
 from ...rollout.sampling import (RolloutPolicy, check_ppo_sampling, concat_rollouts, sample_rollouts, sampling_for,
                                  select_rows)
-from ...rollout.episodes import EpisodeRunner, episode_metrics, episode_sum_keys, episode_sums
+from ...rollout.episodes import EpisodeRunner, episode_metrics, episode_runner, episode_sum_keys, episode_sums
 from ...rollout.scoring import FrozenModel, RewardScorer, actor_logprobs, critic_values, response_kl
 from .experience import (LOGP_REUSE_CHECK_EVERY, LOGP_REUSE_MAX_ABS_DIFF, Experience, explained_variance_over_ranks,
                          make_experience, masked_moments_over_ranks)
@@ -142,18 +141,8 @@ class PPOTrainer:
         """The tools and environment loaded, and every phase-3 prompt checked to take the tools' description
         (config errors naming the setting or the prompt)."""
         p, cfg = self.p, self.cfg
-        setting = "ppo.tools" if p.tools else "ppo.environment"
-        if cfg.data.template == "plain" or not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(f"{setting}: episodes continue a conversation through the tokenizer's chat template, "
-                              "but the prompts are rendered in the plain format (data.template: plain, or a tokenizer "
-                              "without a chat template)")
-        tools = load_tools(p.tools, "ppo.tools")
-        environment = load_environment(p.environment, "ppo.environment") if p.environment else None
-        try:
-            runner = EpisodeRunner(self.tokenizer, tools, environment, p.environment, p.max_turns, p.episode_tokens,
-                                   p.tool_timeout_s, cfg.data.system_prompt, self.stop_ids)
-        except ValueError as e:
-            raise ConfigError(f"{setting}: {e}") from None
+        runner = episode_runner(p, self.tokenizer, cfg.data.template, cfg.data.system_prompt, self.stop_ids,
+                                p.episode_tokens)
         tables = (("training", self.prompts), ("eval", self.eval_prompts)) if p.tools else ()
         for split, table in tables:
             for i in range(len(table)):
