@@ -196,13 +196,27 @@ def test_ppo_resume_after_sigkill_gives_the_same_final_weights(tmp_path, prompts
     assert "score normalisation kept from" in out and "step-0000004" in out
 
     a_run, b_run = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for key in ("objective/scores", "objective/kl_coef", "loss/value", "loss/policy"):
+        assert metrics(a_run, key) == metrics(b_run, key), (key, _first_difference(a_run, b_run))
     for what in ("final", "final-ema"):
         a, b = _final(a_run, what), _final(b_run, what)
         assert a.keys() == b.keys()
         for k in a:
-            assert torch.equal(a[k], b[k]), (what, k)  # exact, fp32 single process
-    for key in ("objective/scores", "objective/kl_coef", "loss/value"):
-        assert metrics(a_run, key) == metrics(b_run, key), key
+            assert torch.equal(a[k], b[k]), (what, k, _first_difference(a_run, b_run))  # exact, fp32 single process
+
+
+def _first_difference(a_run: Path, b_run: Path) -> str:
+    """The first training step whose logged metrics differ between two runs (timings aside), to say where a
+    resumed run left the uninterrupted one's path."""
+    def by_step(run):
+        return {m["step"]: {k: v for k, v in m.items() if not k.startswith(("time/", "tokens/"))}
+                for m in read_metrics(run / "ppo" / "metrics.jsonl") if "loss/policy" in m}
+    a, b = by_step(a_run), by_step(b_run)
+    for step in sorted(a):
+        diff = {k: (v, b.get(step, {}).get(k)) for k, v in a[step].items() if b.get(step, {}).get(k) != v}
+        if diff:
+            return f"step {step} differs first: {diff}"
+    return "every step's metrics agree"
 
 
 def test_two_processes_actor_zero3_reward_zero0_match_one_process(tmp_path, prompts_file, reward_dir):

@@ -38,7 +38,7 @@ from . import formulas as PF
 # (SmolLM2-135M) in fp32, 2e-3 and 0.28 in bf16. 1e-3 is 45× fp32's largest gap and under 1% of a 0.2 ratio
 # clip's log-width (0.18): fp32 reuses, bf16 recomputes (as verl and OpenRLHF always do).
 LOGP_REUSE_MAX_ABS_DIFF = 1e-3
-LOGP_REUSE_CHECK_EVERY = 10  # steps between two checks of the gap (and the first step a process trains)
+LOGP_REUSE_CHECK_EVERY = 10  # the gap is checked on steps 0, 10, 20, ... (by step number, so resume is exact)
 
 
 @dataclass

@@ -100,7 +100,6 @@ class PPOTrainer:
                        if p.adaptive_kl else PF.FixedKLController(p.kl_coef))
         self.policy = RolloutPolicy(self.actor, self.actor_t, torch_dtype(p.rollout_dtype), p.rollout_decoding)
         self.reuse_logprobs = p.reuse_rollout_logprobs and self.policy.exact
-        self.logp_checked = False  # this process has not yet compared the sampler's log-probs with the actor's
         self.norm = self.score_normalization() if p.normalize_scores else None
         self.rewards.score_stats = self.score_stats = (self.norm["mean"], self.norm["std"]) if self.norm else None
         self.critic = None
@@ -236,10 +235,11 @@ class PPOTrainer:
             self.critic.eval()
         kl_coef = self.kl_ctl.value  # this batch's rewards use it; the controller moves it after the step
         per_source = self.reward_parts(rollout, metadata, episodes)
-        check = self.reuse_logprobs and (not self.logp_checked or step % LOGP_REUSE_CHECK_EVERY == 0)
+        # checked on steps 0, 10, 20...: by the step, not by the process, so a resumed run computes what the
+        # uninterrupted one did (the checkpoint keeps whether a gap already turned reuse off)
+        check = self.reuse_logprobs and step % LOGP_REUSE_CHECK_EVERY == 0
         exp = make_experience(rollout, self.rewards.total(per_source), self.actor, self.reference, self.critic, p,
                               kl_coef, self.actor_t.micro_batch_size, self.device, self.reuse_logprobs, check)
-        self.logp_checked |= check
         self._stop_reuse_if_inexact(exp)
         self.last_step_flops = self.step_flops(rollout, not self.reuse_logprobs or check)
         t2 = time.perf_counter()
