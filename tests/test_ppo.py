@@ -175,6 +175,19 @@ def test_ppo_raises_a_known_reward_while_kl_stays_finite(tmp_path, prompts_file)
     assert {s["step"] for s in samples} == {0, 10, 20} and all(s["prompt"] and "score" in s for s in samples)
 
 
+def test_eval_prompts_0_runs_no_eval_inside_rl(tmp_path, prompts_file, reward_dir):
+    """The pipeline's eval stage judges the final model; eval_prompts 0 spares RL its own before/after evals."""
+    cfg = ppo_config(tmp_path, prompts_file, reward_dir, steps=2, eval_every=0, eval_prompts=0,
+                     actor={"learning_rate": 1e-3, "micro_batch_size": 4})
+    run_ok(["ppo", str(cfg), "--no-progress"])
+    logged = read_metrics(tmp_path / "run" / "ppo" / "metrics.jsonl")
+    assert [m["step"] for m in logged if "loss/policy" in m] == [1, 2]
+    assert not [k for m in logged for k in m if k.startswith("eval/")]
+    assert (tmp_path / "run" / "ppo" / "final" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="eval_prompts 0 turns them off"):
+        PPOConfig(eval_every=5, eval_prompts=0)
+
+
 def _final(run: Path, what: str = "final") -> dict:
     return load_file(str(run / "ppo" / what / "model.safetensors"))
 

@@ -551,7 +551,9 @@ class PPOConfig(Section):
 
     # Eval, checkpoints
     eval_every: int = Field(10, ge=0, description="RL steps between evals; 0: only before and after training")
-    eval_prompts: int = Field(64, ge=1, description="held-out phase-3 prompts answered and scored at each eval")
+    eval_prompts: int = Field(64, ge=0, description=(
+        "held-out phase-3 prompts answered and scored at each eval; 0: no eval inside the RL stage (the "
+        "pipeline's eval stage compares the final model with its start on its own prompt sets)"))
     samples_logged: int = Field(4, ge=0, description="eval prompt/response pairs written to samples.jsonl")
     save_every: int = Field(0, ge=0, description="RL steps between checkpoints; 0: only the final model")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
@@ -610,6 +612,9 @@ class PPOConfig(Section):
         if self.kl_mode == "loss" and self.kl_estimator in ("k1", "abs"):
             raise ValueError(f"kl_estimator {self.kl_estimator} as a loss term has no useful gradient (k1's is 0 "
                              "in expectation); use k3 (GRPO) or mse")
+        if self.eval_prompts == 0 and self.eval_every:
+            raise ValueError(f"eval_every {self.eval_every} asks for evals, but eval_prompts 0 turns them off: set "
+                             "eval_every to 0 or eval_prompts above 0")
         if self.normalize_scores and not any(s.type == "model" for s in self.reward.sources):
             raise ValueError("normalize_scores normalises the reward model's score, but reward.sources has no "
                              "`model` source")
