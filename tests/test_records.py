@@ -57,8 +57,16 @@ def test_bad_records_say_why_and_where(raw, reason):
 def test_unknown_role_is_named_with_the_roles_allowed():
     raw = {"prompt": [{"role": "user", "content": "q"}, {"role": "Narrator", "content": "x"}], "response": "a"}
     with pytest.raises(BadRecord, match=r"prompt\[1\] has the role 'Narrator'; a message's role must be one of "
-                                        r"system, user, assistant"):
+                                        r"system, user, assistant, tool"):
         to_example(raw, "sft", "f:1", 0)
+
+
+def test_a_tool_message_is_a_turn_of_a_tool_use_transcript():
+    raw = {"messages": [{"role": "user", "content": "2+3?"},
+                        {"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {}}</tool_call>'},
+                        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "#### 5"}]}
+    ex = to_example(raw, "sft", "f:1", 0)
+    assert [t["role"] for t in ex.prompt] == ["user", "assistant", "tool"] and ex.chosen == "#### 5"
 
 
 # --- metadata: the fields a format does not read -------------------------------------------------------

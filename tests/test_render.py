@@ -123,3 +123,16 @@ def test_eos_override_must_be_one_token(tiny_tokenizer):
 
 def test_make_config_helper_is_valid(tmp_path):
     assert make_config(tmp_path, [{"name": "a", "path": "a.jsonl"}]).data.max_seq_len == 128
+
+
+def test_a_template_that_refuses_tool_messages_is_a_data_error_naming_it(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                         "{{ raise_exception('no tool role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    r = Renderer(tok, data_cfg())
+    assert r.prompt_text([{"role": "user", "content": "2+3?"}]) == "2+3?"
+    with pytest.raises(DataError, match=r"refuses a conversation with the roles assistant, tool, user: .*no tool role"):
+        r.prompt_text([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "call"},
+                       {"role": "tool", "content": "5"}])

@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass, field
 
 ROLES = {"Human": "user", "Assistant": "assistant"}
-CHAT_ROLES = ("system", "user", "assistant")  # what chat templates render; anything else would be rendered blindly
+# what chat templates render (tool: a tool's result, in tool-use transcripts); anything else would be rendered blindly
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -29,7 +30,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 class Example:
     id: str
     where: str  # "file:line", for messages about this record
-    prompt: list[dict]  # chat turns; the last one is the user's
+    prompt: list[dict]  # chat turns; the last one is the user's (or, in a tool-use transcript, a tool's)
     chosen: str | None = None  # the preferred response (or the only one, for SFT)
     rejected: str | None = None
     # the record's other fields (e.g. GSM8K's final_answer), carried with phase-3 prompts to the reward

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from jinja2 import TemplateError
 
 from ..config import DataConfig
 from ..errors import DataError
@@ -105,9 +106,14 @@ class Renderer:
         if self.cfg.system_prompt and turns and turns[0]["role"] != "system":
             turns = [{"role": "system", "content": self.cfg.system_prompt}] + turns
         if self.use_template:
-            return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            try:
+                return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            except TemplateError as e:  # e.g. a template that takes no `tool` messages
+                roles = sorted({t["role"] for t in turns})
+                raise DataError(f"the chat template of {self.tok.name_or_path!r} refuses a conversation with the roles "
+                                f"{', '.join(roles)}: {type(e).__name__}: {e}") from None
         # Plain format for tokenizers without a chat template (base models): hh-rlhf style.
-        names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+        names = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool"}
         return "".join(f"\n\n{names.get(t['role'], t['role'])}: {t['content']}" for t in turns).lstrip("\n") + "\n\nAssistant:"
 
     def _special_in_prompt(self, turns: list[dict]) -> str | None:
