@@ -442,6 +442,19 @@ class PPORewardConfig(FrozenModelConfig):
         return v
 
 
+class OpenEnvConfig(Section):
+    """An OpenEnv environment server (ppo.environment: openenv): each episode is a session on its WebSocket
+    (<url>/ws); the reply's text is the Action's action_field, the Observation's observation_field a user
+    message (docs/agents.md)."""
+
+    url: str = Field(pattern=r"^(https?|wss?)://", description=(
+        "the server's address, e.g. http://127.0.0.1:8000 (sessions connect to its /ws, without a proxy)"))
+    action_field: str = Field("message", min_length=1, description="the Action's field that carries the reply's text")
+    observation_field: str = Field(min_length=1, description=(
+        "the Observation's string field that becomes a user message (reset's opens the episode; empty: none)"))
+    timeout: float = Field(60.0, gt=0, description="seconds to connect, and for each answer")
+
+
 Advantage = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # baselines from a prompt's own group
 
@@ -496,9 +509,11 @@ class PPOConfig(Section):
         "\"package.module:function\" or \"path/to/file.py:function\"; needs max_turns ≥ 2"))
     environment: str | None = Field(None, description=(
         "an environment class (guess_number, \"package.module:Class\" or \"path/to/file.py:Class\") with "
-        "reset(metadata) and step(assistant_message), one instance per episode; its reward joins the sum as "
-        "reward/environment; null: none"))
+        "reset(metadata) and step(assistant_message), one instance per episode, or openenv (an OpenEnv server, "
+        "ppo.openenv); its reward joins the sum as reward/environment; null: none"))
     environment_weight: float = Field(1.0, description="weight of the environment's per-episode reward in the sum")
+    openenv: OpenEnvConfig | None = Field(None, description=(
+        "the server of environment: openenv (url, action_field, observation_field, timeout); null otherwise"))
     max_turns: int = Field(1, ge=1, description=(
         "model turns per episode; an episode also ends on a reply without a tool call (or the environment's "
         "done), and on max_episode_tokens; > 1 needs tools or an environment"))
@@ -633,6 +648,13 @@ class PPOConfig(Section):
         if unused:
             raise ValueError(f"{', '.join(unused)} set, but there are no "
                              f"{'tools' if unused == ['tool_timeout_s'] else 'tools or environment'} to use it")
+        if self.environment == "openenv" and self.openenv is None:
+            raise ValueError("environment openenv needs the openenv section: the server's url and the observation's "
+                             "observation_field (docs/agents.md)")
+        if self.openenv is not None and self.environment != "openenv":
+            env = "null" if self.environment is None else repr(self.environment)
+            raise ValueError(f"openenv set, but environment is {env}, not openenv: nothing would connect to the "
+                             "server (set environment: openenv, or remove openenv)")
         if len(set(self.tools)) < len(self.tools):
             raise ValueError(f"tools lists a tool twice: {self.tools}")
         if not self.reward.sources and self.environment is None:

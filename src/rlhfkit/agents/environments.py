@@ -1,6 +1,7 @@
 """Environments: stateful multi-turn tasks with the gym-style contract that OpenEnv and TRL use.
 
-A class named `package.module:Class`, `path/to/file.py:Class` or a built-in's name (`guess_number`), with
+A class named `package.module:Class`, `path/to/file.py:Class` or a built-in's name (`guess_number`; `openenv`, a
+client of an OpenEnv server: agents/openenv_client.py), with
 
     reset(metadata: dict) -> list[dict]                            the messages that open the episode
     step(assistant_message: dict) -> (list[dict], float, bool)     the messages it answers with, the step's
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, RlhfkitError
 from ..rewards.sources import load_function
+from .openenv_client import environment_class
 
 BUILTIN_ENVIRONMENTS = {"guess_number": "rlhfkit.agents.environments:GuessNumber"}
 
@@ -27,12 +29,17 @@ class EpisodeError(RlhfkitError):
     """An environment failed in an episode; the message names the environment, the episode and the cause."""
 
 
-def load_environment(spec: str, setting: str, base_dir: str | Path | None = None) -> type:
+def load_environment(spec: str, setting: str, base_dir: str | Path | None = None, openenv=None) -> type:
     """A built-in's name, "package.module:Class" or "path/to/file.py:Class" (relative to base_dir, default the
-    working directory) → the class; ConfigError naming the setting when it is missing or lacks reset/step."""
+    working directory) → the class; ConfigError naming the setting when it is missing or lacks reset/step.
+    `openenv` (config.OpenEnvConfig, ppo.openenv): the server of `openenv`, bound to the class it gives."""
+    if spec == "openenv":
+        if openenv is None:
+            raise ConfigError(f"{setting}: openenv needs its server's settings (ppo.openenv: url, observation_field)")
+        return environment_class(openenv)
     if ":" not in spec and spec not in BUILTIN_ENVIRONMENTS:
-        raise ConfigError(f"{setting}: {spec!r} is not a built-in environment ({', '.join(BUILTIN_ENVIRONMENTS)}) "
-                          "nor \"package.module:Class\" or \"path/to/file.py:Class\"")
+        raise ConfigError(f"{setting}: {spec!r} is not a built-in environment ({', '.join(BUILTIN_ENVIRONMENTS)}, "
+                          "openenv) nor \"package.module:Class\" or \"path/to/file.py:Class\"")
     cls = load_function(BUILTIN_ENVIRONMENTS.get(spec, spec), setting, base_dir)
     if not isinstance(cls, type):
         raise ConfigError(f"{setting}: {spec!r} is not a class (an environment is a class with reset and step "
