@@ -140,7 +140,7 @@ def check_config(cfg: Config, world_size: int = 1) -> list[str]:
     if {"ppo", "eval"} & set(stages):  # both run the episodes
         checks.append(lambda: load_tools(cfg.ppo.tools, "ppo.tools"))
         if cfg.ppo.environment:
-            checks.append(lambda: load_environment(cfg.ppo.environment, "ppo.environment"))
+            checks.append(lambda: load_environment(cfg.ppo.environment, "ppo.environment", openenv=cfg.ppo.openenv))
     for check in checks:
         try:
             check()

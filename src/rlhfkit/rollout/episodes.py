@@ -242,7 +242,7 @@ def episode_runner(p, tokenizer, template: str, system_prompt, stop_ids, max_tok
                           "but the prompts are rendered in the plain format (data.template: plain, or a tokenizer "
                           "without a chat template)")
     tools = load_tools(p.tools, "ppo.tools")
-    environment = load_environment(p.environment, "ppo.environment") if p.environment else None
+    environment = load_environment(p.environment, "ppo.environment", openenv=p.openenv) if p.environment else None
     try:
         return EpisodeRunner(tokenizer, tools, environment, p.environment, p.max_turns, max_tokens,
                              p.tool_timeout_s, system_prompt, stop_ids)
