@@ -5,7 +5,6 @@ import gzip
 import importlib.util
 import json
 
-import pytest
 import yaml
 
 from conftest import REPO, write_jsonl
@@ -13,6 +12,7 @@ from rlhfkit.agents.calls import parse_tool_calls, ToolCall
 from rlhfkit.agents.episode import EpisodeTemplate
 from rlhfkit.agents.tools import load_tools
 from rlhfkit.config import load_config
+from rlhfkit.data.records import to_example
 from rlhfkit.data.render import Renderer
 from rlhfkit.models import load_tokenizer
 from rlhfkit.rollout.sampling import sampling_for
@@ -107,37 +107,26 @@ def episode_parts(cfg):
 
 
 def test_the_sft_token_ids_are_the_episodes_ids(tmp_path, capsys):
-    """Every record's prompt, rendered and tokenized as the SFT data stage does, is the episode's ids up to that
-    turn: the described RL prompt of the same question, then each earlier turn as SFT teaches the model to sample
-    it (its response ids and EOS) and what the episode adds after it (the tool's reply, the next generation
-    prompt). The last record's whole sequence is the episode's."""
+    """Every record, read (records.to_example), rendered and tokenized as the SFT data stage does, has as its prompt
+    the episode's ids up to that turn: the described RL prompt of the same question, then each earlier turn as SFT
+    teaches the model to sample it (its response ids and EOS) and what the episode adds after it (the tool's
+    reply, the next generation prompt). The last record's whole sequence is the episode's."""
     records, _, cfg = make(tmp_path, capsys)
     tok, renderer, template = episode_parts(cfg)
     for question in ("two", "glued"):
-        turns = [m for k, m in sorted(records.items()) if k.startswith(question + "-")]
-        user = turns[0][1]
+        names = sorted(k for k in records if k.startswith(question + "-"))
+        turns = [to_example({"id": k, "messages": records[k]}, "sft", k, i) for i, k in enumerate(names)]
         # the system message is the one the episode prompt has, to the character
-        rendered = tok.apply_chat_template(turns[0][:2], tokenize=False, add_generation_prompt=True)
-        rl_prompt = renderer.encode_prompts([renderer.prompt_text([user])])[0]  # phase 3's prompt, as prepared
+        rl_prompt = renderer.encode_prompts([renderer.prompt_text(turns[0].prompt[1:])])[0]  # phase 3's, as prepared
         episode = template.prompt(rl_prompt)
-        assert tok.decode(episode) == rendered
-        for k, messages in enumerate(turns):
-            prompt = renderer.encode_prompts([renderer.prompt_text(messages[:-1])])[0]
+        assert tok.decode(episode) == tok.apply_chat_template(records[names[0]][:2], tokenize=False,
+                                                              add_generation_prompt=True)
+        for k, ex in enumerate(turns):
+            prompt = renderer.encode_prompts([renderer.prompt_text(ex.prompt)])[0]
             assert prompt == episode, f"{question} turn {k + 1}: SFT prompt ids differ from the episode's"
-            response = renderer.encode_responses([messages[-1]["content"]])[0] + [renderer.eos_id]
+            response = renderer.encode_responses([ex.chosen])[0] + [renderer.eos_id]
             episode = episode + response
             if k + 1 < len(turns):
-                episode += template.after_turn([turns[k + 1][len(messages)]], renderer.eos_id)
+                tool_reply = records[names[k + 1]][len(ex.prompt) + 1]
+                episode += template.after_turn([tool_reply], renderer.eos_id)
         assert prompt + response == episode
-
-
-@pytest.mark.xfail(strict=True, reason="data/records.py takes the roles system, user and assistant only; the "
-                   "transcripts' later turns follow tool messages (role 'tool'), so it skips those records")
-def test_the_data_stage_keeps_every_transcript_record(tmp_path, capsys):
-    from rlhfkit.data.prepare import Source, load_examples
-
-    records, _, cfg = make(tmp_path, capsys)
-    ds = cfg.data.datasets[0].model_copy(update={"path": str(tmp_path / "out" / "transcripts.jsonl.gz"),
-                                                 "phases": [1], "max_records": None})
-    examples, report = load_examples(Source(ds), "train", "skip", None)
-    assert report.to_dict()["skipped"] == {} and len(examples) == len(records)
