@@ -64,9 +64,11 @@ def test_unknown_role_is_named_with_the_roles_allowed():
 def test_a_tool_message_is_a_turn_of_a_tool_use_transcript():
     raw = {"messages": [{"role": "user", "content": "2+3?"},
                         {"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {}}</tool_call>'},
-                        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "#### 5"}]}
+                        {"role": "tool", "name": "calculator", "content": "5"},
+                        {"role": "assistant", "content": "#### 5"}]}
     ex = to_example(raw, "sft", "f:1", 0)
     assert [t["role"] for t in ex.prompt] == ["user", "assistant", "tool"] and ex.chosen == "#### 5"
+    assert ex.prompt[2]["name"] == "calculator"  # kept for templates that render a tool message's name
 
 
 # --- metadata: the fields a format does not read -------------------------------------------------------

@@ -135,7 +135,10 @@ def _turn(m, label: str, where: str) -> dict:
     if m["role"] not in CHAT_ROLES:
         raise BadRecord("unknown_role", f"{label} has the role {m['role']!r}; a message's role must be "
                         f"one of {', '.join(CHAT_ROLES)}", where)
-    return {"role": m["role"], "content": m["content"]}
+    turn = {"role": m["role"], "content": m["content"]}
+    if m["role"] == "tool" and isinstance(m.get("name"), str):
+        turn["name"] = m["name"]  # the tool's name, which some templates render
+    return turn
 
 
 def prompt_turns(prompt, where: str) -> list[dict]:
