@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, make_config, write_jsonl
+from rlhfkit.config import load_config
 from test_pipeline import pipeline_config
 from test_training import cli, run_ok, synthetic_pairs
 
@@ -151,6 +152,23 @@ def test_the_pipeline_stops_before_training_for_a_gguf_it_cannot_write(tmp_path)
     assert p.returncode == 2 and "Traceback" not in out
     assert f"rlhfkit: error: export.gguf: q8_0 cannot be written for {model}" in out
     assert not (tmp_path / "run" / "data").exists()  # nothing ran
+
+
+def test_a_second_judge_that_is_not_there_stops_the_pipeline_before_training(tmp_path):
+    """Old code: every stage trained, then the eval failed loading eval.second_judge."""
+    from rlhfkit.config_tools import check_config
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(20))
+    judge = tmp_path / "judge" / "rm" / "final"
+    cfg = pipeline_config(tmp_path, data, eval={"second_judge": str(judge)}, export={"gguf": "none"})
+    p = cli(["pipeline", str(cfg), "--no-progress"])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2 and "Traceback" not in out
+    assert f"rlhfkit: error: eval.second_judge: {judge} not found" in out
+    assert not (tmp_path / "run" / "data").exists()  # nothing ran
+    assert [m for m in check_config(load_config(cfg)) if m.startswith("eval.second_judge")]
+    # a hub id may be in the cache; it is not a missing local directory
+    assert not check_config(load_config(cfg, ["eval.second_judge=OpenAssistant/reward-model"]))
 
 
 def test_auto_exports_f16_where_it_can_and_says_why_not_elsewhere(tmp_path):

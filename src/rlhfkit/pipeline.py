@@ -231,6 +231,7 @@ def check_unchanged(cfg: Config, stage: str) -> None:
 
 
 def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool = True) -> dict:
+    from .config_tools import missing_judges
     from .export import gguf_export_problem
 
     started = time.perf_counter()
@@ -240,9 +241,10 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
         raise ConfigError(f"--from {from_stage!r}: this pipeline's stages are {stages}{why}")
     if cfg.pipeline.time_budget_minutes is not None:
         check_budget(cfg, stages)
-    problem = gguf_export_problem(cfg)  # the last stage's settings, checked before the first trains
-    if problem:
-        raise ConfigError(problem)
+    # the last stages' inputs and settings, checked before the first trains
+    problems = [gguf_export_problem(cfg)] + (missing_judges(cfg) if "eval" in stages else [])
+    if any(problems):
+        raise ConfigError("; ".join(p for p in problems if p))
     D.init_distributed()
     if D.is_main():
         print(f"pipeline: stages {' → '.join(stages)}", flush=True)

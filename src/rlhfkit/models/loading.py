@@ -41,6 +41,14 @@ def resolve_model_dir(name_or_path: str, cfg: ModelConfig | None = None, revisio
     return name_or_path
 
 
+def missing_local_model(name_or_path: str) -> bool:
+    """True where `name_or_path` can only be a local directory (not a built-in, not shaped like a hub id) and
+    none is there: what a config check can say without loading anything."""
+    if name_or_path in BUILTIN_NAMES or Path(name_or_path).expanduser().is_dir():
+        return False
+    return not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~"))
+
+
 def model_file(name_or_path: str, filename: str, revision: str | None = None) -> Path | None:
     """One small file of a model (config.json, tokenizer.json) without loading it: from a local directory, the
     Hugging Face cache, or the hub when it is reachable; None where none of them has it (built-ins included)."""
