@@ -154,7 +154,9 @@ def check_config(cfg: Config, world_size: int = 1) -> list[str]:
 
 
 def missing_files(cfg: Config) -> list[str]:
-    """Local data and prompt files the config names that do not exist."""
+    """Local data and prompt files, and a judge, that the config names and that do not exist."""
+    from .pipeline import missing_judges
+
     out = []
     for i, ds in enumerate(cfg.data.datasets):
         for key in ("path", "eval_path"):
@@ -165,18 +167,6 @@ def missing_files(cfg: Config) -> list[str]:
         if spec != "phase3" and not Path(spec).exists():
             out.append(f"eval.prompt_sets.{i}: {spec} not found")
     return out + missing_judges(cfg)
-
-
-def missing_judges(cfg: Config) -> list[str]:
-    """Judges the eval reads that no earlier stage writes and that are not on disk: found before the first
-    stage trains, not an hour later when the eval loads them."""
-    from .models.loading import missing_local_model
-
-    judge = cfg.eval.second_judge
-    if judge and missing_local_model(judge):
-        return [f"eval.second_judge: {judge} not found (a reward model's directory, such as the final/ of "
-                "`rlhfkit rm configs/judge.yaml`)"]
-    return []
 
 
 def batch_summary(cfg: Config, world_size: int) -> list[str]:

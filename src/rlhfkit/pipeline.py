@@ -209,6 +209,18 @@ def stage_budget(cfg: Config, stage: str, todo: list[str], started: float):
     return StageBudget(seconds=max(left * weight, 0.0), started=now)
 
 
+def missing_judges(cfg: Config) -> list[str]:
+    """Judges the eval reads that no earlier stage writes and that are not on disk: found before the first
+    stage trains, not an hour later when the eval loads them."""
+    from .models.loading import missing_local_model
+
+    judge = cfg.eval.second_judge
+    if judge and missing_local_model(judge):
+        return [f"eval.second_judge: {judge} not found (a reward model's directory, such as the final/ of "
+                "`rlhfkit rm configs/judge.yaml`)"]
+    return []
+
+
 def check_unchanged(cfg: Config, stage: str) -> None:
     """A finished stage is skipped only if it was made with today's settings."""
     from .engine.precision import resolve_precision
@@ -231,7 +243,6 @@ def check_unchanged(cfg: Config, stage: str) -> None:
 
 
 def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool = True) -> dict:
-    from .config_tools import missing_judges
     from .export import gguf_export_problem
 
     started = time.perf_counter()
