@@ -27,7 +27,7 @@ def resolve_model_dir(name_or_path: str, cfg: ModelConfig | None = None, revisio
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise ModelLoadError(f"{path} is a directory but holds no config.json or tokenizer_config.json")
         return str(path)
-    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
+    if not _HUB_ID.match(name_or_path):  # `name` or `org/name`: never ./x, /x or ~/x
         raise ModelLoadError(f"model path not found: {name_or_path} (not a directory, a built-in {BUILTIN_NAMES}, or a hub id)")
     if _in_hub_cache(name_or_path, revision):
         return name_or_path
@@ -46,7 +46,7 @@ def missing_local_model(name_or_path: str) -> bool:
     none is there: what a config check can say without loading anything."""
     if name_or_path in BUILTIN_NAMES or Path(name_or_path).expanduser().is_dir():
         return False
-    return not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~"))
+    return not _HUB_ID.match(name_or_path)
 
 
 def model_file(name_or_path: str, filename: str, revision: str | None = None) -> Path | None:
