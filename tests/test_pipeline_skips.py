@@ -139,6 +139,15 @@ def test_gguf_export_problem_reads_the_architecture_without_loading_the_model(tm
     assert "byte-level BPE" in problem(_llama_dir_as(tmp_path, "llama", spm), "f16")
 
 
+def refused_before_training(tmp_path: Path, cfg: Path) -> str:
+    """`rlhfkit pipeline cfg`'s output, after checking it exited 2 without a traceback and before any stage ran."""
+    p = cli(["pipeline", str(cfg), "--no-progress"])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2 and "Traceback" not in out
+    assert not (tmp_path / "run" / "data").exists()  # nothing ran
+    return out
+
+
 def test_the_pipeline_stops_before_training_for_a_gguf_it_cannot_write(tmp_path):
     """Old code: SFT, RM and PPO trained, then the export failed (`q8_0` was the default)."""
     from rlhfkit.config import ExportConfig
@@ -147,11 +156,8 @@ def test_the_pipeline_stops_before_training_for_a_gguf_it_cannot_write(tmp_path)
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(20))
     model = _llama_dir_as(tmp_path, "gpt_neox")
     cfg = pipeline_config(tmp_path, data, model={"name_or_path": str(model)}, export={"gguf": "q8_0"})
-    p = cli(["pipeline", str(cfg), "--no-progress"])
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 2 and "Traceback" not in out
+    out = refused_before_training(tmp_path, cfg)
     assert f"rlhfkit: error: export.gguf: q8_0 cannot be written for {model}" in out
-    assert not (tmp_path / "run" / "data").exists()  # nothing ran
 
 
 def test_a_second_judge_that_is_not_there_stops_the_pipeline_before_training(tmp_path):
@@ -161,11 +167,8 @@ def test_a_second_judge_that_is_not_there_stops_the_pipeline_before_training(tmp
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(20))
     judge = tmp_path / "judge" / "rm" / "final"
     cfg = pipeline_config(tmp_path, data, eval={"second_judge": str(judge)}, export={"gguf": "none"})
-    p = cli(["pipeline", str(cfg), "--no-progress"])
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 2 and "Traceback" not in out
+    out = refused_before_training(tmp_path, cfg)
     assert f"rlhfkit: error: eval.second_judge: {judge} not found" in out
-    assert not (tmp_path / "run" / "data").exists()  # nothing ran
     assert [m for m in check_config(load_config(cfg)) if m.startswith("eval.second_judge")]
     # a hub id may be in the cache; it is not a missing local directory
     assert not check_config(load_config(cfg, ["eval.second_judge=OpenAssistant/reward-model"]))

@@ -254,8 +254,9 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
         check_budget(cfg, stages)
     # the last stages' inputs and settings, checked before the first trains
     problems = [gguf_export_problem(cfg)] + (missing_judges(cfg) if "eval" in stages else [])
-    if any(problems):
-        raise ConfigError("; ".join(p for p in problems if p))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
     D.init_distributed()
     if D.is_main():
         print(f"pipeline: stages {' → '.join(stages)}", flush=True)
