@@ -99,7 +99,7 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("recipe", ["quickstart.yaml", "tiny.yaml", "gpu/opt-1.3b-350m.yaml", "gpu/llama2-7b-lora.yaml"])
 def test_shipped_recipes_validate(recipe):
     cfg = load_config(REPO / "configs" / recipe)
-    assert cfg.ppo.rollout_batch_size % (cfg.ppo.mini_batch_size or cfg.ppo.rollout_batch_size) == 0
+    assert cfg.ppo.responses_per_step % cfg.ppo.responses_per_update == 0  # mini-batches count responses
 
 
 def test_a_key_written_twice_is_an_error_naming_key_and_lines(tmp_path):

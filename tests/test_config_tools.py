@@ -68,7 +68,7 @@ def test_show_changed_prints_only_what_differs_from_the_defaults(capsys):
 def test_check_passes_a_good_config_and_prints_the_batch_arithmetic(capsys):
     assert main(["config", "check", "configs/quickstart.yaml", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "ppo: 2 prompts × 4 = 8 responses per step; 1 update of 8 responses per epoch (4 per process" in out
+    assert "ppo: 4 prompts × 4 = 16 responses per step; 2 updates of 8 responses per epoch (4 per process" in out
     assert "sft: 8 examples × 1 accumulation × 2 processes = 16 per optimizer step" in out and "ok: configs/quickstart.yaml at 2 processes" in out
 
 
@@ -78,8 +78,8 @@ def test_check_names_each_problem_by_its_key_and_exits_non_zero(capsys, tmp_path
                  "pipeline.time_budget_minutes=5", "rm.lr_scheduler=cosine"])
     err = capsys.readouterr().err
     assert code != 0 and "at 3 processes: 6 problems" in err, err
-    for key in ("ppo.rollout_batch_size (2) must be a multiple of the number of processes (3)",
-                "ppo.mini_batch_size (unset: all 8 responses of a step)", "ppo.sampling.top_p is 0.9",
+    for key in ("ppo.rollout_batch_size (4) must be a multiple of the number of processes (3)",
+                "ppo.mini_batch_size (8) must be a multiple of the number of processes (3)", "ppo.sampling.top_p is 0.9",
                 "data.datasets.1.path: ", "eval.prompt_sets.1: ", "rm.lr_scheduler 'cosine'"):
         assert key in err, (key, err)
 
