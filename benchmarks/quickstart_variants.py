@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("overrides", nargs="*", help="more config overrides for every run (key=value)")
     args = ap.parse_args()
+    if args.minutes and not args.base:
+        ap.error("--minutes needs --base: the finished run whose SFT and RM the variants share")
     out = Path(args.out)
     common = [f"pipeline.time_budget_minutes={args.minutes or 'null'}", *args.overrides]
 
