@@ -50,17 +50,32 @@ def test_without_a_timed_eval_the_final_eval_is_planned_from_its_guess(tmp_path)
     assert planner.after_step(2, 10.0) == 7  # (n − 2)·10 + eval 3·10 + checkpoint 1·10 ≤ 100
 
 
+def test_an_earlier_stages_timed_checkpoint_is_the_guess_until_this_stage_times_one(tmp_path):
+    """In the pipeline a stage's budget carries the longest checkpoint an earlier stage timed: a guess in
+    steps would keep 2 slow RL steps (~60 s on a CPU) for a ~4 s checkpoint."""
+    planner = StepPlanner(StageBudget(seconds=100.0, started=time.perf_counter(), checkpoint_s=1.0), "ppo",
+                          total=50, eval_every=0, save_every=0, plan_file=tmp_path / "plan.json", resumed=False)
+    planner.timed_eval(5.0)
+    planner.after_step(1, 30.0)
+    assert planner.after_step(2, 10.0) == 11  # (n − 2)·10 + eval 5 + checkpoint 1 ≤ 100, not 2·10
+    planner.timed_final_save(1.5)
+    planner.write()
+    r = json.loads((tmp_path / "plan.json").read_text())
+    assert r["checkpoint_guess_s"] == 1.0 and r["final_checkpoint_s"] == 1.5 and r["checkpoints_timed"] == 0
+
+
 def test_the_plan_can_be_recomputed_from_its_record_alone(tmp_path):
     """plan.json keeps every figure the planner used: replaying _cost on them gives the recorded plan."""
     plan_file = tmp_path / "plan.json"
-    planner = StepPlanner(StageBudget(seconds=60.0, started=time.perf_counter()), "rm", total=40, eval_every=5,
-                          save_every=7, plan_file=plan_file, resumed=False, eval_guess_steps=2.0)
+    planner = StepPlanner(StageBudget(seconds=60.0, started=time.perf_counter(), checkpoint_s=3.0), "rm", total=40,
+                          eval_every=5, save_every=7, plan_file=plan_file, resumed=False, eval_guess_steps=2.0)
     for done, took in enumerate([3.0, 1.0, 1.2, 0.9, 1.1], start=1):
         planner.after_step(done, took)
     r = json.loads(plan_file.read_text())
     step_s = statistics.median(r["step_times_s"][r["warmup_steps"]:])
     eval_s = r["eval_s"] if r["evals_timed"] else r["eval_guess_steps"] * step_s
-    save_s = r["checkpoint_s"] if r["checkpoints_timed"] else r["checkpoint_guess_steps"] * step_s
+    guess = r["checkpoint_guess_s"] if r["checkpoint_guess_s"] is not None else r["checkpoint_guess_steps"] * step_s
+    save_s = r["checkpoint_s"] if r["checkpoints_timed"] else guess
     done = len(r["step_times_s"])
 
     def cost(n):

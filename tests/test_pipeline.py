@@ -62,6 +62,12 @@ def test_pipeline_runs_every_stage_then_skips_finished_ones(tiny_run):
     assert record["replay_overrides"] == ("sft.max_steps=4 rm.max_steps=4 ppo.steps=4 eval.max_prompts=6 "
                                           "pipeline.time_budget_minutes=null")
     assert "time budget" in tiny_run["out"] and "the same run on any machine" in tiny_run["out"]
+    # each stage timed its final checkpoint; the next stages guessed theirs from the earlier ones' times
+    plans = record["plans"]
+    assert all(plans[s]["final_checkpoint_s"] > 0 for s in ("sft", "rm", "ppo"))
+    assert plans["sft"]["checkpoint_guess_s"] is None
+    assert plans["rm"]["checkpoint_guess_s"] == plans["sft"]["final_checkpoint_s"]
+    assert plans["ppo"]["checkpoint_guess_s"] == max(plans[s]["final_checkpoint_s"] for s in ("sft", "rm"))
     # where the time went: every stage's parts add up to its wall time; the training share is printed
     assert list(record["time"]) == list(record["seconds"])
     for stage, t in record["time"].items():

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from rlhfkit.timing import PARTS, StageClock
 from test_training import evals, pairs_file, run_ok, write_config  # noqa: F401  (pairs_file is a fixture)
@@ -76,3 +77,23 @@ def test_the_probe_skips_steps_without_an_update_and_judges_by_the_mean():
         assert ("precision/weights_changed" in out) == bool(step % 2)
     assert probe.summary()["weights_changed_mean"] == pytest.approx(1 / 4096) and said
     assert "per step" in said[0]
+
+
+def test_frozen_lower_layers_carry_no_activation_gradients_in_the_flop_count(tmp_path, pairs_file):
+    """A reward model with its lowest layer frozen (LoRA above it): the backward pass starts at layer 1, so
+    the activation gradients count layer 1's linear weights and the head, not layer 0's."""
+    from rlhfkit.config import load_config
+    from rlhfkit.timing import linear_params, train_flops_per_token
+    from rlhfkit.train.reward import build_reward_model
+
+    cfg = load_config(write_config(tmp_path, pairs_file, rm={"lora": {"r": 4}}))
+    model, _ = build_reward_model(cfg)
+    total, trainable, backward = linear_params(model)
+    assert backward == total and 0 < trainable < total  # LoRA in every layer: the backward reaches layer 0
+    cfg.rm.freeze_layers = 1
+    frozen, _ = build_reward_model(cfg)
+    f_total, f_trainable, f_backward = linear_params(frozen)
+    below = sum(p.numel() for n, p in frozen.named_parameters()
+                if ".layers.0." in n and "lora_" not in n and n.endswith(("proj.weight", "base_layer.weight")))
+    assert f_total == total - (trainable - f_trainable) and f_backward == f_total - below
+    assert train_flops_per_token(frozen) == 2 * f_total + 2 * f_backward + 2 * f_trainable

@@ -337,11 +337,21 @@ def test_rm_freeze_layers_fixes_the_embeddings_and_the_lowest_layers(tmp_path, p
         build_reward_model(cfg)
 
 
-def test_rm_freeze_layers_and_lora_do_not_combine(tmp_path, pairs_file):
+def test_rm_freeze_layers_with_lora_puts_adapters_above_the_frozen_layers_only(tmp_path, pairs_file):
     from rlhfkit.config import load_config
     from rlhfkit.errors import ConfigError
     from rlhfkit.train.reward import build_reward_model
 
     cfg = load_config(write_config(tmp_path, pairs_file, rm={"freeze_layers": 1, "lora": {"r": 4}}))
-    with pytest.raises(ConfigError, match="rm.freeze_layers and rm.lora do not combine"):
+    model, groups = build_reward_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {n for n in trainable if "lora_" in n}
+    assert adapters and all(".layers.1." in n for n in adapters)
+    assert {n for n in trainable - adapters if not n.startswith("v_head.")} == set()
+    # the backward pass stops above the frozen layer: nothing below it gets a gradient
+    model(torch.randint(0, 100, (2, 6)), torch.tensor([6, 4])).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".layers.0." in n or "embed_tokens" in n)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    cfg.rm.freeze_layers = 2
+    with pytest.raises(ConfigError, match="rm.freeze_layers 2 leaves none of the model's 2 layers"):
         build_reward_model(cfg)

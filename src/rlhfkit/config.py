@@ -269,7 +269,8 @@ class RewardConfig(TrainConfig):
     head_learning_rate: float | None = Field(None, gt=0, description=(
         "learning rate of the freshly initialised score head; default: learning_rate"))
     freeze_layers: int = Field(0, ge=0, description=(
-        "keep the embeddings and the lowest N transformer layers as loaded (the backward pass stops above them)"))
+        "keep the embeddings and the lowest N transformer layers as loaded (the backward pass stops above them); "
+        "with rm.lora, the adapters go in the layers above only"))
     packing: bool = Field(False, description=(
         "pack a micro-batch's sequences several to a row (each attends only to itself, positions restart at 0): "
         "the same loss and gradients with fewer padding positions"))

@@ -196,8 +196,9 @@ def check_budget(cfg: Config, stages: list[str]) -> None:
             check_budgetable(name, t.lr_scheduler, t.warmup_ratio)
 
 
-def stage_budget(cfg: Config, stage: str, todo: list[str], started: float):
-    """This stage's share of the time left, over the stages still to run that have a share."""
+def stage_budget(cfg: Config, stage: str, todo: list[str], started: float, plans: dict):
+    """This stage's share of the time left, over the stages still to run that have a share; with the longest
+    checkpoint the earlier stages' plans timed (`plans`: their plan.json records), the guess for this one's."""
     from .train.budget import StageBudget
 
     if cfg.pipeline.time_budget_minutes is None or stage not in PLANNED:
@@ -206,7 +207,9 @@ def stage_budget(cfg: Config, stage: str, todo: list[str], started: float):
     now = time.perf_counter()
     left = cfg.pipeline.time_budget_minutes * 60 - (now - started)
     weight = shares[stage] / sum(shares.get(s, 0.0) for s in todo)
-    return StageBudget(seconds=max(left * weight, 0.0), started=now)
+    timed = [p["checkpoint_s"] for p in plans.values() if p.get("checkpoints_timed")]
+    timed += [p["final_checkpoint_s"] for p in plans.values() if p.get("final_checkpoint_s")]
+    return StageBudget(seconds=max(left * weight, 0.0), started=now, checkpoint_s=max(timed, default=None))
 
 
 def missing_judges(cfg: Config) -> list[str]:
@@ -283,7 +286,7 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
             if D.is_main():
                 print(f"pipeline: {stage} is complete, skipped", flush=True)
             continue
-        budget = stage_budget(cfg, stage, todo[todo.index(stage):], started)
+        budget = stage_budget(cfg, stage, todo[todo.index(stage):], started, plans)
         if D.is_main():
             print(f"pipeline: {stage} ..." + (f" (time budget {budget.seconds:.0f}s)" if budget else ""), flush=True)
         t0 = time.perf_counter()

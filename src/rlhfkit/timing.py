@@ -5,11 +5,11 @@ part claims is `other`, so the parts always add up to the stage's wall time. A t
 the model FLOPs of its steps, so its achieved FLOP/s can be set against the machine's measured matmul peak
 at the stage's precision (engine/precision.py: matmul_peak_flops).
 
-Model FLOPs per token (the usual 6·N rule, with frozen weights' gradients left out): 2·N forward, 2·N for
-the gradients of the activations, and 2·N_trainable for the gradients of the weights, with N the parameters
-of the linear layers under the LM head. The LM head (run only where a loss reads it), embeddings and the
-attention scores are left out, so the utilisation is a lower bound (except with rm.freeze_layers, whose
-frozen layers need no activation gradients: docs/performance.md).
+Model FLOPs per token (the usual 6·N rule, with frozen weights' gradients left out): 2·N forward, 2·N_backward
+for the gradients of the activations (the layers from the lowest one that trains up), and 2·N_trainable for
+the gradients of the weights, with N the parameters of the linear layers under the LM head. The LM head (run
+only where a loss reads it), embeddings and the attention scores are left out, so the utilisation is a lower
+bound (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -92,23 +92,37 @@ def clock() -> StageClock:
     return _clock
 
 
-def linear_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(all, trainable) parameters of the linear layers under the LM head: the weights a token's matmuls
-    touch. Half-precision copies and LoRA factors count like any other linear weight."""
+def linear_params(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(all, trainable, backward) parameters of the linear layers under the LM head: the weights a token's
+    matmuls touch, those that train, and those the backward pass carries activation gradients through (from
+    the lowest transformer layer with a trainable weight up; all where no layer is frozen whole).
+    Half-precision copies and LoRA factors count like any other linear weight."""
     inner = model
     for attr in ("lm", "backbone"):  # TokenLogprobLM, RewardModel
         inner = getattr(inner, attr, inner)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    total = trainable = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            for p in module.parameters(recurse=False):
-                n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 parameter is partitioned: its full size
-                total += n
-                trainable += n if p.requires_grad else 0
-    return total, trainable
+
+    def count(modules):
+        total = trainable = 0
+        for module in modules:
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                for p in module.parameters(recurse=False):
+                    n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 parameter is partitioned: its full size
+                    total += n
+                    trainable += n if p.requires_grad else 0
+        return total, trainable
+
+    from .models.loading import layer_list
+
+    total, trainable = count(model.modules())
+    found = layer_list(inner)
+    layers = found[1] if found else []
+    lowest = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+                  len(layers))
+    below = sum(count(layer.modules())[0] for layer in layers[:lowest])
+    return total, trainable, total - below
 
 
 def train_flops_per_token(model: torch.nn.Module) -> float:
-    total, trainable = linear_params(model)
-    return 4.0 * total + 2.0 * trainable
+    total, trainable, backward = linear_params(model)
+    return 2.0 * total + 2.0 * backward + 2.0 * trainable

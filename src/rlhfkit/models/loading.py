@@ -129,6 +129,15 @@ def load_model_and_tokenizer(cfg: ModelConfig, dtype: str | None = None):
     return load_causal_lm(cfg, dtype), load_tokenizer(cfg)
 
 
+def layer_list(model):
+    """(module name, the transformer's ModuleList of config.num_hidden_layers layers), or None."""
+    from torch import nn
+
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return next(((name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n),
+                None)
+
+
 def set_dropout(model, p: float) -> None:
     """Override every dropout of a model (config fields and nn.Dropout modules), e.g. 0 for RLHF stages."""
     from torch import nn

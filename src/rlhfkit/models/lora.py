@@ -12,8 +12,9 @@ from ..config import LoraConfig
 _LORA_KEY = re.compile(r"^(.*)\.lora_([AB])\.[^.]+\.weight$")
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Wrap `model` with LoRA adapters on cfg.target_modules. The rest is frozen when only_optimize_lora."""
+def apply_lora(model: nn.Module, cfg: LoraConfig, layers: tuple[str, list[int]] | None = None) -> nn.Module:
+    """Wrap `model` with LoRA adapters on cfg.target_modules; with layers = (the layer list's name, indices),
+    only in those transformer layers. The rest is frozen when only_optimize_lora."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -22,7 +23,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), bias="none")
+                              target_modules=list(cfg.target_modules), bias="none",
+                              layers_pattern=layers and layers[0], layers_to_transform=layers and layers[1])
     wrapped = get_peft_model(model, peft_cfg)
     if not cfg.only_optimize_lora:
         for name, p in wrapped.named_parameters():

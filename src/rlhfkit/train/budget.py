@@ -32,6 +32,9 @@ WARMUP_STEPS = 1  # the first step (allocations, kernel selection) is not a step
 class StageBudget:
     seconds: float  # wall time the stage may use from `started` (its start, model loading included)
     started: float  # time.perf_counter() when the stage began
+    # the longest checkpoint an earlier stage of the pipeline timed: this stage's guess until it times its own
+    # (a guess in steps overstates it where steps are slow: 2 RL steps are ~60 s, a LoRA checkpoint ~4 s)
+    checkpoint_s: float | None = None
 
 
 class StepPlanner:
@@ -44,6 +47,7 @@ class StepPlanner:
         self.step_times: list[float] = []
         self.eval_s = self.save_s = 0.0
         self.saves_seen = 0
+        self.final_save_s: float | None = None  # after the plan: the guess for a later stage's checkpoints
         self.save_guess_steps = save_guess_steps  # a checkpoint's cost in steps, until one was timed
         self.eval_guess_steps = eval_guess_steps  # an eval's cost in steps, until one was timed (none at the start)
         self.evals_seen = 0
@@ -79,13 +83,16 @@ class StepPlanner:
         self.save_s = max(self.save_s, seconds)
         self.saves_seen += 1
 
+    def timed_final_save(self, seconds: float) -> None:
+        self.final_save_s = seconds
+
     def after_step(self, done: int, seconds: float) -> int:
         """Record a step's time; returns the planned number of steps."""
         self.step_times.append(seconds)
         if self.budget is None or len(self.step_times) <= WARMUP_STEPS:
             return self.total
         step_s = statistics.median(self.step_times[WARMUP_STEPS:])
-        save_s = self.save_s if self.saves_seen else self.save_guess_steps * step_s
+        save_s = self.save_s if self.saves_seen else self._save_guess(step_s)
         eval_s = self.eval_s if self.evals_seen else self.eval_guess_steps * step_s
         left = self.left_s = self.budget.seconds - (time.perf_counter() - self.budget.started)
         planned = self.configured
@@ -100,6 +107,10 @@ class StepPlanner:
                        f"(step {step_s:.2f}s, eval {eval_s:.1f}s, checkpoint {save_s:.1f}s)")  # above the bar
             self.write()
         return self.total
+
+    def _save_guess(self, step_s: float) -> float:
+        earlier = self.budget.checkpoint_s
+        return earlier if earlier is not None else self.save_guess_steps * step_s
 
     def _cost(self, done: int, n: int, step_s: float, save_s: float, eval_s: float) -> float:
         """Seconds from now to the end of the stage if it stops after step n."""
@@ -121,6 +132,7 @@ class StepPlanner:
             "checkpoint_s": self.save_s, "step_times_s": self.step_times, "warmup_steps": WARMUP_STEPS,
             "evals_timed": self.evals_seen, "eval_guess_steps": self.eval_guess_steps,
             "checkpoints_timed": self.saves_seen, "checkpoint_guess_steps": self.save_guess_steps,
+            "checkpoint_guess_s": self.budget.checkpoint_s, "final_checkpoint_s": self.final_save_s,
             "eval_every": self.eval_every, "save_every": self.save_every, "left_s": self.left_s}, indent=1))
 
 

@@ -19,7 +19,7 @@ from ..engine import distributed as D
 from ..engine.backend import TrainEngine, begin_checkpoint, finish_checkpoint, latest_checkpoint, seed_everything
 from ..engine.sharding import equal_count_batches
 from ..paths import link_or_copy, make_temp_dir, publish_dir
-from ..timing import clock, train_flops_per_token
+from ..timing import clock, linear_params, train_flops_per_token
 from ..tracking import Tracker
 from .batching import Blend, StepSchedule, rank_micro_batches
 from .budget import StageBudget, StepPlanner
@@ -64,7 +64,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         truncate_metrics(out_dir / "metrics.jsonl", start if ckpt else -1)
     planner = StepPlanner(budget, stage.name, schedule.total_steps, t.eval_every, t.save_every,
                           out_dir / "plan.json", resumed=bool(ckpt), save_guess_steps=stage.checkpoint_cost_steps,
-                          eval_guess_steps=eval_cost_steps(stage, t, world))
+                          eval_guess_steps=eval_cost_steps(stage, t, world, engine.module))
     total = planner.total
     tracker = Tracker(out_dir, total, start, desc=stage.name, enabled=D.is_main(), show_progress=show_progress,
                       config=config_dump)
@@ -117,7 +117,7 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
         final = evaluate(stage, engine, t)
     tracker.log(total, final)
     with stage_clock.part("checkpoint"):
-        ckpt = save_checkpoint(engine, stage, out_dir, total, t.keep_checkpoints)
+        ckpt = timed(save_checkpoint, planner.timed_final_save)(engine, stage, out_dir, total, t.keep_checkpoints)
         planner.write()
         if D.is_main():
             publish_final(ckpt / "model", out_dir / "final", final)
@@ -128,13 +128,16 @@ def run_stage(stage: Stage, t: TrainConfig, model: torch.nn.Module, param_groups
     return final
 
 
-def eval_cost_steps(stage: Stage, t: TrainConfig, world: int) -> float:
-    """A guess of one eval's cost in training steps, until one is timed: a forward pass (a third of a step's
-    forward and backward) over the eval rows."""
+def eval_cost_steps(stage: Stage, t: TrainConfig, world: int, model: torch.nn.Module) -> float:
+    """A guess of one eval's cost in training steps, until one is timed: a forward pass over the eval rows, a
+    third of a step per global batch of them where every layer carries gradients (measured for LoRA and full
+    fine-tuning alike), more where frozen lower layers shorten the backward pass (by its FLOPs)."""
     global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
     cap = None if t.max_eval_batches is None else t.max_eval_batches * t.micro_batch_size * world  # per process
     rows = len(stage.eval) if cap is None else min(len(stage.eval), cap)
-    return rows / global_batch / 3
+    total, trainable, _ = linear_params(model)
+    shorter = (4.0 * total + 2.0 * trainable) / train_flops_per_token(model)  # 1 unless layers are frozen
+    return rows / global_batch / 3 * shorter
 
 
 def finish_timing(out_dir: Path, probe: UpdateProbe) -> None:

@@ -21,7 +21,7 @@ from ..engine.sharding import equal_count_batches
 from ..engine.weights import gathered_weights
 from ..models.configs import base_config, model_config_for
 from ..models.lora import apply_lora
-from ..models.loading import load_tokenizer, resolve_model_dir, set_dropout
+from ..models.loading import layer_list, load_tokenizer, resolve_model_dir, set_dropout
 from ..models.reward import RewardModel
 from .batching import collate_pairs
 from .common import begin_stage, pair_stage, stage_data
@@ -54,26 +54,29 @@ def build_reward_model(cfg: Config) -> tuple[RewardModel, list[dict]]:
     model = PackableRewardModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=mcfg.trust_remote_code)
     if t.dropout is not None:
         set_dropout(model.backbone, t.dropout)
+    adapted = None  # LoRA's layers: all, or (list name, indices) those above rm.freeze_layers
     if t.freeze_layers:
-        if t.lora.enabled:  # LoRA freezes the base weights itself and adds adapters to every layer
-            raise ConfigError("rm.freeze_layers and rm.lora do not combine: LoRA already keeps the base weights "
-                              "fixed and trains adapters in every layer; choose one")
-        freeze_lower_layers(model.backbone, t.freeze_layers)
+        name, layers = freeze_lower_layers(model.backbone, t.freeze_layers)
+        adapted = (name.rsplit(".", 1)[-1], list(range(t.freeze_layers, layers)))
+        if t.lora.enabled and not adapted[1]:
+            raise ConfigError(f"rm.freeze_layers {t.freeze_layers} leaves none of the model's {layers} layers "
+                              "for rm.lora's adapters")
     if t.lora.enabled:
-        model.backbone = apply_lora(model.backbone, t.lora)  # the head stays fully trainable
+        model.backbone = apply_lora(model.backbone, t.lora, adapted)  # the head stays fully trainable
     lrs = {"lora_": t.lora.learning_rate, "v_head.": t.head_learning_rate}
     return model, param_groups(model, t.learning_rate, t.weight_decay, lrs)
 
 
-def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> None:
-    """Fix the input embeddings and the lowest n transformer layers (no gradient, no optimizer state)."""
-    layers = next((m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList)
-                   and len(m) == backbone.config.num_hidden_layers), None)
+def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> tuple[str, int]:
+    """Fix the input embeddings and the lowest n transformer layers (no gradient, no optimizer state).
+    Returns the layer list's module name and the model's number of layers."""
+    name, layers = layer_list(backbone) or ("", None)
     if layers is None or n > len(layers):
         have = "no layer list" if layers is None else f"{len(layers)} layers"
         raise ConfigError(f"rm.freeze_layers {n}: the model has {have}")
     for module in (backbone.get_input_embeddings(), *layers[:n]):
         module.requires_grad_(False)
+    return name, len(layers)
 
 
 def pair_scores(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,7 +197,7 @@ class PPOTrainer:
             final = self._evaluate_or_save(total, planner, timed_eval=False)
         tracker.log(total, final)
         with stage_clock.part("checkpoint"):
-            ckpt = self.save_checkpoint(total)
+            ckpt = timed(self.save_checkpoint, planner.timed_final_save)(total)
             planner.write()
             if D.is_main():
                 publish_final(ckpt / "model", self.out_dir / "final", final)
@@ -217,11 +217,11 @@ class PPOTrainer:
         experience forwards (the reference and the reward model where they run, the actor's old log-probs where
         recomputed, the critic) at
         2·N per token, and ppo_epochs passes of actor (and critic) training."""
-        n, trainable = linear_params(self.actor.module)
+        n, trainable, backward = linear_params(self.actor.module)
         tokens = float(rollout.lengths.sum())
         forwards = (int(self.p.kl_mode != "off") + int(self.rewards.model_scorer is not None)  # reference, RM
                     + int(recomputed_logprobs) + int(self.critic is not None))
-        trained = (4 * n + 2 * trainable) * (1 + int(self.critic is not None))
+        trained = (2 * n + 2 * backward + 2 * trainable) * (1 + int(self.critic is not None))
         sampled = float(rollout.response_mask().sum())  # decoded token by token (not what tools added)
         return 2 * n * sampled + tokens * (2 * n * forwards + self.p.ppo_epochs * trained)
 
