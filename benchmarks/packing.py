@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/packing.py                                  # SmolLM2-135M, bf16 and fp32
     .venv/bin/python benchmarks/packing.py --steps 2 --warmup 0 --dtypes float32      # smoke run
+    .venv/bin/python benchmarks/packing.py --stages rm --lora-r 16 --rm-freeze-layers 20  # the RM, LoRA in the top 10
 
 Method
 ------
@@ -46,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--stages", default="sft,rm")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--rm-freeze-layers", type=int, default=0, help=(
+        "rm.freeze_layers: the RM's lowest N layers fixed (with --lora-r, adapters above them only)"))
     p.add_argument("--work-dir", default="runs/bench_packing")
     p.add_argument("--out", help="also write the results here as JSON")
     return p.parse_args()
@@ -62,7 +65,7 @@ def bench_config(args: argparse.Namespace):
         "data": {"datasets": [{"name": "hh_helpful", "path": str(DATA), "format": "preference"}],
                  "phase_ratios": [2, 4, 4], "eval_fraction": 0.25, "seed": 1234, "max_seq_len": 256,
                  "max_prompt_len": 128, "overlong": "truncate", "template": "auto"},
-        "sft": {**stage, "loss_on": "response"}, "rm": stage})
+        "sft": {**stage, "loss_on": "response"}, "rm": {**stage, "freeze_layers": args.rm_freeze_layers}})
 
 
 def first_rows(cfg, phase: int, n: int) -> list[dict]:
@@ -153,9 +156,10 @@ def main() -> None:
     pad_id = int(prepare(cfg, show_progress=False)["tokenizer"]["pad_id"])
     n_rows = (args.warmup + args.steps) * args.batch
     results = {"model": args.model, "machine": machine_summary(), "batch": args.batch, "timed_steps": args.steps,
-               "lora_r": args.lora_r, "runs": []}
+               "lora_r": args.lora_r, "rm_freeze_layers": args.rm_freeze_layers, "runs": []}
     print(f"machine: {results['machine']}\nmodel: {args.model}, batch {args.batch}, {args.steps} timed steps "
-          f"(+{args.warmup} warm-up) per layout, {'LoRA r=' + str(args.lora_r) if args.lora_r else 'full fine-tuning'}",
+          f"(+{args.warmup} warm-up) per layout, {'LoRA r=' + str(args.lora_r) if args.lora_r else 'full fine-tuning'}"
+          + (f", RM's lowest {args.rm_freeze_layers} layers frozen" if args.rm_freeze_layers else ""),
           flush=True)
     print(f"{'stage':5} {'dtype':9} {'layout':6} {'rows x width (first batch)':>27} {'padding':>8} {'tokens/s':>9} "
           f"{'speed-up':>8}")
