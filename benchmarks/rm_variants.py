@@ -22,17 +22,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = ["rm.lora.r=0", "rm.learning_rate=2e-5"]  # the quickstart's RM trains LoRA adapters
+LORA = ["rm.lora.r=16", "rm.lora.alpha=32", "rm.lora.learning_rate=3e-4"]
 VARIANTS = {
     "full-fp32": ["rm.dtype=float32", *FULL],
     "full-bf16": ["rm.dtype=bfloat16", *FULL],
-    "lora-bf16": ["rm.dtype=bfloat16", "rm.lora.r=16", "rm.lora.alpha=32", "rm.lora.learning_rate=3e-4"],
-    "lora-fp32": ["rm.dtype=float32", "rm.lora.r=16", "rm.lora.alpha=32", "rm.lora.learning_rate=3e-4"],
+    "lora-bf16": ["rm.dtype=bfloat16", *LORA],
+    "lora-fp32": ["rm.dtype=float32", *LORA],
     "freeze20-fp32": ["rm.dtype=float32", *FULL, "rm.freeze_layers=20"],
     # LoRA in the top 10 of SmolLM2's 30 layers only: the backward pass stops at layer 20
-    "lora-top10-fp32": ["rm.dtype=float32", "rm.lora.r=16", "rm.lora.alpha=32", "rm.lora.learning_rate=3e-4",
-                        "rm.freeze_layers=20"],
-    "lora-top10-bf16": ["rm.dtype=bfloat16", "rm.lora.r=16", "rm.lora.alpha=32", "rm.lora.learning_rate=3e-4",
-                        "rm.freeze_layers=20"],
+    "lora-top10-fp32": ["rm.dtype=float32", *LORA, "rm.freeze_layers=20"],
+    "lora-top10-bf16": ["rm.dtype=bfloat16", *LORA, "rm.freeze_layers=20"],
     "freeze20-bf16-lr2e-4": ["rm.dtype=bfloat16", *FULL, "rm.freeze_layers=20", "rm.learning_rate=2e-4"],
 }
 
