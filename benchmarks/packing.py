@@ -16,10 +16,12 @@ Method
   precision. A step is one micro-batch's forward, backward and optimizer step (gradient_accumulation_steps
   1) with the stage's loss: sft_batch_loss (response tokens) or pair_scores + Bradley–Terry.
 * Padded (collate_sft, collate_pairs) and packed (collate_sft_packed, collate_pairs_packed) batches of the
-  same rows alternate on the same engine, the order swapped every batch, so both see the same process and
-  the same machine load. The first --warmup batches are not timed.
-* tokens/s = real tokens of the timed steps / their summed time; padding = 1 - real tokens / positions the
-  model ran (rows x width of each batch).
+  same rows alternate on the same engine, the order rotated every batch, so all see the same process and
+  the same machine load. The first --warmup batches are not timed. The RM has two packed layouts: "packed"
+  computes each pair's chosen and rejected sequences whole (share_prefix=False), "shared" computes the
+  prefix they share once, as rm.packing does.
+* tokens/s = real tokens of the timed steps (a pair's shared prefix counted twice, as a padded batch computes
+  it) / their summed time; padding = 1 - positions holding a token / positions the model ran (rows x width).
 
 Run from the repository root. DS_ACCELERATOR=cpu is set unless a GPU is present or it is already set.
 """
@@ -117,27 +119,39 @@ def run(stage: str, dtype: str, cfg, rows: list[dict], pad_id: int, args) -> dic
     engine = TrainEngine(model, t, n_batches, groups)
     engine.train()
     collates = ({"padded": collate_sft, "packed": collate_sft_packed} if stage == "sft"
-                else {"padded": collate_pairs, "packed": collate_pairs_packed})
-    result = {layout: {"seconds": 0.0, "tokens": 0, "positions": 0, "shapes": []} for layout in collates}
+                else {"padded": collate_pairs, "packed": lambda rows, pad: collate_pairs_packed(rows, pad, False),
+                      "shared": collate_pairs_packed})
+    result = {layout: {"seconds": 0.0, "tokens": 0, "filled": 0, "positions": 0, "shapes": []} for layout in collates}
+    layouts = list(collates)
     for k in range(n_batches):
         batch_rows = rows[k * args.batch:(k + 1) * args.batch]
         tokens = sum(len(r["input_ids"]) if stage == "sft" else len(r["chosen_ids"]) + len(r["rejected_ids"])
                      for r in batch_rows)
-        for layout in (("padded", "packed") if k % 2 == 0 else ("packed", "padded")):
+        for layout in layouts[k % len(layouts):] + layouts[:k % len(layouts)]:
             batch = collates[layout](batch_rows, pad_id)
             seconds = step(engine, stage, batch)
             if k >= args.warmup:
                 r = result[layout]
                 r["seconds"] += seconds
                 r["tokens"] += tokens
+                r["filled"] += filled_positions(batch, tokens)
                 r["positions"] += batch["input_ids"].numel()
                 r["shapes"].append(list(batch["input_ids"].shape))
     del engine, model
     gc.collect()
     for r in result.values():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["padding"] = 1 - r["tokens"] / r["positions"]
+        r["padding"] = 1 - r["filled"] / r["positions"]
     return result
+
+
+def filled_positions(batch: dict, tokens: int) -> int:
+    """Positions holding a token: the real tokens, except in packed pairs, where each row is filled up to its
+    last sequence's last token (a shared prefix fills its positions once)."""
+    if "attention_mask" not in batch:
+        return tokens
+    ends = batch["ends"]
+    return sum(int(ends[ends[:, 0] == row, 1].max()) + 1 for row in range(batch["input_ids"].shape[0]))
 
 
 def main() -> None:
@@ -168,7 +182,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             r = run(stage, dtype, cfg, rows, pad_id, args)
             results["runs"].append({"stage": stage, "dtype": dtype, **r})
-            for layout in ("padded", "packed"):
+            for layout in r:
                 x = r[layout]
                 speedup = x["tokens_per_s"] / r["padded"]["tokens_per_s"]
                 shape = "x".join(map(str, x["shapes"][0]))

@@ -1,5 +1,6 @@
 """Packed SFT and RM batches (train/packing.py) on the tiny random model, in fp32: the same per-sequence loss and
-the same gradients as padded batches, and no sequence attending across its boundary.
+the same gradients as padded batches, and no sequence attending across its boundary (a pair's rejected
+sequence not to its chosen one either, beyond the prefix they share).
 
 Tolerances (fp32): per-sequence losses and scores within 1e-5 absolute, gradients within 1e-5 relative to
 the largest gradient entry of each parameter: a packed row runs the same sequences through matmuls of other
@@ -16,7 +17,7 @@ from rlhfkit.train.batching import collate_pairs, collate_sft
 from rlhfkit.train.common import TokenLogprobLM
 from rlhfkit.train.losses import backbone_and_head, bradley_terry_loss
 from rlhfkit.train.packing import (collate_pairs_packed, collate_sft_packed, first_fit, pack, packed_inputs,
-                                   require_isolated_packing)
+                                   require_isolated_packing, shared_prefix_len)
 from rlhfkit.train.reward import PackableRewardModel, pair_scores
 from rlhfkit.train.sft import sft_batch_loss
 
@@ -32,6 +33,17 @@ def pair_rows(chosen, rejected, seed=0):
     rng = np.random.default_rng(seed)
     return [{"chosen_ids": rng.integers(3, 900, c), "rejected_ids": rng.integers(3, 900, r), "prompt_len": 2}
             for c, r in zip(chosen, rejected)]
+
+
+def prompted_pairs(prompts, chosen, rejected, seed=0):
+    """Pairs whose two sequences start with the same prompt of the given length, then differ."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p, c, r in zip(prompts, chosen, rejected):
+        prompt = rng.integers(3, 900, p)
+        rows.append({"chosen_ids": np.concatenate([prompt, rng.integers(3, 450, c)]),
+                     "rejected_ids": np.concatenate([prompt, rng.integers(450, 900, r)]), "prompt_len": p})
+    return rows
 
 
 def assert_same_grads(a: torch.nn.Module, b: torch.nn.Module):
@@ -137,6 +149,99 @@ def test_packed_rm_gives_the_same_scores_loss_and_gradients():
     bradley_terry_loss(chosen, rejected, 0.0, 0.01).backward()
     bradley_terry_loss(chosen_p, rejected_p, 0.0, 0.01).backward()
     assert_same_grads(padded_rm, packed_rm)
+
+
+def test_shared_prefix_leaves_each_sequence_a_token_of_its_own():
+    assert shared_prefix_len(np.array([1, 2, 3, 4]), np.array([1, 2, 5])) == 2
+    assert shared_prefix_len(np.array([1, 2, 3, 4]), np.array([1, 2])) == 1  # one is the other's start
+    assert shared_prefix_len(np.array([1, 2, 3]), np.array([1, 2, 3])) == 2
+    assert shared_prefix_len(np.array([7]), np.array([8, 9])) == 0
+
+
+def test_packed_pairs_compute_their_shared_prompt_once_with_the_same_scores_and_gradients():
+    torch.manual_seed(0)
+    path = resolve_model_dir("tiny-random")
+    padded_rm = PackableRewardModel.from_pretrained(path).eval()
+    packed_rm = PackableRewardModel.from_pretrained(path).eval()
+    packed_rm.load_state_dict(padded_rm.state_dict())
+    rows = prompted_pairs([12, 30, 5, 20, 9], [7, 3, 15, 1, 4], [2, 11, 6, 1, 9])
+    rows.append({"chosen_ids": np.array([5, 6, 7, 8, 9]), "rejected_ids": np.array([5, 6]), "prompt_len": 1})
+    padded, shared = collate_pairs(rows, PAD), collate_pairs_packed(rows, PAD)
+    whole = collate_pairs_packed(rows, PAD, share_prefix=False)
+    lengths = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    prompts = sum(r["prompt_len"] for r in rows)
+    assert shared["input_ids"].numel() < whole["input_ids"].numel() <= padded["input_ids"].numel()
+    # the positions holding a token: each pair once, less the prompt it shares (the last pair: 1 token)
+    filled = sum(int(shared["ends"][shared["ends"][:, 0] == r, 1].max()) + 1 for r in range(shared["input_ids"].shape[0]))
+    assert filled == lengths - prompts
+    chosen, rejected = pair_scores(padded_rm, padded, "cpu")
+    chosen_s, rejected_s = pair_scores(packed_rm, shared, "cpu")
+    torch.testing.assert_close(chosen_s, chosen, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rejected_s, rejected, rtol=0, atol=1e-5)
+    bradley_terry_loss(chosen, rejected, 0.0, 0.01).backward()
+    bradley_terry_loss(chosen_s, rejected_s, 0.0, 0.01).backward()
+    assert_same_grads(padded_rm, packed_rm)
+
+
+def test_a_rejected_sequence_sees_the_shared_prompt_but_not_its_chosen_reply():
+    torch.manual_seed(0)
+    rm = PackableRewardModel.from_pretrained(resolve_model_dir("tiny-random")).eval()
+    rows = prompted_pairs([14, 8, 6], [8, 4, 4], [6, 3, 3])  # units of 28, 15 and 13 positions
+    assert collate_pairs_packed(rows, PAD)["ends"][:, 0].tolist() == [0, 1, 1, 0, 1, 1]  # pairs 1 and 2 share a row
+
+    def scores(rows):
+        with torch.no_grad():
+            return torch.cat(pair_scores(rm, collate_pairs_packed(rows, PAD), "cpu"))  # chosen 0-2, rejected 3-5
+
+    base = scores(rows)
+    other_reply = list(rows)
+    other_reply[1] = dict(rows[1], chosen_ids=np.concatenate([rows[1]["chosen_ids"][:8], np.arange(100, 104)]))
+    changed = scores(other_reply)
+    assert not torch.allclose(changed[1], base[1])  # pair 1's chosen reply changed, so did its score
+    keep = [0, 2, 3, 4, 5]  # the others, pair 1's rejected reply and pair 2 beside it included, did not
+    torch.testing.assert_close(changed[keep], base[keep], rtol=0, atol=1e-6)
+    other_prompt = list(rows)
+    other_prompt[1] = {k: v.copy() for k, v in rows[1].items() if k != "prompt_len"}
+    other_prompt[1]["chosen_ids"][:3] = other_prompt[1]["rejected_ids"][:3] = [100, 101, 102]
+    changed = scores(other_prompt)
+    assert not torch.allclose(changed[4], base[4])  # pair 1's rejected reply reads the prompt it shares
+    torch.testing.assert_close(changed[[2, 5]], base[[2, 5]], rtol=0, atol=1e-6)  # pair 2 does not
+
+
+def test_packed_pairs_score_the_same_under_eager_attention():
+    torch.manual_seed(0)
+    path = resolve_model_dir("tiny-random")
+    sdpa = PackableRewardModel.from_pretrained(path).eval()
+    eager = PackableRewardModel.from_pretrained(path).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    eager.backbone.set_attn_implementation("eager")
+    require_isolated_packing(eager.backbone, "rm.packing", pairs=True)
+    rows = prompted_pairs([12, 5], [7, 3], [2, 11])
+    with torch.no_grad():
+        padded = torch.cat(pair_scores(sdpa, collate_pairs(rows, PAD), "cpu"))
+        packed = torch.cat(pair_scores(eager, collate_pairs_packed(rows, PAD), "cpu"))
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+
+
+class IgnoresMask(torch.nn.Module):
+    """The tiny model's transformer called without the 4D attention mask it is given."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.inner, self.config = backbone, backbone.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=None):
+        return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+
+
+def test_a_model_that_ignores_the_pair_mask_is_refused():
+    rm = PackableRewardModel.from_pretrained(resolve_model_dir("tiny-random"))
+    require_isolated_packing(rm.backbone, "rm.packing", pairs=True)
+    with pytest.raises(ConfigError, match=r"rm.packing: .*4D attention mask.*set rm.packing: false"):
+        require_isolated_packing(IgnoresMask(rm.backbone), "rm.packing", pairs=True)
 
 
 class IgnoresPositions(torch.nn.Module):

@@ -272,8 +272,8 @@ class RewardConfig(TrainConfig):
         "keep the embeddings and the lowest N transformer layers as loaded (the backward pass stops above them); "
         "with rm.lora, the adapters go in the layers above only"))
     packing: bool = Field(False, description=(
-        "pack a micro-batch's sequences several to a row (each attends only to itself, positions restart at 0): "
-        "the same loss and gradients with fewer padding positions"))
+        "pack a micro-batch's pairs several to a row, each pair's shared prompt computed once (its chosen and "
+        "rejected replies attend to it and to themselves only): the same scores and gradients from fewer positions"))
 
 
 class DPOConfig(TrainConfig):

@@ -23,7 +23,7 @@ from ..models.finite import require_finite_weights
 from .guards import guard_resume, lock_run, stage_fingerprint
 from .loop import Stage
 from .losses import selected_token_logprobs
-from .packing import collate_pairs_packed
+from .packing import collate_pairs_packed, shared_prefix_len
 from .starts import actor_source, dpo_start_model
 
 
@@ -187,8 +187,10 @@ def write_causal_lm(sd: dict[str, torch.Tensor], config, tokenizer, out: Path, g
 def pair_stage(name: str, train: Blend, evals: Blend, pad_id: int, loss, export, metric_keys: tuple[str, ...],
                packing: bool = False) -> Stage:
     """A stage over preference pairs (RM, DPO): one forward on chosen + rejected rows, means over pairs;
-    with packing, the rows are packed (collate_pairs_packed)."""
+    with packing, the rows are packed (collate_pairs_packed) and a pair's shared prefix is computed, and
+    counted in the stage's tokens, once."""
     collate = collate_pairs_packed if packing else collate_pairs
+    shared = (lambda r: shared_prefix_len(r["chosen_ids"], r["rejected_ids"])) if packing else (lambda r: 0)
     return Stage(
         name=name,
         train=train,
@@ -198,5 +200,5 @@ def pair_stage(name: str, train: Blend, evals: Blend, pad_id: int, loss, export,
         loss=loss,
         export=export,
         eval_metrics=lambda s: {f"eval/{k}": s[k] / max(s["units"], 1) for k in metric_keys},
-        tokens=lambda rows: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+        tokens=lambda rows: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) - shared(r) for r in rows),
     )

@@ -28,7 +28,7 @@ from .common import begin_stage, pair_stage, stage_data
 from .budget import StageBudget
 from .loop import run_stage
 from .losses import bradley_terry_loss, pair_metrics
-from .packing import packed_inputs, require_isolated_packing
+from .packing import pair_inputs, require_isolated_packing
 from .stage_dirs import rm_stage_dir
 
 STATS_ROWS = 128  # training pairs whose scores give the stored mean/std (256 scores)
@@ -37,12 +37,13 @@ STATS_ROWS = 128  # training pairs whose scores give the stored mean/std (256 sc
 class PackableRewardModel(RewardModel):
     """The reward model as this stage trains it: its forward also scores packed rows (train/packing.py)."""
 
-    def forward(self, input_ids, lengths=None, prompt_lens=None, position_ids=None, ends=None):
-        """score(input_ids, lengths) of padded rows; of packed rows (position_ids [R, W]), the score of each
-        sequence at its last token ends[i] = (row, column): [S]."""
+    def forward(self, input_ids, lengths=None, prompt_lens=None, position_ids=None, ends=None, attention_mask=None):
+        """score(input_ids, lengths) of padded rows; of packed pair rows (position_ids [R, W], attention_mask
+        [R, 1, W, W]: collate_pairs_packed), the score of each sequence at its last token ends[i] = (row, column): [S]."""
         if position_ids is None:
             return self.score(input_ids, lengths, prompt_lens)
-        hidden = self.backbone(input_ids=input_ids, **packed_inputs(position_ids)).last_hidden_state
+        layout = pair_inputs(self.backbone, position_ids, attention_mask)
+        hidden = self.backbone(input_ids=input_ids, **layout).last_hidden_state
         last = hidden[ends[:, 0], ends[:, 1]]
         return self.v_head(last.to(self.v_head.weight.dtype)).squeeze(-1).float()
 
@@ -84,7 +85,8 @@ def pair_scores(forward, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     (collate_pairs_packed) batch. forward: the engine or a PackableRewardModel."""
     ids = batch["input_ids"].to(device)
     if "position_ids" in batch:
-        scores = forward(ids, position_ids=batch["position_ids"].to(device), ends=batch["ends"].to(device))
+        scores = forward(ids, position_ids=batch["position_ids"].to(device), ends=batch["ends"].to(device),
+                         attention_mask=batch["attention_mask"].to(device))
     else:
         scores = forward(ids, batch["lengths"].to(device))
     half = scores.shape[0] // 2
@@ -100,7 +102,7 @@ def run_rm(cfg: Config, show_progress: bool = True, budget: StageBudget | None =
     model, groups = build_reward_model(cfg)
     packing = t.packing
     if packing:
-        require_isolated_packing(model.backbone, "rm.packing")
+        require_isolated_packing(model.backbone, "rm.packing", pairs=True)
 
     recent = ScoreWindow(2 * STATS_ROWS)
 
