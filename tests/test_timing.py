@@ -97,3 +97,16 @@ def test_frozen_lower_layers_carry_no_activation_gradients_in_the_flop_count(tmp
                 if ".layers.0." in n and "lora_" not in n and n.endswith(("proj.weight", "base_layer.weight")))
     assert f_total == total - (trainable - f_trainable) and f_backward == f_total - below
     assert train_flops_per_token(frozen) == 2 * f_total + 2 * f_backward + 2 * f_trainable
+
+
+def test_a_utilisation_above_the_measured_peak_says_the_peak_was_measured_under_load(tmp_path, monkeypatch):
+    from rlhfkit.pipeline import time_table
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    stage = {"seconds": {"train_steps": 9.0}, "wall_s": 10.0, "dtype": "float32", "achieved_flops_per_s": 1.5e11,
+             "peak_flops_per_s": 1e11, "utilisation": 1.5}
+    table = time_table({"rm": stage, "sft": {**stage, "achieved_flops_per_s": 5e10, "utilisation": 0.5}})
+    rm_line, sft_line = table.splitlines()[-2:]
+    assert "150% of the measured matmul peak 100 GFLOP/s" in rm_line and "busy machine" in rm_line
+    assert str(tmp_path / "measured_matmul_flops_float32.json") in rm_line
+    assert "50% of the measured matmul peak" in sft_line and "busy" not in sft_line

@@ -316,6 +316,7 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, show_progress: bool
 def time_table(breakdown: dict[str, dict]) -> str:
     """Where the pipeline's time went: each stage's parts, the training steps' share of the whole, and each
     training stage's achieved FLOP/s against the measured matmul peak at its precision."""
+    from .engine.precision import measured_file
     from .timing import PARTS
 
     cols = (*PARTS, "other")
@@ -331,6 +332,9 @@ def time_table(breakdown: dict[str, dict]) -> str:
             lines.append(f"  {stage}: {b['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s in {b['dtype']}"
                          + (f", {100 * b['utilisation']:.0f}% of the measured matmul peak {peak / 1e9:.0f} GFLOP/s"
                             if peak else "")
+                         + (f" (more than the peak: it was measured on a busy machine; delete "
+                            f"{measured_file('matmul_flops_' + b['dtype'])} to measure it again)"
+                            if peak and b["utilisation"] > 1 else "")
                          + (f"; {100 * b['weights_changed_mean']:.0f}% of compute-copy weights changed per step"
                             if "weights_changed_mean" in b else ""))
     return "\n".join(lines)

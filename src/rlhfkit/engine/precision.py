@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -81,12 +82,17 @@ def matmul_peak_flops(dtype: str) -> float:
     return _measured_once(f"matmul_flops_{dtype}", lambda: 2.0 * m * k * n / _matmul_seconds(DTYPES[dtype], shape=(m, k, n)))
 
 
+def measured_file(name: str) -> Path:
+    """The user-cache file that keeps a measurement (_measured_once): delete it to measure again."""
+    from ..paths import cache_root
+
+    return cache_root() / ("cpu_bf16_speedup.json" if name == "bf16_speedup" else f"measured_{name}.json")
+
+
 def _measured_once(name: str, measure) -> float:
     import json
 
     from filelock import FileLock
-
-    from ..paths import cache_root
 
     if torch.cuda.is_available():
         where = f"GPU {torch.cuda.get_device_name()}"
@@ -94,7 +100,7 @@ def _measured_once(name: str, measure) -> float:
         model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
         where = f"{model}|{torch.get_num_threads()} threads"
     key = f"{where}|torch {torch.__version__}"
-    path = cache_root() / ("cpu_bf16_speedup.json" if name == "bf16_speedup" else f"measured_{name}.json")
+    path = measured_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         known = json.loads(path.read_text()) if path.is_file() else {}
@@ -104,7 +110,11 @@ def _measured_once(name: str, measure) -> float:
     return known[key]
 
 
-def _matmul_seconds(dtype: torch.dtype, reps: int = 5, shape: tuple[int, int, int] = (1024, 576, 1536)) -> float:
+def _matmul_seconds(dtype: torch.dtype, reps: int = 20, shape: tuple[int, int, int] = (1024, 576, 1536),
+                    within_s: float = 1.0) -> float:
+    """Seconds of the fastest of up to `reps` timed matmuls (at least 3, then as many as fit in within_s): the
+    fastest is the machine's speed, the others carry whatever else ran at the time. The result is kept for
+    good (_measured_once), so one measured under load would set a low peak for every later run."""
     import time
 
     m, k, n = shape
@@ -112,14 +122,17 @@ def _matmul_seconds(dtype: torch.dtype, reps: int = 5, shape: tuple[int, int, in
     a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - began < within_s):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def auto_dtype() -> str:

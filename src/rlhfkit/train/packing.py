@@ -156,7 +156,7 @@ def require_isolated_packing(backbone: torch.nn.Module, setting: str, pairs: boo
     device = next(backbone.parameters()).device
     name = type(backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).__name__
     if pairs:
-        seqs = [[3, 5, 7, 11, 13], [3, 5, 4, 6], [9, 12, 8], [9, 14], [10, 2, 6], [10, 2]]
+        seqs = [[3, 5, 7, 11, 13], [3, 5, 4, 6], [9, 12, 8], [9, 14], [10, 6], [10, 2]]  # rows: pair 1; pairs 2, 3
         rows = [{"chosen_ids": np.array(c), "rejected_ids": np.array(r)} for c, r in zip(seqs[0::2], seqs[1::2])]
         batch = {k: v.to(device) for k, v in collate_pairs_packed(rows, 0).items()}
         hidden = backbone(input_ids=batch["input_ids"], **pair_inputs(backbone, batch["position_ids"],
