@@ -133,22 +133,27 @@ def test_changing_one_packed_sequence_leaves_the_others_logits_unchanged(lm):
     assert not torch.allclose(logits(changed), logits(ids), atol=1e-3)
 
 
-def test_packed_rm_gives_the_same_scores_loss_and_gradients():
+def assert_packed_rm_matches_padded(rows, packed):
+    """The packed batch of `rows` gives the padded batch's scores, Bradley–Terry loss gradients included."""
     torch.manual_seed(0)
     path = resolve_model_dir("tiny-random")
     padded_rm = PackableRewardModel.from_pretrained(path).eval()
     packed_rm = PackableRewardModel.from_pretrained(path).eval()
     packed_rm.load_state_dict(padded_rm.state_dict())
-    rows = pair_rows([20, 8, 14, 31], [5, 26, 3, 9])
-    padded, packed = collate_pairs(rows, PAD), collate_pairs_packed(rows, PAD)
-    assert packed["input_ids"].numel() < padded["input_ids"].numel()
-    chosen, rejected = pair_scores(padded_rm, padded, "cpu")
+    chosen, rejected = pair_scores(padded_rm, collate_pairs(rows, PAD), "cpu")
     chosen_p, rejected_p = pair_scores(packed_rm, packed, "cpu")
     torch.testing.assert_close(chosen_p, chosen, rtol=0, atol=1e-5)
     torch.testing.assert_close(rejected_p, rejected, rtol=0, atol=1e-5)
     bradley_terry_loss(chosen, rejected, 0.0, 0.01).backward()
     bradley_terry_loss(chosen_p, rejected_p, 0.0, 0.01).backward()
     assert_same_grads(padded_rm, packed_rm)
+
+
+def test_packed_rm_gives_the_same_scores_loss_and_gradients():
+    rows = pair_rows([20, 8, 14, 31], [5, 26, 3, 9])  # nothing shared: each pair's sequences differ from the start
+    packed = collate_pairs_packed(rows, PAD)
+    assert packed["input_ids"].numel() < collate_pairs(rows, PAD)["input_ids"].numel()
+    assert_packed_rm_matches_padded(rows, packed)
 
 
 def test_shared_prefix_leaves_each_sequence_a_token_of_its_own():
@@ -159,11 +164,6 @@ def test_shared_prefix_leaves_each_sequence_a_token_of_its_own():
 
 
 def test_packed_pairs_compute_their_shared_prompt_once_with_the_same_scores_and_gradients():
-    torch.manual_seed(0)
-    path = resolve_model_dir("tiny-random")
-    padded_rm = PackableRewardModel.from_pretrained(path).eval()
-    packed_rm = PackableRewardModel.from_pretrained(path).eval()
-    packed_rm.load_state_dict(padded_rm.state_dict())
     rows = prompted_pairs([12, 30, 5, 20, 9], [7, 3, 15, 1, 4], [2, 11, 6, 1, 9])
     rows.append({"chosen_ids": np.array([5, 6, 7, 8, 9]), "rejected_ids": np.array([5, 6]), "prompt_len": 1})
     padded, shared = collate_pairs(rows, PAD), collate_pairs_packed(rows, PAD)
@@ -174,13 +174,7 @@ def test_packed_pairs_compute_their_shared_prompt_once_with_the_same_scores_and_
     # the positions holding a token: each pair once, less the prompt it shares (the last pair: 1 token)
     filled = sum(int(shared["ends"][shared["ends"][:, 0] == r, 1].max()) + 1 for r in range(shared["input_ids"].shape[0]))
     assert filled == lengths - prompts
-    chosen, rejected = pair_scores(padded_rm, padded, "cpu")
-    chosen_s, rejected_s = pair_scores(packed_rm, shared, "cpu")
-    torch.testing.assert_close(chosen_s, chosen, rtol=0, atol=1e-5)
-    torch.testing.assert_close(rejected_s, rejected, rtol=0, atol=1e-5)
-    bradley_terry_loss(chosen, rejected, 0.0, 0.01).backward()
-    bradley_terry_loss(chosen_s, rejected_s, 0.0, 0.01).backward()
-    assert_same_grads(padded_rm, packed_rm)
+    assert_packed_rm_matches_padded(rows, shared)
 
 
 def test_a_rejected_sequence_sees_the_shared_prompt_but_not_its_chosen_reply():

@@ -10,7 +10,7 @@ RM pairs: a pair's chosen and rejected sequences begin with the same conversatio
 unit, [shared prefix, rest of chosen, rest of rejected], and the prefix goes through the model once: the
 rejected tokens attend to the prefix and to themselves, not to the chosen ones, and each part's positions
 continue from the prefix (an explicit 4D mask, pair_attention). Each sequence computes exactly what it would
-alone, at about a third fewer positions on hh-rlhf pairs.
+alone, at about 30% fewer positions on the quickstart's hh-rlhf pairs.
 
 Rows are as wide as the micro-batch's longest sequence (or pair unit), so a packed batch never has more
 positions than the padded one, and it holds exactly the padded batch's sequences: the loss, its normaliser and
